@@ -1,0 +1,344 @@
+"""Experiment configuration: schema with defaults, YAML loading, validation, overrides.
+
+One YAML file is one experiment. The schema below is the single source of truth:
+every key, its type, its default, its allowed range and a one-line meaning.
+A file may be short; whatever it leaves out takes the default.
+
+Contract of :func:`load_config`:
+
+* unknown keys -> ``UserError`` naming the key, the file and the closest valid key;
+* wrong type / out of range -> ``UserError`` naming the key and what is allowed;
+* ``--set a.b=value`` overrides are parsed as YAML scalars and validated the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+# --------------------------------------------------------------------------- schema helpers
+
+
+def opt(default, doc: str, *, lo=None, hi=None, lo_open=False, hi_open=False, choices=None, kind=None):
+    """A schema field: default, meaning and allowed values (closed [lo, hi] unless *_open)."""
+    meta = dict(doc=doc, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, choices=choices, kind=kind)
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def section(cls, doc: str, optional: bool = False):
+    """A nested section; ``optional`` sections may be absent (null) in the file."""
+    meta = dict(doc=doc, section=cls, optional=optional)
+    if optional:
+        return field(default=None, metadata=meta)
+    return field(default_factory=cls, metadata=meta)
+
+
+# --------------------------------------------------------------------------- the schema
+
+NORMALIZE_MODES = ("both", "query_only", "memory_only", "none")
+STRATEGIES = ("rarity", "statistical", "diversity", "hybrid", "entropy", "fifo", "reservoir")
+LOSSES = ("bce", "asl", "focal")
+
+
+@dataclass
+class ModelConfig:
+    num_classes: int = opt(14, "number of output classes (the 14 ChestX-ray14 findings)", lo=1)
+    backbone: str = opt(
+        "efficientnet_v2_s",
+        "backbone name: efficientnet_v2_s/m/l, resnet18/34/50, densenet121 or timm/<name>",
+    )
+    pretrained: bool = opt(True, "start from ImageNet weights found in the local torch/timm cache")
+    weights: str | None = opt(None, "path of a local state dict to start the backbone from", kind="path")
+    dropout_rate: float = opt(0.2, "dropout before the last linear layer of the head", lo=0.0, hi=1.0, hi_open=True)
+    precision: str = opt("auto", "auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16",
+                         choices=("auto", "fp32", "fp16", "bf16"))
+    channels_last: str = opt("auto", "auto (on CUDA), true or false", choices=("auto", "true", "false"))
+
+
+@dataclass
+class MemoryConfig:
+    use_memory: bool = opt(True, "wrap the backbone with the memory bank")
+    bank_size: int = opt(512, "number of slots in the bank", lo=1)
+    update_strategy: str = opt("rarity", "how a batch is scored and selected for storage", choices=STRATEGIES)
+    rarity_threshold: float = opt(
+        0.1, "rarity: relative norm deviation above which a feature is stored; "
+        "diversity/hybrid/entropy: fraction of the batch stored", lo=0.0)
+    diversity_weight: float = opt(0.5, "hybrid: weight of diversity against rarity", lo=0.0, hi=1.0)
+    top_k: int = opt(3, "slots retrieved per query", lo=1)
+    normalize_retrieved: str = opt("both", "similarity normalisation: both (cosine), query_only, memory_only, none",
+                                   choices=NORMALIZE_MODES, kind="normalize")
+    memory_momentum: float = opt(0.9, "momentum of slot merges when no phase sets one (evaluation, custom loops)",
+                                 lo=0.0, hi=1.0, hi_open=True)
+    self_match_threshold: float = opt(0.99, "slots at least this similar to the query are not retrieved")
+
+
+@dataclass
+class SyntheticConfig:
+    n_patients: int = opt(800, "patients to generate (about 3.6 images each)", lo=1)
+    size: int = opt(256, "side of the generated PNGs in pixels", lo=16)
+    seed: int = opt(0, "generator seed")
+
+
+@dataclass
+class CacheConfig:
+    size: int = opt(256, "side of the pre-resized images in pixels", lo=16)
+    dir: str | None = opt(None, "cache folder (default: <data_dir>_<size>px)", kind="path")
+    format: str = opt("png", "image format of the cache", choices=("png", "jpg"))
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = opt("data/chestxray14", "ChestX-ray14 root (Data_Entry_2017.csv, lists, images_*/images)",
+                        kind="path")
+    image_size: int = opt(224, "side of the network input in pixels", lo=16)
+    seed: int = opt(42, "seed for the splits, data order, augmentation and initialisation")
+    valid_pct: float = opt(0.1, "fraction of train_val patients held out for validation",
+                           lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    num_workers: int | str = opt("auto", "DataLoader worker processes: auto or a number", lo=0, kind="auto_int")
+    missing_images: str = opt("error", "images listed in the CSV but absent on disk: error or drop",
+                              choices=("error", "drop"))
+    augment: bool = opt(True, "random flips of a few degrees, zoom and lighting on the training batches")
+    synthetic: SyntheticConfig | None = section(
+        SyntheticConfig, "generate a synthetic data set at data_dir on first use", optional=True)
+    cache: CacheConfig | None = section(CacheConfig, "train from a pre-resized copy of the data set", optional=True)
+
+
+@dataclass
+class Phase1Config:
+    filter_normal: bool = opt(True, "train and validate on abnormal images only")
+    batch_size: int = opt(64, "images per batch (divided over processes under torchrun)", lo=1)
+    loss: str = opt("bce", "loss function", choices=LOSSES)
+    use_lr_finder: bool = opt(True, "pick base_lr with fastai's LR finder (valley)")
+    base_lr: float = opt(1e-3, "learning rate when the LR finder is off", lo=0.0, lo_open=True)
+    freeze_epochs: int = opt(3, "epochs with the backbone frozen", lo=0)
+    total_epochs: int = opt(20, "epochs with all layers trained, after the frozen ones", lo=0)
+    weight_decay: float = opt(1e-2, "AdamW weight decay", lo=0.0)
+    early_stopping_patience: int = opt(5, "epochs without valid_loss improvement before stopping", lo=1)
+    memory_momentum: float = opt(0.9, "memory bank momentum during this phase", lo=0.0, hi=1.0, hi_open=True)
+
+
+@dataclass
+class Phase2Config:
+    filter_normal: bool = opt(False, "train and validate on abnormal images only")
+    batch_size: int = opt(128, "images per batch (divided over processes under torchrun)", lo=1)
+    loss: str = opt("bce", "loss function", choices=LOSSES)
+    epochs: int = opt(5, "one-cycle epochs", lo=1)
+    lr_min: float = opt(2e-5, "discriminative LR of the backbone (slice start)", lo=0.0, lo_open=True)
+    lr_max: float = opt(8e-5, "LR of the head (slice end)", lo=0.0, lo_open=True)
+    weight_decay: float = opt(1e-2, "AdamW weight decay", lo=0.0)
+    early_stopping_patience: int = opt(3, "epochs without valid_loss improvement before stopping", lo=1)
+    memory_momentum: float = opt(0.9999, "memory bank momentum during this phase (keep 0.9999)",
+                                 lo=0.0, hi=1.0, hi_open=True)
+
+
+@dataclass
+class EvaluationConfig:
+    bootstrap_resamples: int = opt(1000, "bootstrap resamples for the 95% intervals (0: none)", lo=0)
+    save_predictions: bool = opt(True, "write <experiment_name>_predictions.pt")
+
+
+@dataclass
+class Config:
+    experiment_name: str = opt("experiment", "name of the experiment; names the run folder and files")
+    description: str = opt("", "free text")
+    save_name: str | None = opt(None, "stem of the checkpoint files (default: experiment_name)")
+    output_dir: str | None = opt(None, "run folder (default: runs/<experiment_name>)", kind="path")
+    model: ModelConfig = section(ModelConfig, "the network")
+    memory: MemoryConfig = section(MemoryConfig, "the memory bank")
+    data: DataConfig = section(DataConfig, "the data set and loaders")
+    phase1: Phase1Config = section(Phase1Config, "phase 1: abnormal images, frozen then fine-tuned")
+    phase2: Phase2Config | None = section(Phase2Config, "phase 2: all images, one cycle (absent: one phase)",
+                                          optional=True)
+    evaluation: EvaluationConfig = section(EvaluationConfig, "reporting")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or Path("runs") / self.experiment_name)
+
+    @property
+    def checkpoint_stem(self) -> str:
+        return self.save_name or self.experiment_name
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _closest(name: str, valid) -> str:
+    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    return f"; did you mean {match[0]}?" if match else f"; valid keys: {', '.join(valid)}"
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    kind = f.metadata.get("kind")
+    if kind == "auto_int":
+        return "an integer or 'auto'"
+    if kind == "normalize":
+        return "true/false or one of " + ", ".join(NORMALIZE_MODES)
+    t = type(f.default) if f.default is not None else str
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[t]
+
+
+def _range_text(m) -> str:
+    lo = "" if m["lo"] is None else (f"> {m['lo']}" if m["lo_open"] else f">= {m['lo']}")
+    hi = "" if m["hi"] is None else (f"< {m['hi']}" if m["hi_open"] else f"<= {m['hi']}")
+    return " and ".join(p for p in (lo, hi) if p)
+
+
+def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
+    """Check one scalar against its field: type, then choices, then range."""
+    m = f.metadata
+    kind = m.get("kind")
+    if kind == "normalize":
+        value = {True: "both", False: "none", None: "none"}.get(value, value) if not isinstance(value, str) else value
+    if kind == "auto_int" and value == "auto":
+        return value
+    if value is None and (f.default is None or kind == "path"):
+        return None
+    if f.name == "channels_last" and isinstance(value, bool):
+        value = str(value).lower()
+    default = f.default
+    expected = int if kind == "auto_int" else (str if default is None else type(default))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if expected is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise UserError(f"{key}: expected {_type_name(f)}, got {value!r}")
+    if m.get("choices") and value not in m["choices"]:
+        raise UserError(f"{key}: {value!r} is not one of {', '.join(m['choices'])}"
+                        + _closest(str(value), m["choices"]).replace("valid keys", "choices"))
+    lo, hi = m.get("lo"), m.get("hi")
+    if lo is not None and (value < lo or (m["lo_open"] and value == lo)) or \
+       hi is not None and (value > hi or (m["hi_open"] and value == hi)):
+        raise UserError(f"{key}: {value!r} is out of range; it must be {_range_text(m)}")
+    return value
+
+
+def _build(cls, raw: Any, prefix: str, source: str):
+    """Turn a mapping from YAML into dataclass ``cls``, validating every key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        where = prefix.rstrip(".") or "top level"
+        raise UserError(f"{where} in {source}: expected a mapping of keys, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise UserError(f"{prefix}{key}: unknown key in {source}{_closest(str(key), fields)}")
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        sub = f.metadata.get("section")
+        if sub is not None:
+            values[name] = None if raw[name] is None and f.metadata["optional"] else \
+                _build(sub, raw[name], f"{prefix}{name}.", source)
+        else:
+            values[name] = _coerce(f"{prefix}{name}", f, raw[name])
+    return cls(**values)
+
+
+def _check_relations(cfg: Config) -> None:
+    """Constraints that span several keys."""
+    if cfg.memory.use_memory and cfg.memory.top_k > cfg.memory.bank_size:
+        raise UserError(f"memory.top_k: {cfg.memory.top_k} is larger than memory.bank_size "
+                        f"({cfg.memory.bank_size}); lower top_k or raise bank_size")
+    if cfg.phase2 is not None and cfg.phase2.lr_min > cfg.phase2.lr_max:
+        raise UserError(f"phase2.lr_min ({cfg.phase2.lr_min}) is larger than phase2.lr_max "
+                        f"({cfg.phase2.lr_max}); swap them")
+    if cfg.phase1.freeze_epochs + cfg.phase1.total_epochs < 1:
+        raise UserError("phase1: freeze_epochs + total_epochs is 0; train for at least one epoch")
+
+
+def from_dict(raw: dict, source: str = "<config>") -> Config:
+    cfg = _build(Config, raw, "", source)
+    _check_relations(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} not found; pass an existing file, e.g. "
+                        f"configs/experiments/memory_rarity_effv2s.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}:{where}: YAML syntax error ({problem}); fix the file") from None
+    return raw or {}
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one ``section.key=value`` to the raw mapping (value parsed as a YAML scalar)."""
+    if "=" not in assignment:
+        raise UserError(f"--set {assignment}: expected key=value, e.g. --set memory.top_k=5")
+    key, text = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            raise UserError(f"--set {assignment}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path, overrides=(), data_dir=None, output_dir=None) -> Config:
+    """Read ``path``, apply ``--set`` overrides and shorthands, validate, return a :class:`Config`."""
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    if data_dir is not None:
+        apply_override(raw, f"data.data_dir={data_dir}")
+    if output_dir is not None:
+        apply_override(raw, f"output_dir={output_dir}")
+    return from_dict(raw, str(path))
+
+
+def iter_schema(cls=Config, prefix: str = ""):
+    """Yield (dotted key, default, doc, allowed) for every leaf key: the configuration reference."""
+    for f in dataclasses.fields(cls):
+        sub = f.metadata.get("section")
+        if sub is not None:
+            yield from iter_schema(sub, f"{prefix}{f.name}.")
+            continue
+        m = f.metadata
+        allowed = ", ".join(m["choices"]) if m.get("choices") else _range_text(m) if m.get("lo") is not None \
+            or m.get("hi") is not None else ""
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        yield f"{prefix}{f.name}", default, m["doc"], allowed

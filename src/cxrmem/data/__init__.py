@@ -1,0 +1,1 @@
+"""ChestX-ray14 metadata, splits, synthetic data, caches and fastai loaders."""

@@ -1,0 +1,1 @@
+"""Backbones, the memory bank and the classifier network."""

@@ -1,0 +1,1 @@
+"""Losses, callbacks and the two-phase training driver."""
