@@ -258,9 +258,6 @@ def format_summary(summary: dict) -> str:
 def load_frame(data_dir: Path, valid_pct: float, seed: int, missing_images: str = "error"):
     """Metadata -> labelled, located and split frame. Returns (frame, split_source, missing names)."""
     data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise UserError(f"data_dir {data_dir} does not exist; set data.data_dir or pass --data_dir "
-                        f"(or add data.synthetic to generate a synthetic set there)")
     frame = read_entries(find_metadata_csv(data_dir))
     frame, missing = attach_paths(frame, data_dir, missing_images)
     frame, source = assign_splits(frame, data_dir, valid_pct, seed)

@@ -1,0 +1,33 @@
+# Two commands on a fresh clone: `make demo` and `make test`.
+# Both create .venv on first use and install the project with its test extras.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# The torch build the project is tested with; override for another platform or CUDA version,
+# e.g. make test TORCH="torch==2.9.1 torchvision==0.24.1"
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test test-fast ablations bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python train.py --config configs/experiments/demo_synthetic.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python bench/memory_bench.py
+
+clean:
+	rm -rf runs data/synthetic_demo

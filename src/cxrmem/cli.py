@@ -1,0 +1,152 @@
+"""Command-line entry points: ``train.py`` (YAML config) and the legacy ``train_fastai.py``.
+
+Both resolve a :class:`~cxrmem.config.Config`, then run the same pipeline:
+data -> (check | evaluate | train) -> report. Mistakes a user can fix end with
+``error: <one line>`` on stderr and exit status 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+from .config import dump_yaml, load_config
+from .errors import UserError
+
+EXPERIMENTS_DIR = Path("configs") / "experiments"
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set memory.top_k=5 (repeatable)")
+    parser.add_argument("--data_dir", help="shorthand for --set data.data_dir=DIR")
+    parser.add_argument("--output_dir", help="run folder (default: runs/<experiment_name>)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--check-data", action="store_true",
+                        help="load and check the data set as training would, write data_summary.json, exit")
+    parser.add_argument("--evaluate", action="store_true", help="evaluate a saved model instead of training")
+    parser.add_argument("--model_path", help="checkpoint for --evaluate (default: the run's final checkpoint)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="allow replacing a finished run of a different configuration in the run folder")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train.py", description="Train and evaluate a ChestX-ray14 classifier "
+                                     "from one YAML experiment file.")
+    parser.add_argument("--config", required=True, help="experiment YAML, e.g. configs/experiments/X.yaml")
+    add_common_options(parser)
+    return parser
+
+
+def legacy_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train_fastai.py", description="Legacy entry: run the experiment "
+                                     "configs/experiments/<NAME>.yaml on a data folder.")
+    parser.add_argument("--experiment", required=True, help="experiment name, e.g. memory_rarity_effv2s")
+    add_common_options(parser)
+    return parser
+
+
+def experiment_config_path(name: str) -> Path:
+    """configs/experiments/<name>.yaml, relative to the working directory (the project root)."""
+    path = EXPERIMENTS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        import difflib
+
+        names = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean {close[0]}?" if close else f"choose one of {', '.join(names)}"
+        raise UserError(f"no experiment named {name!r} in {EXPERIMENTS_DIR}; {hint}")
+    return path
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def protect_run_folder(cfg, overwrite: bool) -> None:
+    """Refuse to mix a new configuration into a folder holding a finished run of another one."""
+    run_dir = cfg.run_dir
+    finished = (run_dir / "metrics.json").is_file() and (run_dir / "config.yaml").is_file()
+    if not finished or overwrite:
+        return
+    if (run_dir / "config.yaml").read_text() != dump_yaml(cfg):
+        raise UserError(f"{run_dir} holds a finished run of a different configuration; pass --output_dir to "
+                        f"another folder or --overwrite to replace it")
+
+
+def run(cfg, args) -> int:
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+
+    import torch
+
+    from . import io
+    from .data.chestxray14 import format_summary, summarize
+    from .data.prepare import prepare_data
+
+    print(f"# {cfg.experiment_name}: resolved configuration\n{dump_yaml(cfg)}")
+    data = prepare_data(cfg)
+    if args.check_data:
+        summary = summarize(data.frame, data.split_source, len(data.missing))
+        print(format_summary(summary))
+        io.write_json(cfg.run_dir / "data_summary.json", summary)
+        print(f"\nwrote {cfg.run_dir / 'data_summary.json'}")
+        return 0
+
+    from .train.phases import checkpoint_path, load_checkpoint, train
+    from .train.predict import predict_splits, write_results
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.evaluate:
+        from .models.net import build_model
+
+        path = Path(args.model_path) if args.model_path else checkpoint_path(cfg, 2 if cfg.phase2 else 1)
+        if not path.is_file():
+            raise UserError(f"model file {path} not found; pass --model_path to an existing .pth or train first")
+        model = build_model(replace(cfg.model, pretrained=False, weights=None), cfg.memory)
+        load_checkpoint(model, path)
+    else:
+        protect_run_folder(cfg, args.overwrite)
+        io.write_text(cfg.run_dir / "config.yaml", dump_yaml(cfg))
+        model = train(cfg, data.frame, device).model
+    write_results(cfg, predict_splits(cfg, model, data.frame, device))
+    print(f"\nrun folder: {cfg.run_dir}")
+    return 0
+
+
+def guarded(main):
+    """Run ``main``; user mistakes become one line on stderr and exit status 2."""
+    def wrapper(argv=None) -> int:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        debug = "--debug" in argv
+        warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
+        try:
+            return main(argv)
+        except UserError as exc:
+            if debug:
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            print("\ninterrupted; the best checkpoints written so far are in the run folder", file=sys.stderr)
+            return 130
+    return wrapper
+
+
+@guarded
+def train_main(argv) -> int:
+    args = train_parser().parse_args(argv)
+    cfg = load_config(args.config, args.overrides, data_dir=args.data_dir, output_dir=args.output_dir)
+    return run(cfg, args)
+
+
+@guarded
+def legacy_main(argv) -> int:
+    args = legacy_parser().parse_args(argv)
+    cfg = load_config(experiment_config_path(args.experiment), args.overrides, data_dir=args.data_dir,
+                      output_dir=args.output_dir)
+    return run(cfg, args)

@@ -1,0 +1,74 @@
+"""From a config's ``data`` section to a checked, split metadata frame.
+
+Order: generate the synthetic set on first use (``data.synthetic``), build or reuse
+the pre-resized cache (``data.cache``), read and split the metadata, then check
+every image file so that none fails mid-epoch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import UserError
+from .chestxray14 import find_damaged_images, load_frame
+
+DAMAGED_LIST = "damaged_images.txt"
+
+
+@dataclass
+class PreparedData:
+    frame: pd.DataFrame          # one row per usable image, with ``path`` and ``split``
+    split_source: str            # "official" or "derived"
+    missing: list[str]           # CSV rows without a file (dropped under missing_images: drop)
+    data_dir: Path               # where images are read from (the cache when one is used)
+
+
+def ensure_synthetic(data_cfg) -> None:
+    if data_cfg.synthetic is not None:
+        from .synthetic import generate
+
+        s = data_cfg.synthetic
+        generate(data_cfg.data_dir, n_patients=s.n_patients, size=s.size, seed=s.seed)
+
+
+def resolve_image_dir(data_cfg) -> Path:
+    """The folder images are read from: data_dir, or its pre-resized cache when configured."""
+    data_dir = Path(data_cfg.data_dir)
+    if data_cfg.cache is None:
+        return data_dir
+    from .cache import ensure_cache
+
+    return ensure_cache(data_dir, data_cfg.cache)
+
+
+def drop_damaged(frame: pd.DataFrame, run_dir: Path, policy: str) -> pd.DataFrame:
+    """Check every file; list the damaged ones in the run folder; error or drop them."""
+    damaged = find_damaged_images(frame["path"])
+    if not damaged:
+        return frame
+    run_dir.mkdir(parents=True, exist_ok=True)
+    listing = run_dir / DAMAGED_LIST
+    listing.write_text("".join(f"{path}\t{reason}\n" for path, reason in damaged))
+    if policy == "error":
+        raise UserError(f"{len(damaged)} image file(s) are empty, truncated or unreadable (e.g. {damaged[0][0]}: "
+                        f"{damaged[0][1]}); all are listed in {listing}; replace them or set "
+                        f"data.missing_images: drop")
+    warnings.warn(f"{len(damaged)} damaged image files were dropped; see {listing}", stacklevel=2)
+    bad = {path for path, _ in damaged}
+    return frame[~frame["path"].isin(bad)].reset_index(drop=True)
+
+
+def prepare_data(cfg) -> PreparedData:
+    data = cfg.data
+    ensure_synthetic(data)
+    if not Path(data.data_dir).is_dir():
+        raise UserError(f"data_dir {data.data_dir} does not exist; set data.data_dir or pass --data_dir "
+                        f"(or add data.synthetic to generate a synthetic set there)")
+    image_dir = resolve_image_dir(data)
+    frame, source, missing = load_frame(image_dir, data.valid_pct, data.seed, data.missing_images)
+    frame = drop_damaged(frame, cfg.run_dir, data.missing_images)
+    return PreparedData(frame, source, missing, image_dir)

@@ -1,0 +1,57 @@
+"""Atomic file writes: every file a run writes appears whole or not at all.
+
+Contract of :func:`atomic_path`: the caller writes to a temporary path in the
+target's own folder; on success it is flushed to disk and renamed over the
+target (``os.replace`` is atomic on POSIX), on failure it is removed and the
+previous file, if any, is untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import yaml
+
+
+@contextmanager
+def atomic_path(target):
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(target, text: str) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(target, obj) -> None:
+    write_text(target, json.dumps(obj, indent=2) + "\n")
+
+
+def write_yaml(target, obj) -> None:
+    write_text(target, yaml.safe_dump(obj, sort_keys=False))
+
+
+def torch_save(obj, target) -> None:
+    with atomic_path(target) as tmp:
+        torch.save(obj, tmp)
+
+
+def torch_load(path, map_location="cpu"):
+    """Load a checkpoint with ``weights_only=True`` (no arbitrary code runs)."""
+    return torch.load(path, map_location=map_location, weights_only=True)

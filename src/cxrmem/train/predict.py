@@ -1,0 +1,55 @@
+"""Predictions of a trained network on the evaluation splits, and the files and report made from them."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from fastai.learner import Learner
+
+from ..data.chestxray14 import FINDINGS, phase_frame
+from ..data.loaders import build_dataloaders
+from ..evaluate import evaluate_split, format_report, save_predictions, write_json_atomic
+
+EVAL_SPLITS = ("valid", "test")
+
+
+def predict_splits(cfg, model, frame, device) -> dict:
+    """{split: (probs [N, C], targets [N, C], image names)} for valid and, when present, test.
+
+    Evaluation sees every image of a split (normal ones included), without augmentation,
+    with the network in eval mode, so the memory bank is read but never written.
+    """
+    batch_size = (cfg.phase2 or cfg.phase1).batch_size
+    dls = build_dataloaders(phase_frame(frame, filter_normal=False), cfg.data, batch_size, device)
+    learn = Learner(dls, model.to(device), loss_func=torch.nn.BCEWithLogitsLoss())
+    learn.remove_cbs(learn.cbs.filter(lambda cb: type(cb).__name__ == "ProgressCallback"))
+    out = {}
+    for split in EVAL_SPLITS:
+        rows = frame[frame["split"] == split]
+        if rows.empty:
+            continue
+        dl = dls.test_dl(rows, with_labels=True, bs=batch_size)
+        probs, targets = learn.get_preds(dl=dl, act=torch.sigmoid)
+        out[split] = (probs.float().numpy(), targets.float().numpy(), rows["image_index"].tolist())
+    return out
+
+
+def write_results(cfg, predictions: dict) -> dict:
+    """metrics.json, <experiment>_predictions.pt and the terminal report. Returns the metrics."""
+    n_resamples = cfg.evaluation.bootstrap_resamples
+    metrics = {split: evaluate_split(probs, targets, FINDINGS, n_resamples=n_resamples, seed=cfg.data.seed)
+               for split, (probs, targets, _) in predictions.items()}
+    write_json_atomic(cfg.run_dir / "metrics.json", metrics)
+    if cfg.evaluation.save_predictions:
+        splits = list(predictions)
+        save_predictions(
+            cfg.run_dir / f"{cfg.experiment_name}_predictions.pt",
+            np.concatenate([predictions[s][0] for s in splits]),
+            np.concatenate([predictions[s][1] for s in splits]),
+            FINDINGS,
+            [name for s in splits for name in predictions[s][2]],
+            [s for s in splits for _ in predictions[s][2]],
+        )
+    for split, result in metrics.items():
+        print("\n" + format_report(split, result))
+    return metrics
