@@ -1,0 +1,136 @@
+"""The configuration system: defaults, validation messages, overrides, the experiment files."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from cxrmem.cli import train_main
+from cxrmem.config import from_dict, iter_schema, load_config
+from cxrmem.errors import UserError
+
+from conftest import EXPERIMENTS, run_cli
+
+GUIDE_EXPERIMENTS = [
+    "baseline_effv2s", "baseline_resnet50", "memory_rarity_effv2s", "memory_rarity_effv2m",
+    "memory_rarity_resnet50", "memory_rarity_densenet121", "memory_diversity_effv2s", "memory_hybrid_effv2s",
+    "memory_statistical_effv2s", "memory_fifo_effv2s", "ablation_no_normalize", "ablation_topk1",
+    "ablation_topk5", "ablation_bank256", "ablation_bank1024",
+]
+
+
+@pytest.mark.parametrize("name", GUIDE_EXPERIMENTS + ["demo_synthetic"])
+def test_every_experiment_prints_its_config(name, capsys):
+    status, out, err = run_cli(train_main, ["--config", EXPERIMENTS / f"{name}.yaml", "--print-config"], capsys)
+    assert status == 0, err
+    printed = yaml.safe_load(out)
+    assert printed["experiment_name"] == name
+    assert from_dict(printed).experiment_name == name  # the printed YAML is itself a valid config
+
+
+def test_experiment_values_follow_the_guide():
+    cfg = {n: load_config(EXPERIMENTS / f"{n}.yaml") for n in GUIDE_EXPERIMENTS}
+    for c in cfg.values():
+        assert (c.phase1.batch_size, c.phase1.freeze_epochs, c.phase1.total_epochs) == (64, 3, 20)
+        assert c.phase1.use_lr_finder and c.phase1.filter_normal and c.phase1.memory_momentum == 0.9
+        assert (c.phase2.batch_size, c.phase2.epochs, c.phase2.lr_min, c.phase2.lr_max) == (128, 5, 2e-5, 8e-5)
+        assert c.phase2.memory_momentum == 0.9999 and not c.phase2.filter_normal
+    assert not cfg["baseline_effv2s"].memory.use_memory
+    assert cfg["baseline_resnet50"].model.backbone == "resnet50"
+    assert cfg["memory_rarity_effv2m"].model.backbone == "efficientnet_v2_m"
+    assert cfg["memory_rarity_densenet121"].model.backbone == "densenet121"
+    for strategy in ("diversity", "hybrid", "statistical", "fifo"):
+        assert cfg[f"memory_{strategy}_effv2s"].memory.update_strategy == strategy
+    assert cfg["ablation_no_normalize"].memory.normalize_retrieved == "none"
+    assert [cfg[f"ablation_topk{k}"].memory.top_k for k in (1, 5)] == [1, 5]
+    assert [cfg[f"ablation_bank{n}"].memory.bank_size for n in (256, 1024)] == [256, 1024]
+
+
+def test_a_short_file_takes_the_defaults(tmp_path):
+    path = tmp_path / "short.yaml"
+    path.write_text("experiment_name: short\nmemory:\n  top_k: 5\n")
+    cfg = load_config(path)
+    assert cfg.memory.top_k == 5 and cfg.memory.bank_size == 512
+    assert cfg.phase1.memory_momentum == 0.9 and cfg.phase1.batch_size == 64
+    assert str(cfg.run_dir) == "runs/short"
+    assert cfg.phase2 is None  # no phase2 section: one phase
+
+
+def test_an_empty_phase2_section_takes_the_phase2_defaults(tmp_path):
+    path = tmp_path / "two.yaml"
+    path.write_text("phase2: {}\n")
+    p2 = load_config(path).phase2
+    assert (p2.memory_momentum, p2.batch_size, p2.lr_min, p2.lr_max, p2.epochs) == (0.9999, 128, 2e-5, 8e-5, 5)
+
+
+@pytest.mark.parametrize("value, expected", [(True, "both"), (False, "none"), ("both", "both"),
+                                             ("query_only", "query_only"), ("memory_only", "memory_only"),
+                                             ("none", "none")])
+def test_normalize_retrieved_spellings(value, expected):
+    assert from_dict({"memory": {"normalize_retrieved": value}}).memory.normalize_retrieved == expected
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    ({"memory": {"bank_sise": 3}}, "memory.bank_sise: unknown key in <config>; did you mean bank_size?"),
+    ({"phase1": {"batchsize": 3}}, "did you mean batch_size?"),
+    ({"experimnt_name": "x"}, "did you mean experiment_name?"),
+    ({"memory": {"bank_size": 0}}, "memory.bank_size: 0 is out of range; it must be >= 1"),
+    ({"memory": {"bank_size": "big"}}, "memory.bank_size: expected an integer"),
+    ({"memory": {"bank_size": 2.5}}, "memory.bank_size: expected an integer"),
+    ({"memory": {"use_memory": "yes"}}, "memory.use_memory: expected true or false"),
+    ({"memory": {"top_k": 9, "bank_size": 4}}, "memory.top_k: 9 is larger than memory.bank_size (4)"),
+    ({"phase2": {"memory_momentum": 1.0}}, "phase2.memory_momentum: 1.0 is out of range; it must be >= 0.0 and < 1.0"),
+    ({"data": {"valid_pct": 0}}, "data.valid_pct: 0.0 is out of range"),
+    ({"memory": {"update_strategy": "rarety"}}, "'rarety' is not one of"),
+    ({"memory": {"normalize_retrieved": "cosine"}}, "memory.normalize_retrieved: 'cosine' is not one of"),
+    ({"memory": 5}, "memory in <config>: expected a mapping"),
+])
+def test_mistakes_name_the_key_and_the_fix(raw, fragment):
+    with pytest.raises(UserError) as info:
+        from_dict(raw)
+    message = str(info.value)
+    assert fragment in message and "\n" not in message
+
+
+def test_misspelt_key_exits_2_with_one_line(tmp_path, capsys):
+    path = tmp_path / "typo.yaml"
+    path.write_text("memory:\n  bank_sise: 256\n")
+    status, out, err = run_cli(train_main, ["--config", path, "--print-config"], capsys)
+    assert status == 2 and out == ""
+    assert err.count("\n") == 1 and "did you mean bank_size?" in err and "Traceback" not in err
+
+
+def test_yaml_syntax_error_names_its_line(tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model:\n  backbone: resnet18\nmemory: [unclosed\n")
+    status, _, err = run_cli(train_main, ["--config", path, "--print-config"], capsys)
+    assert status == 2 and "line 4" in err and "YAML syntax error" in err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    status, _, err = run_cli(train_main, ["--config", tmp_path / "nope.yaml", "--print-config"], capsys)
+    assert status == 2 and "not found" in err
+
+
+def test_set_overrides_and_shorthands(tmp_path, capsys):
+    status, out, err = run_cli(train_main, [
+        "--config", EXPERIMENTS / "memory_rarity_effv2s.yaml", "--set", "memory.top_k=5",
+        "--set", "phase2.lr_max=1e-4", "--set", "memory.normalize_retrieved=false",
+        "--data_dir", tmp_path / "d", "--output_dir", tmp_path / "o", "--print-config"], capsys)
+    assert status == 0, err
+    printed = yaml.safe_load(out)
+    assert printed["memory"]["top_k"] == 5 and printed["phase2"]["lr_max"] == 1e-4
+    assert printed["memory"]["normalize_retrieved"] == "none"
+    assert printed["data"]["data_dir"] == str(tmp_path / "d") and printed["output_dir"] == str(tmp_path / "o")
+
+
+def test_set_with_a_bad_value_is_validated(capsys):
+    status, _, err = run_cli(train_main, ["--config", EXPERIMENTS / "ablation_topk1.yaml",
+                                          "--set", "memory.top_k=0", "--print-config"], capsys)
+    assert status == 2 and "memory.top_k: 0 is out of range" in err
+
+
+def test_schema_lists_every_key_with_a_doc():
+    keys = {key: doc for key, _, doc, _ in iter_schema()}
+    assert "memory.bank_size" in keys and "phase2.memory_momentum" in keys and "data.synthetic.n_patients" in keys
+    assert all(doc for doc in keys.values())

@@ -1,0 +1,156 @@
+"""The ChestX-ray14 data layer on the synthetic set: splits, phases, CSV variants, bad data."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pandas as pd
+import pytest
+
+from cxrmem.cli import train_main
+from cxrmem.data.chestxray14 import (
+    FINDINGS, SplitWarning, encode_labels, find_damaged_images, load_frame, phase_frame, read_entries,
+)
+from cxrmem.errors import UserError
+
+from conftest import EXPERIMENTS, run_cli
+
+
+def patients(frame, split):
+    return set(frame.loc[frame["split"] == split, "patient_id"])
+
+
+def assert_disjoint_patients(frame):
+    train, valid, test = (patients(frame, s) for s in ("train", "valid", "test"))
+    assert train and valid and test
+    assert not (train & valid) and not (train & test) and not (valid & test)
+
+
+def test_official_split_keeps_patients_apart(tiny_data):
+    frame, source, missing = load_frame(tiny_data, valid_pct=0.2, seed=1)
+    assert source == "official" and missing == []
+    assert_disjoint_patients(frame)
+    test_names = set((tiny_data / "test_list.txt").read_text().split())
+    assert set(frame.loc[frame["split"] == "test", "image_index"]) == test_names
+
+
+def test_missing_list_derives_a_patient_split_with_a_warning(data_copy):
+    (data_copy / "test_list.txt").unlink()
+    with pytest.warns(SplitWarning, match="deriving a patient-level split"):
+        frame, source, _ = load_frame(data_copy, valid_pct=0.2, seed=1)
+    assert source == "derived"
+    assert_disjoint_patients(frame)
+    with pytest.warns(SplitWarning):
+        again, _, _ = load_frame(data_copy, valid_pct=0.2, seed=1)
+    assert again["split"].tolist() == frame["split"].tolist()  # seeded
+
+
+def test_both_phases_validate_on_the_same_patients_and_phase1_has_no_normal_image(tiny_data):
+    frame, _, _ = load_frame(tiny_data, valid_pct=0.2, seed=1)
+    phase1, phase2 = phase_frame(frame, filter_normal=True), phase_frame(frame, filter_normal=False)
+    assert (phase1[FINDINGS].sum(axis=1) > 0).all()
+    assert (phase2[FINDINGS].sum(axis=1) == 0).any()
+    valid1 = set(phase1.loc[phase1["is_valid"], "patient_id"])
+    valid2 = set(phase2.loc[phase2["is_valid"], "patient_id"])
+    assert valid1 <= valid2 and valid1
+    # a phase-2 validation patient missing from phase 1 has only normal images
+    normal_only = phase2[phase2["patient_id"].isin(valid2 - valid1)][FINDINGS].to_numpy().sum()
+    assert normal_only == 0
+    assert "test" not in set(phase1["split"]) | set(phase2["split"])
+
+
+def test_the_2017_and_2020_csv_variants_read_identically(tiny_data, tmp_path):
+    csv_2017 = tiny_data / "Data_Entry_2017.csv"
+    lines = csv_2017.read_text().splitlines()
+    assert lines[0].endswith(",")  # the 2017 file's trailing comma
+    csv_2020 = tmp_path / "Data_Entry_2017_v2020.csv"
+    csv_2020.write_text("\n".join(line[:-1] if line.endswith(",") else line for line in lines) + "\n")
+    assert pd.read_csv(csv_2017).shape[1] == pd.read_csv(csv_2020).shape[1] + 1
+    pd.testing.assert_frame_equal(read_entries(csv_2017), read_entries(csv_2020))
+
+
+def test_the_2020_file_name_is_found(data_copy):
+    (data_copy / "Data_Entry_2017.csv").rename(data_copy / "Data_Entry_2017_v2020.csv")
+    frame, _, _ = load_frame(data_copy, valid_pct=0.2, seed=1)
+    assert len(frame) > 0
+
+
+def test_labels_split_on_the_bar_never_by_substring():
+    labels = encode_labels(pd.Series(["Effusion|Mass", "No Finding", "Pleural_Thickening", "Infiltration"]), "t")
+    assert labels.loc[0, ["Effusion", "Mass"]].tolist() == [1, 1]
+    assert labels.loc[0].sum() == 2 and labels.loc[1].sum() == 0
+    assert labels.loc[2].sum() == 1 and labels.loc[2, "Pleural_Thickening"] == 1
+    assert list(labels.columns) == FINDINGS
+
+
+def test_a_finding_outside_the_14_is_an_error():
+    with pytest.raises(UserError, match="unknown finding label.*'Nodules'"):
+        encode_labels(pd.Series(["Nodules|Mass"]), "t")
+
+
+def test_missing_required_columns(data_copy):
+    csv_path = data_copy / "Data_Entry_2017.csv"
+    csv_path.write_text(csv_path.read_text().replace("Patient ID", "Patient"))
+    with pytest.raises(UserError, match="missing required column.*Patient ID"):
+        load_frame(data_copy, valid_pct=0.2, seed=1)
+
+
+def test_missing_images_error_or_drop(data_copy):
+    victims = sorted(data_copy.glob("images_*/images/*.png"))[:3]
+    for path in victims:
+        path.unlink()
+    with pytest.raises(UserError, match="3 of .* images listed in the CSV are not on disk"):
+        load_frame(data_copy, valid_pct=0.2, seed=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        frame, _, missing = load_frame(data_copy, valid_pct=0.2, seed=1, missing_images="drop")
+    assert sorted(missing) == sorted(p.name for p in victims)
+    assert not set(missing) & set(frame["image_index"])
+    assert any("missing on disk" in str(w.message) for w in caught)
+
+
+def test_damaged_files_are_found_without_decoding(data_copy):
+    images = sorted(data_copy.glob("images_*/images/*.png"))
+    images[0].write_bytes(b"")
+    images[1].write_bytes(images[1].read_bytes()[:-20])
+    images[2].write_bytes(b"not a png at all" * 10)
+    found = dict(find_damaged_images(images[:5]))
+    assert found == {str(images[0]): "empty file", str(images[1]): "truncated (no end marker)",
+                     str(images[2]): "not a valid image header"}
+
+
+def test_check_data_prints_and_writes_the_summary(tiny_data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    status, out, err = run_cli(train_main, [
+        "--config", EXPERIMENTS / "demo_synthetic.yaml", "--data_dir", tiny_data, "--output_dir", run_dir,
+        "--set", "data.synthetic=null", "--check-data"], capsys)
+    assert status == 0, err
+    summary = json.loads((run_dir / "data_summary.json").read_text())
+    assert set(summary) == {"train", "valid", "test", "phase1_train", "phase1_valid", "missing_images",
+                            "split_source"}
+    assert summary["split_source"] == "official" and summary["missing_images"] == 0
+    frame, _, _ = load_frame(tiny_data, valid_pct=0.1, seed=42)
+    for split in ("train", "valid", "test"):
+        rows = frame[frame["split"] == split]
+        assert summary[split]["n_images"] == len(rows)
+        assert summary[split]["n_patients"] == rows["patient_id"].nunique()
+        assert summary[split]["positives"] == {f: int(rows[f].sum()) for f in FINDINGS}
+    assert summary["phase1_train"]["n_images"] < summary["train"]["n_images"]
+    assert "Infiltration" in out and "phase1_train" in out
+
+
+def test_data_dir_missing_is_one_line(tmp_path, capsys):
+    status, _, err = run_cli(train_main, ["--config", EXPERIMENTS / "baseline_effv2s.yaml",
+                                          "--data_dir", tmp_path / "absent", "--output_dir", tmp_path / "r",
+                                          "--check-data"], capsys)
+    assert status == 2 and err.startswith("error: data_dir") and err.count("\n") == 1
+
+
+def test_synthetic_set_is_generated_on_first_use(tmp_path, capsys):
+    data_dir = tmp_path / "generated"
+    status, _, err = run_cli(train_main, [
+        "--config", EXPERIMENTS / "demo_synthetic.yaml", "--data_dir", data_dir, "--output_dir", tmp_path / "r",
+        "--set", "data.synthetic.n_patients=12", "--set", "data.synthetic.size=24", "--check-data"], capsys)
+    assert status == 0, err
+    assert (data_dir / "Data_Entry_2017.csv").is_file() and (data_dir / "test_list.txt").is_file()
