@@ -1,0 +1,190 @@
+"""End to end on a tiny synthetic set: both phases, outputs, --evaluate, legacy entry, determinism."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+from fastai.callback.core import Callback
+
+from cxrmem.cli import legacy_main, train_main
+from cxrmem.data.chestxray14 import FINDINGS
+from cxrmem.train import phases
+
+from conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+
+TINY = """
+experiment_name: tiny
+model: {backbone: resnet18, pretrained: false}
+memory: {use_memory: %(memory)s, bank_size: 16, top_k: 3, update_strategy: fifo}
+data: {image_size: 32, num_workers: 0, seed: 0, valid_pct: 0.25}
+phase1: {batch_size: 8, use_lr_finder: false, base_lr: 0.001, freeze_epochs: 1, total_epochs: 1}
+phase2: {batch_size: 16, epochs: 1, lr_min: 0.0001, lr_max: 0.001}
+evaluation: {bootstrap_resamples: 50}
+"""
+
+
+def write_config(tmp_path, memory=True):
+    path = tmp_path / f"tiny_{memory}.yaml"
+    path.write_text(TINY % {"memory": str(memory).lower()})
+    return path
+
+
+def train_tiny(tmp_path, tiny_data, capsys, name, memory=True, extra=()):
+    run_dir = tmp_path / name
+    status, out, err = run_cli(train_main, ["--config", write_config(tmp_path, memory), "--data_dir", tiny_data,
+                                            "--output_dir", run_dir, *extra], capsys)
+    assert status == 0, err
+    return run_dir, out
+
+
+class Spy(Callback):
+    """Records, per phase, the bank momentum seen by training batches and the weights at the start."""
+
+    order = 100
+
+    def __init__(self, phase, log):
+        self.phase, self.log = phase, log
+
+    def before_fit(self):
+        if not hasattr(self.learn, "lr_finder"):
+            self.log.setdefault(f"start{self.phase}", {k: v.detach().clone()
+                                                       for k, v in self.learn.model.state_dict().items()})
+
+    def before_batch(self):
+        if self.training:
+            self.log.setdefault(f"momentum{self.phase}", set()).add(self.learn.model.bank.momentum)
+
+
+@pytest.fixture(scope="module")
+def memory_run(tmp_path_factory, tiny_data):
+    tmp_path = tmp_path_factory.mktemp("e2e")
+    log = {}
+    make_learner = phases.make_learner
+
+    def spied(cfg, model, frame, phase_cfg, phase, device):
+        learn = make_learner(cfg, model, frame, phase_cfg, phase, device)
+        learn.add_cb(Spy(phase, log))
+        return learn
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(phases, "make_learner", spied)
+        run_dir = tmp_path / "memory"
+        status = train_main(["--config", str(write_config(tmp_path)), "--data_dir", str(tiny_data),
+                             "--output_dir", str(run_dir)])
+    assert status == 0
+    return run_dir, log, tmp_path
+
+
+def check_run_folder(run_dir, name="tiny"):
+    expected = ["config.yaml", f"models/{name}_phase1.pth", f"models/{name}_phase2.pth",
+                f"{name}_predictions.pt", "metrics.json", "history_phase1.csv", "history_phase2.csv"]
+    for rel in expected:
+        assert (run_dir / rel).is_file() and (run_dir / rel).stat().st_size > 0, rel
+    assert not list(run_dir.rglob("*.tmp"))
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_every_output_is_written_and_valid(memory_run):
+    run_dir, _, _ = memory_run
+    metrics = check_run_folder(run_dir)
+    assert set(metrics) == {"valid", "test"}
+    preds = torch.load(run_dir / "tiny_predictions.pt", weights_only=True)
+    assert preds["labels"] == FINDINGS and preds["probs"].shape == preds["targets"].shape
+    assert preds["probs"].shape[1] == 14 and ((preds["probs"] >= 0) & (preds["probs"] <= 1)).all()
+    for split, result in metrics.items():
+        assert result["n_images"] == preds["split"].count(split)
+        for finding, auc in result["per_class"].items():
+            positives = result["n_positive"][finding]
+            if positives == 0 or positives == result["n_images"]:
+                assert auc is None  # undefined, never 0.0
+            else:
+                assert math.isfinite(auc) and 0.0 <= auc <= 1.0
+        defined = [a for a in result["per_class"].values() if a is not None]
+        assert result["mean_auc"] == pytest.approx(sum(defined) / len(defined))
+    history = pd.read_csv(run_dir / "history_phase1.csv")
+    assert history["stage"].tolist() == ["frozen", "unfrozen"]
+    assert {"train_loss", "valid_loss", "valid_auc", "memory_fill", "memory_moved"} <= set(history.columns)
+    assert len(pd.read_csv(run_dir / "history_phase2.csv")) == 1
+
+
+def test_phase2_starts_from_the_best_phase1_weights_and_bank(memory_run):
+    run_dir, log, _ = memory_run
+    phase1 = torch.load(run_dir / "models/tiny_phase1.pth", weights_only=True)
+    start2 = log["start2"]
+    assert set(phase1) == set(start2) and "bank.memory" in phase1
+    for key, value in phase1.items():
+        assert torch.equal(value, start2[key]), key
+    assert int(phase1["bank.filled"]) > 0
+
+
+def test_bank_momentum_is_0_9_in_phase1_and_0_9999_in_phase2(memory_run):
+    _, log, _ = memory_run
+    assert log["momentum1"] == {0.9}
+    assert log["momentum2"] == {0.9999}
+
+
+def test_evaluate_reproduces_the_aucs(memory_run, tiny_data, capsys):
+    run_dir, _, tmp_path = memory_run
+    before = json.loads((run_dir / "metrics.json").read_text())
+    status, out, err = run_cli(train_main, ["--config", write_config(tmp_path), "--data_dir", tiny_data,
+                                            "--output_dir", run_dir, "--evaluate"], capsys)
+    assert status == 0, err
+    after = json.loads((run_dir / "metrics.json").read_text())
+    for split in before:
+        assert after[split]["per_class"] == pytest.approx(before[split]["per_class"], abs=1e-6)
+    assert "Mean AUC Score:" in out and "ROC AUC Labels:" in out
+
+
+def test_evaluate_with_an_explicit_model_path(memory_run, tiny_data, tmp_path, capsys):
+    run_dir, _, config_dir = memory_run
+    status, _, err = run_cli(train_main, ["--config", write_config(config_dir), "--data_dir", tiny_data,
+                                          "--output_dir", tmp_path / "eval",
+                                          "--evaluate", "--model_path", run_dir / "models/tiny_phase1.pth"], capsys)
+    assert status == 0, err
+    assert (tmp_path / "eval" / "metrics.json").is_file()
+
+
+def test_same_config_and_seed_give_identical_aucs(memory_run, tiny_data, capsys):
+    run_dir, _, tmp_path = memory_run
+    again, _ = train_tiny(tmp_path, tiny_data, capsys, "memory_again")
+    first = json.loads((run_dir / "metrics.json").read_text())
+    second = json.loads((again / "metrics.json").read_text())
+    for split in first:
+        assert first[split]["per_class"] == second[split]["per_class"]
+        assert first[split]["mean_auc"] == second[split]["mean_auc"]
+
+
+def test_without_memory(tmp_path, tiny_data, capsys):
+    run_dir, _ = train_tiny(tmp_path, tiny_data, capsys, "plain", memory=False)
+    check_run_folder(run_dir)
+    state = torch.load(run_dir / "models/tiny_phase2.pth", weights_only=True)
+    assert not any(k.startswith("bank.") for k in state)
+    assert "memory_fill" not in pd.read_csv(run_dir / "history_phase1.csv").columns
+
+
+def test_legacy_entry_writes_the_same_layout(tmp_path, tiny_data, capsys, monkeypatch, memory_run):
+    monkeypatch.chdir(ROOT)
+    run_dir = tmp_path / "legacy"
+    status, _, err = run_cli(legacy_main, [
+        "--experiment", "demo_synthetic", "--data_dir", tiny_data, "--output_dir", run_dir,
+        "--set", "data.synthetic=null", "--set", "data.image_size=32", "--set", "data.num_workers=0",
+        "--set", "phase1.use_lr_finder=false", "--set", "phase1.freeze_epochs=0", "--set", "phase1.total_epochs=1",
+        "--set", "phase1.batch_size=8", "--set", "phase2.epochs=1", "--set", "phase2.batch_size=16",
+        "--set", "memory.bank_size=16", "--set", "evaluation.bootstrap_resamples=20"], capsys)
+    assert status == 0, err
+    check_run_folder(run_dir, name="demo_synthetic")
+    layout = lambda d: sorted(p.relative_to(d).as_posix().replace("demo_synthetic", "tiny")  # noqa: E731
+                              for p in d.rglob("*") if p.is_file())
+    assert layout(run_dir) == layout(memory_run[0])
+
+
+def test_legacy_entry_unknown_experiment(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    status, _, err = run_cli(legacy_main, ["--experiment", "memory_rarity_effv2", "--data_dir", "x"], capsys)
+    assert status == 2 and "did you mean memory_rarity_effv2m?" in err or "did you mean memory_rarity_effv2s?" in err
