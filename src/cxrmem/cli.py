@@ -29,6 +29,8 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                         help="load and check the data set as training would, write data_summary.json, exit")
     parser.add_argument("--evaluate", action="store_true", help="evaluate a saved model instead of training")
     parser.add_argument("--model_path", help="checkpoint for --evaluate (default: the run's final checkpoint)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a killed or interrupted run from its last finished epoch")
     parser.add_argument("--overwrite", action="store_true",
                         help="allow replacing a finished run of a different configuration in the run folder")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -66,13 +68,16 @@ def experiment_config_path(name: str) -> Path:
 # --------------------------------------------------------------------------- the pipeline
 
 
-def protect_run_folder(cfg, overwrite: bool) -> None:
-    """Refuse to mix a new configuration into a folder holding a finished run of another one."""
-    run_dir = cfg.run_dir
-    finished = (run_dir / "metrics.json").is_file() and (run_dir / "config.yaml").is_file()
-    if not finished or overwrite:
-        return
-    if (run_dir / "config.yaml").read_text() != dump_yaml(cfg):
+def protect_run_folder(cfg, overwrite: bool, resume: bool) -> None:
+    """Refuse to mix a new configuration into a folder holding a finished run of another one,
+    and to resume a run under another configuration."""
+    run_dir, saved = cfg.run_dir, cfg.run_dir / "config.yaml"
+    same = saved.is_file() and saved.read_text() == dump_yaml(cfg)
+    if resume and not same:
+        raise UserError(f"cannot resume: {saved} is missing or holds another configuration; resume with the "
+                        f"same config and options as the interrupted run")
+    finished = (run_dir / "metrics.json").is_file() and saved.is_file()
+    if finished and not same and not overwrite:
         raise UserError(f"{run_dir} holds a finished run of a different configuration; pass --output_dir to "
                         f"another folder or --overwrite to replace it")
 
@@ -110,9 +115,9 @@ def run(cfg, args) -> int:
         model = build_model(replace(cfg.model, pretrained=False, weights=None), cfg.memory)
         load_checkpoint(model, path)
     else:
-        protect_run_folder(cfg, args.overwrite)
+        protect_run_folder(cfg, args.overwrite, args.resume)
         io.write_text(cfg.run_dir / "config.yaml", dump_yaml(cfg))
-        model = train(cfg, data.frame, device).model
+        model = train(cfg, data.frame, device, resume=args.resume).model
     write_results(cfg, predict_splits(cfg, model, data.frame, device))
     print(f"\nrun folder: {cfg.run_dir}")
     return 0
@@ -132,7 +137,8 @@ def guarded(main):
             print(f"error: {exc}", file=sys.stderr)
             return exc.exit_code
         except KeyboardInterrupt:
-            print("\ninterrupted; the best checkpoints written so far are in the run folder", file=sys.stderr)
+            print("\ninterrupted: the last finished epoch is saved; run the same command with --resume "
+                  "to continue", file=sys.stderr)
             return 130
     return wrapper
 

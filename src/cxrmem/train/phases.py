@@ -27,28 +27,56 @@ from ..errors import UserError
 from ..models.net import build_model, splitter
 from .callbacks import AtomicSaveModel, HistoryCSV, MeanAUC, MemoryMomentum, MemoryValue, StopOnNonFiniteLoss
 from .losses import build_loss
+from .resume import ResumeState, SaveProgress, SkipFinishedEpochs
 
 
-def train(cfg, frame, device) -> Learner:
-    """Train as the config says; returns the last phase's Learner holding its best weights."""
+def train(cfg, frame, device, resume: bool = False) -> Learner:
+    """Train as the config says; returns the last phase's Learner holding its best weights.
+
+    With ``resume``, finished stages and epochs recorded in the resume file are skipped.
+    """
     set_seed(cfg.data.seed, reproducible=True)
     model = build_model(cfg.model, cfg.memory)
+    state = ResumeState(resume_path(cfg), resume)
 
-    # Phase 1: abnormal images; frozen, then fine-tuned; LR from the finder.
+    # Phase 1: abnormal images; LR from the finder; backbone frozen, then all layers
+    # (fastai's fine_tune, spelled out as two one-cycle stages so that each can resume).
     p1 = cfg.phase1
     learn = make_learner(cfg, model, frame, p1, phase=1, device=device)
-    lr = learn.lr_find(suggest_funcs=(valley,), show_plot=False).valley if p1.use_lr_finder else p1.base_lr
-    print(f"phase 1: {'LR finder (valley)' if p1.use_lr_finder else 'base_lr'} -> {lr:.3g}")
-    learn.fine_tune(p1.total_epochs, lr, freeze_epochs=p1.freeze_epochs)
+    lr = state.progress.lr or choose_lr(learn, p1)
+    state.progress.lr = lr
+    fit_stage(learn, state, 1, "frozen", p1.freeze_epochs, slice(lr), pct_start=0.99)
+    fit_stage(learn, state, 1, "unfrozen", p1.total_epochs, slice(lr / 200, lr / 2), pct_start=0.3, div=5.0)
 
-    # Phase 2: all images; best phase-1 weights and bank; unfrozen; one cycle.
+    # Phase 2: all images; a new Learner from the best phase-1 weights and bank; unfrozen; one cycle.
     if cfg.phase2 is not None:
         p2 = cfg.phase2
         learn = make_learner(cfg, model, frame, p2, phase=2, device=device)
         load_checkpoint(learn.model, checkpoint_path(cfg, phase=1))
-        learn.unfreeze()
-        learn.fit_one_cycle(p2.epochs, slice(p2.lr_min, p2.lr_max))
+        fit_stage(learn, state, 2, "one_cycle", p2.epochs, slice(p2.lr_min, p2.lr_max))
+    resume_path(cfg).unlink(missing_ok=True)
     return learn
+
+
+def choose_lr(learn: Learner, phase_cfg) -> float:
+    if not phase_cfg.use_lr_finder:
+        return phase_cfg.base_lr
+    lr = float(learn.lr_find(suggest_funcs=(valley,), show_plot=False).valley)
+    print(f"phase 1: LR finder (valley) -> {lr:.3g}")
+    return lr
+
+
+def fit_stage(learn: Learner, state: ResumeState, phase: int, stage: str, epochs: int, lr, **one_cycle) -> None:
+    """One ``fit_one_cycle`` stage, skipped or resumed as the resume state says."""
+    if epochs == 0 or state.stage_done(phase, stage):
+        return
+    learn.freeze() if stage == "frozen" else learn.unfreeze()
+    save_cb, history_cb = learn.cbs.filter(lambda c: isinstance(c, AtomicSaveModel))[0], learn.history
+    skip = state.restore(learn, phase, stage, save_cb, history_cb)
+    progress = state.progress
+    progress.phase, progress.stage, progress.stage_complete = phase, stage, False
+    callbacks = [SaveProgress(resume_path(learn.cfg), progress, save_cb, history_cb), SkipFinishedEpochs(skip)]
+    learn.fit_one_cycle(epochs, lr, cbs=callbacks, **one_cycle)
 
 
 def make_learner(cfg, model, frame, phase_cfg, phase: int, device) -> Learner:
@@ -63,15 +91,17 @@ def make_learner(cfg, model, frame, phase_cfg, phase: int, device) -> Learner:
     metrics = [MeanAUC(FINDINGS)]
     if getattr(model, "bank", None) is not None:
         metrics += [MemoryValue(monitor, "fill"), MemoryValue(monitor, "moved")]
+    history = HistoryCSV(cfg.run_dir / f"history_phase{phase}.csv")
     callbacks = [
         monitor,
         StopOnNonFiniteLoss(phase),
         AtomicSaveModel(monitor="valid_loss", fname=checkpoint_path(cfg, phase).stem, reset_on_fit=False),
         EarlyStoppingCallback(monitor="valid_loss", patience=phase_cfg.early_stopping_patience),
-        HistoryCSV(cfg.run_dir / f"history_phase{phase}.csv"),
+        history,
     ]
     learn = Learner(dls, model.to(device), loss_func=build_loss(phase_cfg.loss), wd=phase_cfg.weight_decay,
                     metrics=metrics, splitter=splitter, path=cfg.run_dir, model_dir="models", cbs=callbacks)
+    learn.cfg, learn.history = cfg, history
     apply_cuda_fast_paths(learn, cfg.model, device)
     if not sys.stdout.isatty():
         learn.remove_cb(ProgressCallback)
@@ -112,6 +142,10 @@ def print_epoch_line(learn: Learner, phase: int):
 
 def checkpoint_path(cfg, phase: int):
     return cfg.run_dir / "models" / f"{cfg.checkpoint_stem}_phase{phase}.pth"
+
+
+def resume_path(cfg):
+    return cfg.run_dir / "models" / f"{cfg.checkpoint_stem}_resume.pth"
 
 
 def load_checkpoint(model, path) -> None:

@@ -1,0 +1,317 @@
+"""Compare finished runs: one table row per run, the best value of each column marked.
+
+    python -m cxrmem.compare RUN_DIR... [--split test|valid] [--out FILE.md]
+
+Reads each run folder's ``config.yaml`` and ``metrics.json``. The table has
+the columns experiment, backbone, strategy, bank size, top_k, mean AUC,
+95% CI, then one column per finding (AUC to 4 decimals, "n/a" for null).
+
+* It is printed as Markdown on stdout; with ``--out FILE.md`` it is also
+  written to FILE.md, and as CSV to FILE.csv. A grouped bar chart of the AUC
+  per finding goes to FILE.png (``compare.png`` in the working directory
+  without ``--out``).
+* The best value of the mean-AUC column and of every finding column is
+  marked -- bold in Markdown, a trailing ``*`` in CSV. Values are compared as
+  printed (4 decimals), so equal-looking values are all marked; nulls never are.
+* A run without metrics.json (unfinished), without the split, or with another
+  label set than the first usable run is skipped with its reason on stderr.
+  When no run is usable the command prints one line ``error: ...`` on stderr
+  and exits with status 2.
+
+The loading, ranking and formatting functions are pure (no printing) so that
+tests and notebooks can call them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
+
+import yaml
+
+from .errors import UserError
+
+SPLITS = ("test", "valid")
+FIXED_COLUMNS = ("experiment", "backbone", "strategy", "bank size", "top_k", "mean AUC", "95% CI")
+MEAN_COLUMN = FIXED_COLUMNS.index("mean AUC")
+DECIMALS = 4
+NOT_AVAILABLE = "n/a"
+NO_MEMORY = "-"
+
+
+class SkipRun(Exception):
+    """A run folder that cannot be compared; the message is the reason."""
+
+
+@dataclass
+class RunResult:
+    """What the table needs from one run folder, for one split."""
+
+    run_dir: Path
+    experiment: str
+    backbone: str
+    use_memory: bool
+    strategy: Optional[str]
+    bank_size: Optional[int]
+    top_k: Optional[int]
+    mean_auc: Optional[float]
+    mean_ci: Optional[List[float]]
+    per_class: Dict[str, Optional[float]]
+    ci95: Dict[str, Optional[List[float]]]
+
+
+class Table(NamedTuple):
+    """A table of plain-text cells and the (row, column) positions to mark as best."""
+
+    header: List[str]
+    rows: List[List[str]]
+    marks: Set[Tuple[int, int]]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_mapping(path: Path, reader) -> dict:
+    """Parse a YAML/JSON file that must hold a mapping; SkipRun with the reason otherwise."""
+    try:
+        content = reader(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        raise SkipRun(f"cannot read {path.name} ({type(error).__name__})") from error
+    if not isinstance(content, dict):
+        raise SkipRun(f"{path.name} does not hold a mapping")
+    return content
+
+
+def load_run(run_dir, split: str) -> RunResult:
+    """Read one run folder for ``split``; raise :class:`SkipRun` naming why it is unusable."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise SkipRun("not a folder")
+    if not (run_dir / "metrics.json").is_file():
+        raise SkipRun("no metrics.json (unfinished run?)")
+    if not (run_dir / "config.yaml").is_file():
+        raise SkipRun("no config.yaml")
+    metrics = read_mapping(run_dir / "metrics.json", json.loads)
+    config = read_mapping(run_dir / "config.yaml", yaml.safe_load)
+    if split not in metrics:
+        present = ", ".join(sorted(metrics)) or "none"
+        raise SkipRun(f"no {split!r} split in metrics.json (has: {present})")
+    result = metrics[split]
+    if not isinstance(result, dict) or not isinstance(result.get("per_class"), dict):
+        raise SkipRun(f"metrics.json has no per_class AUCs for {split!r}")
+    check_numbers(result)
+    model, memory = config.get("model") or {}, config.get("memory") or {}
+    use_memory = bool(memory.get("use_memory", False))
+    return RunResult(
+        run_dir=run_dir,
+        experiment=str(config.get("experiment_name", run_dir.name)),
+        backbone=str(model.get("backbone", "?")),
+        use_memory=use_memory,
+        strategy=str(memory.get("update_strategy", "?")) if use_memory else None,
+        bank_size=memory.get("bank_size") if use_memory else None,
+        top_k=memory.get("top_k") if use_memory else None,
+        mean_auc=result.get("mean_auc"),
+        mean_ci=result.get("mean_auc_ci95"),
+        per_class=dict(result["per_class"]),
+        ci95=dict(result.get("ci95") or {}),
+    )
+
+
+def is_auc(value) -> bool:
+    """A number (not bool) or None."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def is_interval(value) -> bool:
+    """[lo, hi] of numbers, or None."""
+    return value is None or (isinstance(value, list) and len(value) == 2 and all(map(is_auc, value))
+                             and None not in value)
+
+
+def check_numbers(result: dict) -> None:
+    """SkipRun unless the split's AUCs are numbers/None and its intervals [lo, hi]/None."""
+    aucs = [result.get("mean_auc"), *result["per_class"].values()]
+    intervals = [result.get("mean_auc_ci95"), *(result.get("ci95") or {}).values()]
+    if not all(map(is_auc, aucs)) or not all(map(is_interval, intervals)):
+        raise SkipRun("metrics.json holds values that are not AUCs")
+
+
+def label_difference(reference: Sequence[str], labels: Sequence[str]) -> str:
+    """Describe how ``labels`` differ from ``reference`` ('' when the sets are equal)."""
+    missing = [label for label in reference if label not in labels]
+    extra = [label for label in labels if label not in reference]
+    parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"extra {', '.join(extra)}"] if extra else [])
+    return "; ".join(parts)
+
+
+def load_runs(run_dirs: Sequence, split: str) -> Tuple[List[RunResult], List[Tuple[Path, str]]]:
+    """(usable runs in the given order, [(run_dir, reason)] of the skipped ones).
+
+    The first usable run fixes the label set; a later run whose per_class
+    keys differ is skipped.
+    """
+    runs, skipped = [], []
+    for run_dir in run_dirs:
+        try:
+            run = load_run(run_dir, split)
+            if runs:
+                difference = label_difference(list(runs[0].per_class), list(run.per_class))
+                if difference:
+                    raise SkipRun(f"other label set than {runs[0].run_dir} ({difference})")
+        except SkipRun as reason:
+            skipped.append((Path(run_dir), str(reason)))
+            continue
+        runs.append(run)
+    return runs, skipped
+
+
+# --------------------------------------------------------------------------- ranking and cells
+
+
+def format_value(value: Optional[float]) -> str:
+    """An AUC to 4 decimals, "n/a" for None."""
+    return NOT_AVAILABLE if value is None else f"{value:.{DECIMALS}f}"
+
+
+def format_interval(interval: Optional[Sequence[float]]) -> str:
+    """[lo, hi] as "[0.7012, 0.7544]", "n/a" for None."""
+    if interval is None:
+        return NOT_AVAILABLE
+    return f"[{interval[0]:.{DECIMALS}f}, {interval[1]:.{DECIMALS}f}]"
+
+
+def best_rows(values: Sequence[Optional[float]]) -> Set[int]:
+    """Indices of the highest value, compared as printed (ties all included, None ignored)."""
+    rounded = {i: round(v, DECIMALS) for i, v in enumerate(values) if v is not None}
+    if not rounded:
+        return set()
+    top = max(rounded.values())
+    return {i for i, v in rounded.items() if v == top}
+
+
+def run_names(runs: Sequence[RunResult]) -> List[str]:
+    """Experiment names; a name shared by several runs gets its folder name appended."""
+    names = [run.experiment for run in runs]
+    return [f"{name} ({run.run_dir.name})" if names.count(name) > 1 else name
+            for name, run in zip(names, runs)]
+
+
+def build_table(runs: Sequence[RunResult]) -> Table:
+    """The comparison table of usable runs (same label set, that of the first run)."""
+    labels = list(runs[0].per_class) if runs else []
+    header = [*FIXED_COLUMNS, *labels]
+    rows = []
+    for name, run in zip(run_names(runs), runs):
+        memory = [run.strategy, str(run.bank_size), str(run.top_k)] if run.use_memory else ["none", NO_MEMORY, NO_MEMORY]
+        rows.append([name, run.backbone, *memory, format_value(run.mean_auc), format_interval(run.mean_ci),
+                     *(format_value(run.per_class[label]) for label in labels)])
+    marks = {(row, MEAN_COLUMN) for row in best_rows([run.mean_auc for run in runs])}
+    for offset, label in enumerate(labels):
+        column = len(FIXED_COLUMNS) + offset
+        marks |= {(row, column) for row in best_rows([run.per_class[label] for run in runs])}
+    return Table(header, rows, marks)
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def markdown_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def format_markdown(table: Table, split: str) -> str:
+    """The table as GitHub Markdown under a one-line caption; marked cells in bold."""
+    lines = [f"ROC AUC on the {split} split (best of each column in bold)", "",
+             "| " + " | ".join(markdown_cell(h) for h in table.header) + " |",
+             "|" + "|".join("---" if i < MEAN_COLUMN else "---:" for i in range(len(table.header))) + "|"]
+    for r, row in enumerate(table.rows):
+        cells = [f"**{markdown_cell(c)}**" if (r, i) in table.marks else markdown_cell(c) for i, c in enumerate(row)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_csv(table: Table) -> str:
+    """The table as CSV (header line first); marked cells end with "*"."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(table.header)
+    for r, row in enumerate(table.rows):
+        writer.writerow([f"{c}*" if (r, i) in table.marks else c for i, c in enumerate(row)])
+    return buffer.getvalue()
+
+
+def output_paths(out: Optional[str]) -> Tuple[Optional[Path], Optional[Path], Path]:
+    """(markdown, csv, png) targets: FILE.md, FILE.csv, FILE.png, or (None, None, ./compare.png)."""
+    if out is None:
+        return None, None, Path("compare.png")
+    markdown = Path(out)
+    if markdown.suffix.lower() in (".csv", ".png"):
+        raise UserError(f"--out names the Markdown file (got {out}); pass e.g. --out results.md")
+    return markdown, markdown.with_suffix(".csv"), markdown.with_suffix(".png")
+
+
+def draw_chart(runs: Sequence[RunResult], split: str, path: Path):
+    """The per-finding grouped bar chart (via safe_plot: a failure is a warning). Path or None."""
+    from .plots import plot_auc_bars, safe_plot
+
+    labels = list(runs[0].per_class)
+    values = [[run.per_class[label] for label in labels] for run in runs]
+    intervals = [[run.ci95.get(label) for label in labels] for run in runs]
+    return safe_plot(plot_auc_bars, run_names(runs), labels, values, path,
+                     f"ROC AUC per finding, {split} split", intervals=intervals)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxrmem-compare", description="Compare the AUCs of finished runs.")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (holding metrics.json)")
+    parser.add_argument("--split", choices=SPLITS, default="test", help="split to compare (default: test)")
+    parser.add_argument("--out", metavar="FILE.md",
+                        help="write the table to FILE.md and FILE.csv, the chart to FILE.png "
+                             "(default: print only, chart to ./compare.png)")
+    return parser
+
+
+def compare(run_dirs: Sequence, split: str, out: Optional[str]) -> int:
+    """Load, report skips on stderr, print and write the outputs. Raises UserError if no run is usable."""
+    markdown_path, csv_path, png_path = output_paths(out)
+    runs, skipped = load_runs(run_dirs, split)
+    if not runs:
+        reasons = "; ".join(f"{path}: {reason}" for path, reason in skipped)
+        raise UserError(f"no usable run for the {split} split ({reasons}); pass finished run folders")
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    table = build_table(runs)
+    markdown = format_markdown(table, split)
+    print(markdown, end="")
+    if markdown_path is not None:
+        from .io import write_text
+
+        write_text(markdown_path, markdown)
+        write_text(csv_path, format_csv(table))
+        print(f"wrote {markdown_path} and {csv_path}", file=sys.stderr)
+    if draw_chart(runs, split, png_path) is not None:
+        print(f"wrote {png_path}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``cxrmem-compare``: exit status 0, or 2 with ``error: ...`` on stderr."""
+    args = build_parser().parse_args(None if argv is None else [str(a) for a in argv])
+    try:
+        return compare(args.run_dirs, args.split, args.out)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
