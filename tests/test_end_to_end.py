@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 from fastai.callback.core import Callback
+from PIL import Image
 
 from cxrmem.cli import legacy_main, train_main
 from cxrmem.data.chestxray14 import FINDINGS
@@ -23,15 +24,16 @@ experiment_name: tiny
 model: {backbone: resnet18, pretrained: false}
 memory: {use_memory: %(memory)s, bank_size: 16, top_k: 3, update_strategy: fifo}
 data: {image_size: 32, num_workers: 0, seed: 0, valid_pct: 0.25}
-phase1: {batch_size: 8, use_lr_finder: false, base_lr: 0.001, freeze_epochs: 1, total_epochs: 1}
+phase1: {batch_size: 8, use_lr_finder: %(finder)s, base_lr: 0.001, freeze_epochs: 1, total_epochs: 1}
 phase2: {batch_size: 16, epochs: 1, lr_min: 0.0001, lr_max: 0.001}
 evaluation: {bootstrap_resamples: 50}
 """
 
 
 def write_config(tmp_path, memory=True):
+    """The tiny experiment; the memory variant also runs the LR finder (and draws its plot)."""
     path = tmp_path / f"tiny_{memory}.yaml"
-    path.write_text(TINY % {"memory": str(memory).lower()})
+    path.write_text(TINY % {"memory": str(memory).lower(), "finder": str(memory).lower()})
     return path
 
 
@@ -107,6 +109,10 @@ def test_every_output_is_written_and_valid(memory_run):
                 assert math.isfinite(auc) and 0.0 <= auc <= 1.0
         defined = [a for a in result["per_class"].values() if a is not None]
         assert result["mean_auc"] == pytest.approx(sum(defined) / len(defined))
+    for png in ("lr_find_phase1.png", "loss_phase1.png", "loss_phase2.png", "roc_test.png", "memory.png"):
+        with Image.open(run_dir / png) as image:
+            image.verify()
+            assert image.format == "PNG" and image.size[0] > 100, png
     history = pd.read_csv(run_dir / "history_phase1.csv")
     assert history["stage"].tolist() == ["frozen", "unfrozen"]
     assert {"train_loss", "valid_loss", "valid_auc", "memory_fill", "memory_moved"} <= set(history.columns)
@@ -165,6 +171,7 @@ def test_without_memory(tmp_path, tiny_data, capsys):
     check_run_folder(run_dir)
     state = torch.load(run_dir / "models/tiny_phase2.pth", weights_only=True)
     assert not any(k.startswith("bank.") for k in state)
+    assert not (run_dir / "memory.png").exists() and (run_dir / "roc_test.png").is_file()
     assert "memory_fill" not in pd.read_csv(run_dir / "history_phase1.csv").columns
 
 
@@ -180,8 +187,8 @@ def test_legacy_entry_writes_the_same_layout(tmp_path, tiny_data, capsys, monkey
     assert status == 0, err
     check_run_folder(run_dir, name="demo_synthetic")
     layout = lambda d: sorted(p.relative_to(d).as_posix().replace("demo_synthetic", "tiny")  # noqa: E731
-                              for p in d.rglob("*") if p.is_file())
-    assert layout(run_dir) == layout(memory_run[0])
+                              for p in d.rglob("*") if p.is_file() and p.name != "lr_find_phase1.png")
+    assert layout(run_dir) == layout(memory_run[0])  # the legacy run skips the LR finder
 
 
 def test_legacy_entry_unknown_experiment(monkeypatch, capsys):

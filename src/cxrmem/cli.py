@@ -103,6 +103,7 @@ def run(cfg, args) -> int:
         return 0
 
     from .train.phases import checkpoint_path, load_checkpoint, train
+    from .plots import plot_run
     from .train.predict import predict_splits, write_results
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -119,6 +120,7 @@ def run(cfg, args) -> int:
         io.write_text(cfg.run_dir / "config.yaml", dump_yaml(cfg))
         model = train(cfg, data.frame, device, resume=args.resume).model
     write_results(cfg, predict_splits(cfg, model, data.frame, device))
+    plot_run(cfg.run_dir)
     print(f"\nrun folder: {cfg.run_dir}")
     return 0
 

@@ -25,6 +25,7 @@ from ..data.chestxray14 import FINDINGS, phase_frame
 from ..data.loaders import build_dataloaders
 from ..errors import UserError
 from ..models.net import build_model, splitter
+from ..plots import plot_lr_find, safe_plot
 from .callbacks import AtomicSaveModel, HistoryCSV, MeanAUC, MemoryMomentum, MemoryValue, StopOnNonFiniteLoss
 from .losses import build_loss
 from .resume import ResumeState, SaveProgress, SkipFinishedEpochs
@@ -63,6 +64,7 @@ def choose_lr(learn: Learner, phase_cfg) -> float:
         return phase_cfg.base_lr
     lr = float(learn.lr_find(suggest_funcs=(valley,), show_plot=False).valley)
     print(f"phase 1: LR finder (valley) -> {lr:.3g}")
+    safe_plot(plot_lr_find, learn.recorder.lrs, learn.recorder.losses, lr, learn.cfg.run_dir / "lr_find_phase1.png")
     return lr
 
 

@@ -1,0 +1,99 @@
+"""The classifier: backbone body, optional memory augmentation, MLP head.
+
+::
+
+    z      = pool(body(x))                       # [B, D], global average pooling
+    z'     = z + bank.retrieve(z)                # only with a memory bank
+    logits = head(z')    head = BN1d(D) -> Linear(D, 512) -> ReLU -> Dropout -> Linear(512, C)
+
+In training mode the bank is then updated with the detached batch ``z`` (so a
+sample never retrieves itself from the same step); in eval mode it is only read.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from cxrmem.models.backbones import Backbone, build_backbone, pool_features
+from cxrmem.models.memory import MemoryBank
+
+__all__ = ["CXRNet", "HEAD_HIDDEN", "build_model", "splitter"]
+
+HEAD_HIDDEN = 512
+
+
+def _head(num_features: int, num_classes: int, dropout_rate: float) -> nn.Sequential:
+    return nn.Sequential(
+        nn.BatchNorm1d(num_features),
+        nn.Linear(num_features, HEAD_HIDDEN),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout_rate),
+        nn.Linear(HEAD_HIDDEN, num_classes),
+    )
+
+
+class CXRNet(nn.Module):
+    """Multi-label classifier ``images [B, 3, H, W] -> logits [B, num_classes]``.
+
+    Attributes: ``body`` (the backbone's feature extractor), ``head``, ``bank``
+    (a :class:`MemoryBank` or None).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int = 14,
+        dropout_rate: float = 0.2,
+        bank: MemoryBank | None = None,
+    ):
+        super().__init__()
+        if bank is not None and bank.dim != backbone.num_features:
+            raise ValueError(f"memory bank dim {bank.dim} != backbone features {backbone.num_features}")
+        self.backbone_name = backbone.name
+        self.num_features = backbone.num_features
+        self.body = backbone.body
+        self.head = _head(backbone.num_features, num_classes, dropout_rate)
+        self.bank = bank
+
+    def features(self, images: Tensor) -> Tensor:
+        """``z = pool(body(x))``, ``[B, D]``."""
+        return pool_features(self.body, self.body(images)).flatten(1)
+
+    def forward(self, images: Tensor) -> Tensor:
+        z = self.features(images)
+        if self.bank is None:
+            return self.head(z)
+        augmented = z + self.bank.retrieve(z).to(z.dtype)
+        logits = self.head(augmented)
+        if self.training:
+            probs = logits.detach().float().sigmoid() if self.bank.needs_probs else None
+            self.bank.update(z.detach(), probs=probs)
+        return logits
+
+
+def splitter(model: CXRNet) -> list[list[nn.Parameter]]:
+    """fastai parameter groups: ``[body parameters, head parameters]`` (the bank has none)."""
+    return [list(model.body.parameters()), list(model.head.parameters())]
+
+
+def build_model(model_cfg, memory_cfg=None) -> CXRNet:
+    """A :class:`CXRNet` from config sections.
+
+    ``model_cfg``: backbone, pretrained, weights (path or None), num_classes,
+    dropout_rate. ``memory_cfg``: use_memory plus the :class:`MemoryBank` keys
+    (None or ``use_memory: false`` -> no bank).
+    """
+    backbone = build_backbone(
+        model_cfg.backbone,
+        pretrained=getattr(model_cfg, "pretrained", False),
+        weights=getattr(model_cfg, "weights", None),
+    )
+    bank = None
+    if memory_cfg is not None and getattr(memory_cfg, "use_memory", False):
+        bank = MemoryBank.from_config(backbone.num_features, memory_cfg)
+    return CXRNet(
+        backbone,
+        num_classes=getattr(model_cfg, "num_classes", 14),
+        dropout_rate=getattr(model_cfg, "dropout_rate", 0.2),
+        bank=bank,
+    )

@@ -1,0 +1,131 @@
+"""Every PNG kind ChestX-ray14 users meet (8-bit L, 16-bit I;16, RGB, RGBA) loads as 3-channel uint8.
+
+16-bit values are scaled by the bit depth, round(v * 255 / 65535), never clipped at 255;
+alpha is dropped (not composited). Checked for open_xray, for the one-step training reader
+read_xray, for the DataLoaders of build_dataloaders and for the cache's reader.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from fastai.vision.all import ToTensor, imagenet_stats
+from PIL import Image
+
+from cxrmem.data.cache import read_shrunk
+from cxrmem.data.chestxray14 import FINDINGS
+from cxrmem.data.loaders import build_dataloaders, open_xray, read_xray
+
+SIDE = 16
+
+
+def gradient(top: int, dtype) -> np.ndarray:
+    """SIDE x SIDE values rising evenly from 0 to ``top``."""
+    return np.rint(np.linspace(0, top, SIDE * SIDE)).astype(dtype).reshape(SIDE, SIDE)
+
+
+def scaled16(values: np.ndarray) -> np.ndarray:
+    return np.rint(values.astype(np.float64) * 255.0 / 65535.0).astype(np.uint8)
+
+
+def kinds():
+    """name -> (pixels written, PIL mode expected on reading, expected H x W x 3 uint8)."""
+    rng = np.random.default_rng(0)
+    gray8 = gradient(255, np.uint8)
+    full16, twelve_bit = gradient(65535, np.uint16), gradient(4095, np.uint16)
+    rgb = rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)
+    rgba = np.concatenate([rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8),
+                           rng.integers(0, 256, (SIDE, SIDE, 1), dtype=np.uint8)], axis=2)
+    gray3 = lambda a: np.repeat(a[..., None], 3, axis=2)  # noqa: E731
+    return {
+        "l8": (gray8, "L", gray3(gray8)),
+        "i16_full": (full16, "I;16", gray3(scaled16(full16))),
+        "i16_12bit": (twelve_bit, "I;16", gray3(scaled16(twelve_bit))),
+        "rgb": (rgb, "RGB", rgb),
+        "rgba": (rgba, "RGBA", rgba[..., :3]),
+    }
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    """name -> (path, expected H x W x 3 uint8) for one PNG of each kind."""
+    folder = tmp_path_factory.mktemp("kinds")
+    files = {}
+    for name, (pixels, mode, expected) in kinds().items():
+        path = folder / f"{name}.png"
+        Image.fromarray(pixels).save(path)
+        with Image.open(path) as check:
+            assert check.mode in ({mode, "I"} if mode == "I;16" else {mode}), (name, check.mode)
+        files[name] = (path, expected)
+    return files
+
+
+def test_the_expected_values_really_exceed_8_bits():
+    specs = kinds()
+    assert specs["i16_full"][0].max() == 65535 and specs["i16_full"][2].max() == 255
+    assert specs["i16_12bit"][0].max() == 4095 and specs["i16_12bit"][2].max() == round(4095 * 255 / 65535)
+    assert len(np.unique(specs["i16_full"][2])) > 200  # scaled, not clipped at 255
+    assert not np.array_equal(specs["rgba"][0][..., :3], specs["rgba"][0])
+
+
+@pytest.mark.parametrize("name", list(kinds()))
+def test_open_xray_gives_three_exact_uint8_channels(image_files, name):
+    path, expected = image_files[name]
+    tensor = ToTensor()(open_xray(path))
+    assert tensor.shape == (3, SIDE, SIDE) and tensor.dtype == torch.uint8
+    np.testing.assert_array_equal(tensor.permute(1, 2, 0).numpy(), expected)
+
+
+@pytest.mark.parametrize("name", list(kinds()))
+def test_read_xray_matches_open_xray_and_resizes(image_files, name):
+    path, expected = image_files[name]
+    same = read_xray(path, SIDE)
+    assert same.shape == (3, SIDE, SIDE) and same.dtype == torch.uint8 and same.is_contiguous()
+    np.testing.assert_array_equal(same.permute(1, 2, 0).numpy(), expected)
+    small = read_xray(path, SIDE // 2)
+    assert small.shape == (3, SIDE // 2, SIDE // 2) and small.dtype == torch.uint8
+    if name != "rgb" and name != "rgba":  # grayscale stays grayscale
+        assert torch.equal(small[0], small[1]) and torch.equal(small[1], small[2])
+
+
+@pytest.mark.parametrize("name", list(kinds()))
+def test_the_cache_reader_keeps_grayscale_gray_and_scales_16_bit(image_files, name):
+    path, expected = image_files[name]
+    image = read_shrunk(path, SIDE)
+    assert image.mode == ("RGB" if name in ("rgb", "rgba") else "L")
+    stored = np.asarray(image)
+    np.testing.assert_array_equal(stored if stored.ndim == 3 else np.repeat(stored[..., None], 3, 2), expected)
+    assert read_shrunk(path, SIDE // 2).size == (SIDE // 2, SIDE // 2)
+
+
+def test_a_grayscale_jpeg_is_read_at_reduced_scale(tmp_path):
+    path = tmp_path / "big.jpg"
+    Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (256, 1))).save(path, quality=95)
+    assert read_xray(path, 32).shape == (3, 32, 32)
+    assert read_shrunk(path, 32).size == (32, 32)
+
+
+def test_the_dataloaders_deliver_every_kind(image_files):
+    names = list(image_files)
+    rows = [dict(image_index=f"{n}.png", patient_id=str(i), path=str(image_files[n][0]), is_valid=valid)
+            for valid in (False, True) for i, n in enumerate(names)]
+    frame = pd.DataFrame(rows)
+    for j, finding in enumerate(FINDINGS):
+        frame[finding] = [(i + j) % 2 for i in range(len(frame))]
+    cfg = SimpleNamespace(image_size=SIDE, augment=False, num_workers=0)
+    dls = build_dataloaders(frame, cfg, batch_size=len(names), device=torch.device("cpu"))
+    images, labels = dls.valid.one_batch()  # valid keeps the frame order
+    assert images.shape == (len(names), 3, SIDE, SIDE) and labels.shape == (len(names), len(FINDINGS))
+    mean, std = (torch.tensor(s).view(1, 3, 1, 1) for s in imagenet_stats)
+    pixels = (images.float().cpu() * std + mean) * 255  # undo IntToFloatTensor and Normalize
+    assert torch.allclose(pixels, pixels.round(), atol=1e-2)
+    for k, name in enumerate(names):
+        np.testing.assert_array_equal(pixels[k].round().to(torch.uint8).permute(1, 2, 0).numpy(),
+                                      image_files[name][1], err_msg=name)
+    np.testing.assert_array_equal(labels.cpu().numpy(), frame.loc[frame["is_valid"], FINDINGS].to_numpy())
+    train_images, _ = dls.train.one_batch()
+    assert train_images.shape == (len(names), 3, SIDE, SIDE)
