@@ -21,11 +21,11 @@ def reference_retrieve(memory, filled, query, mode, top_k, self_match_threshold)
     normalise_query = mode in ("both", "query_only")
     normalise_slots = mode in ("both", "memory_only")
     slots = memory[:filled]
+    m_side = slots / slots.norm(dim=1, keepdim=True) if normalise_slots else slots
     rows = []
     for q in query:
         q_side = q / q.norm() if normalise_query else q
-        m_side = slots / slots.norm(dim=1, keepdim=True) if normalise_slots else slots
-        similarities = (m_side * q_side).sum(dim=1)
+        similarities = m_side @ q_side
         allowed = torch.nonzero(similarities < self_match_threshold).flatten()
         k = min(top_k, len(allowed))
         if k == 0:
@@ -275,7 +275,7 @@ def full_bank(momentum, strategy="diversity", seed=0):
     return bank, g
 
 
-@pytest.mark.parametrize("strategy", ["diversity", "hybrid", "rarity"])
+@pytest.mark.parametrize("strategy", ["diversity", "rarity"])
 def test_momentum_governs_how_fast_the_content_moves(strategy):
     changes = {}
     for momentum in (0.9999, 0.9):

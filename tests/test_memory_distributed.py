@@ -34,7 +34,8 @@ def local_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def new_bank(strategy: str) -> MemoryBank:
-    return MemoryBank(DIM, bank_size=BANK_SIZE, update_strategy=strategy, rarity_threshold=0.4, memory_momentum=0.8, seed=5)
+    return MemoryBank(DIM, bank_size=BANK_SIZE, update_strategy=strategy, rarity_threshold=0.4,
+                      memory_momentum=0.8, seed=5)
 
 
 def worker(rank: int, world: int, port: int, out: Path) -> None:

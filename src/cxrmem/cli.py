@@ -117,6 +117,7 @@ def run(cfg, args) -> int:
         load_checkpoint(model, path)
     else:
         protect_run_folder(cfg, args.overwrite, args.resume)
+        io.remove_stale_temporaries(cfg.run_dir)
         io.write_text(cfg.run_dir / "config.yaml", dump_yaml(cfg))
         model = train(cfg, data.frame, device, resume=args.resume).model
     write_results(cfg, predict_splits(cfg, model, data.frame, device))
@@ -136,7 +137,8 @@ def guarded(main):
         except UserError as exc:
             if debug:
                 raise
-            print(f"error: {exc}", file=sys.stderr)
+            # fastai prefixes errors raised inside callbacks with a line of its own: keep ours
+            print(f"error: {str(exc).splitlines()[-1].strip()}", file=sys.stderr)
             return exc.exit_code
         except KeyboardInterrupt:
             print("\ninterrupted: the last finished epoch is saved; run the same command with --resume "

@@ -34,6 +34,14 @@ def atomic_path(target):
             os.unlink(tmp)
 
 
+def remove_stale_temporaries(folder) -> list[Path]:
+    """Delete the temporary files a killed process left behind under ``folder`` (their targets are intact)."""
+    stale = [p for p in Path(folder).rglob(".*.tmp") if p.is_file()] if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink()
+    return stale
+
+
 def write_text(target, text: str) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(text)

@@ -118,19 +118,25 @@ def _create_torchvision(name: str, constructor: Callable, weights, pretrained: b
         ) from error
 
 
-def _torchvision(constructor: Callable, weights, cut: Callable, name: str) -> _Source:
-    return _Source(name, partial(_create_torchvision, name, constructor, weights), partial(cut, name))
+def _torchvision(constructor: Callable, weights_enum, cut: Callable) -> Callable[[str], _Source]:
+    """Registry entry for a torchvision model (its ImageNet weights: ``weights_enum.DEFAULT``)."""
+
+    def source(name: str) -> _Source:
+        create = partial(_create_torchvision, name, constructor, weights_enum.DEFAULT)
+        return _Source(name, create, partial(cut, name))
+
+    return source
 
 
 #: backbone name -> builder of its source. Add a backbone with one line.
 BACKBONES: dict[str, Callable[[str], _Source]] = {
-    "efficientnet_v2_s": partial(_torchvision, tvm.efficientnet_v2_s, tvm.EfficientNet_V2_S_Weights.DEFAULT, _efficientnet_body),
-    "efficientnet_v2_m": partial(_torchvision, tvm.efficientnet_v2_m, tvm.EfficientNet_V2_M_Weights.DEFAULT, _efficientnet_body),
-    "efficientnet_v2_l": partial(_torchvision, tvm.efficientnet_v2_l, tvm.EfficientNet_V2_L_Weights.DEFAULT, _efficientnet_body),
-    "resnet18": partial(_torchvision, tvm.resnet18, tvm.ResNet18_Weights.DEFAULT, _resnet_body),
-    "resnet34": partial(_torchvision, tvm.resnet34, tvm.ResNet34_Weights.DEFAULT, _resnet_body),
-    "resnet50": partial(_torchvision, tvm.resnet50, tvm.ResNet50_Weights.DEFAULT, _resnet_body),
-    "densenet121": partial(_torchvision, tvm.densenet121, tvm.DenseNet121_Weights.DEFAULT, _densenet_body),
+    "efficientnet_v2_s": _torchvision(tvm.efficientnet_v2_s, tvm.EfficientNet_V2_S_Weights, _efficientnet_body),
+    "efficientnet_v2_m": _torchvision(tvm.efficientnet_v2_m, tvm.EfficientNet_V2_M_Weights, _efficientnet_body),
+    "efficientnet_v2_l": _torchvision(tvm.efficientnet_v2_l, tvm.EfficientNet_V2_L_Weights, _efficientnet_body),
+    "resnet18": _torchvision(tvm.resnet18, tvm.ResNet18_Weights, _resnet_body),
+    "resnet34": _torchvision(tvm.resnet34, tvm.ResNet34_Weights, _resnet_body),
+    "resnet50": _torchvision(tvm.resnet50, tvm.ResNet50_Weights, _resnet_body),
+    "densenet121": _torchvision(tvm.densenet121, tvm.DenseNet121_Weights, _densenet_body),
 }
 
 
@@ -217,8 +223,9 @@ def _timm_source(name: str) -> _Source:
 
     model_name = name[len(TIMM_PREFIX) :]
     if not timm.is_model(model_name):
+        closest = TIMM_PREFIX + _closest(model_name, timm.list_models())
         raise UserError(
-            f"model.backbone: unknown timm model {model_name!r} (did you mean {TIMM_PREFIX}{_closest(model_name, timm.list_models())}?); "
+            f"model.backbone: unknown timm model {model_name!r} (did you mean {closest}?); "
             "see timm.list_models() for the names"
         )
     return _Source(name, partial(_create_timm, name, model_name), partial(_timm_body, name))
@@ -263,7 +270,9 @@ def _read_state_dict(path: Path) -> dict:
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict):
-        raise UserError(f"model.weights: {path} holds a {type(state).__name__}, not a state dict; save model.state_dict()")
+        raise UserError(
+            f"model.weights: {path} holds a {type(state).__name__}, not a state dict; save model.state_dict()"
+        )
     return state
 
 

@@ -32,11 +32,13 @@ then (bank full) replace or merge according to the strategy's write mode:
   (cosine); with ``n_j`` features assigned to slot ``j`` and ``mean_j`` their
   mean, ``m_j <- momentum**n_j * m_j + (1 - momentum**n_j) * mean_j``.
 
-Cost: one ``[B, D] x [D, S]`` product per retrieval (no gradient through it:
-only the k chosen similarities are recomputed with gradient). In training
-mode under 'both', retrieval also records each query's closest slot and its
-cosine, and the following update of the same features with the bank
-unchanged reuses them instead of a second product.
+Cost: one ``[B, D] x [D, S]`` product per retrieval, without autograd; the
+gradient to the query is written by hand over the k chosen slots only
+(:class:`_AttendToNeighbours`), so the backward pass never touches ``[B, S]``.
+In training mode under 'both', retrieval also records each query's norm and
+closest slot, and the update of the same features that follows (bank
+unchanged) reuses them instead of a second product. The slots' inverse norms
+are cached and kept in step by the writers.
 """
 
 from __future__ import annotations
@@ -45,12 +47,10 @@ import difflib
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import NamedTuple
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cxrmem.errors import UserError
@@ -272,9 +272,7 @@ def _all_gather_rows(rows: Tensor) -> Tensor:
 
 
 def _gather_batch(features: Tensor, probs: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """Under torch.distributed (world > 1): the whole global batch, identical on every rank."""
-    if _distributed_world_size() == 1:
-        return features, probs
+    """The global batch of all ranks (one collective for features and probabilities together)."""
     if probs is None:
         return _all_gather_rows(features), None
     both = _all_gather_rows(torch.cat([features, probs], dim=1))
@@ -351,6 +349,8 @@ class MemoryBank(nn.Module):
     training loop sets it per phase. Reservoir draws come from a CPU
     ``torch.Generator`` owned by the module and seeded with ``seed`` (so every
     rank draws the same numbers); its state is not part of the checkpoint.
+    Besides the buffers the module keeps only derived, self-validating caches
+    (slot norms, whether the bank is full, the last retrieval's record).
     """
 
     def __init__(

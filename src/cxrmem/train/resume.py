@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import torch
 from fastai.callback.core import Callback, CancelEpochException
 from fastcore.foundation import L
 
@@ -108,11 +109,16 @@ class SaveProgress(Callback):
     def _write(self):
         p = self.progress
         p.best = float(self.save_cb.best) if self.save_cb.best is not None else None
-        p.history = [list(row) for row in self.history_cb.rows]
+        p.history = [[_plain(cell) for cell in row] for row in self.history_cb.rows]
         opt = self.learn.opt.state_dict()
-        io.torch_save({"model": self.learn.model.state_dict(),
-                       "opt": {"state": list(opt["state"]), "hypers": [dict(h) for h in opt["hypers"]]},
+        hypers = [{k: _plain(v) for k, v in h.items()} for h in opt["hypers"]]
+        io.torch_save({"model": self.learn.model.state_dict(), "opt": {"state": list(opt["state"]), "hypers": hypers},
                        "progress": asdict(p)}, self.path)
+
+
+def _plain(value):
+    """numpy scalars -> Python numbers, so the file loads with ``weights_only=True``."""
+    return value.item() if hasattr(value, "item") and not isinstance(value, torch.Tensor) else value
 
 
 class SkipFinishedEpochs(Callback):

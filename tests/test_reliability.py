@@ -1,0 +1,268 @@
+"""Bad input is one clear line and exit 2 with the run folder untouched; runs resume after a kill;
+checkpoint writes are atomic; a non-finite loss stops cleanly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from cxrmem import io
+from cxrmem.cli import train_main
+from cxrmem.train import phases
+
+from conftest import EXPERIMENTS, ROOT, run_cli
+
+TINY = """
+experiment_name: tiny
+model: {backbone: resnet18, pretrained: false}
+memory: {bank_size: 16, top_k: 3, update_strategy: fifo}
+data: {image_size: 32, num_workers: 0, seed: 0, valid_pct: 0.25}
+phase1: {batch_size: 8, use_lr_finder: false, base_lr: 0.001, freeze_epochs: %(freeze)d, total_epochs: %(total)d,
+         early_stopping_patience: 20}
+phase2: {batch_size: 16, epochs: %(epochs2)d, lr_min: 0.0001, lr_max: 0.001, early_stopping_patience: 20}
+evaluation: {bootstrap_resamples: 20}
+"""
+
+
+def tiny_config(tmp_path, freeze=1, total=1, epochs2=1, name="tiny.yaml"):
+    path = tmp_path / name
+    path.write_text(TINY % {"freeze": freeze, "total": total, "epochs2": epochs2})
+    return path
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_data):
+    """A finished tiny run whose folder the error tests must leave untouched."""
+    tmp = tmp_path_factory.mktemp("finished")
+    config = tiny_config(tmp)
+    run_dir = tmp / "run"
+    assert train_main(["--config", str(config), "--data_dir", str(tiny_data), "--output_dir", str(run_dir)]) == 0
+    return config, run_dir
+
+
+def expect_one_line_error(capsys, argv, fragment, folder=None):
+    before = snapshot(folder) if folder else None
+    status, _, err = run_cli(train_main, argv, capsys)
+    assert status == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert fragment in err, err
+    if folder:
+        assert snapshot(folder) == before
+    return err
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_config_file_missing(capsys, tmp_path):
+    expect_one_line_error(capsys, ["--config", tmp_path / "absent.yaml"], "not found")
+
+
+def test_yaml_syntax_error(capsys, tmp_path, finished_run):
+    _, run_dir = finished_run
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  backbone: [resnet18\n")
+    expect_one_line_error(capsys, ["--config", bad, "--output_dir", run_dir], "YAML syntax error", run_dir)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("memory.bank_sise=3", "did you mean bank_size?"),
+    ("memory.bank_size=many", "memory.bank_size: expected an integer"),
+    ("phase2.memory_momentum=1.5", "out of range"),
+    ("memory.top_k=99", "larger than memory.bank_size"),
+])
+def test_config_mistakes(capsys, finished_run, tiny_data, override, fragment):
+    config, run_dir = finished_run
+    expect_one_line_error(capsys, ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir,
+                                   "--set", override], fragment, run_dir)
+
+
+def test_data_dir_missing(capsys, finished_run, tmp_path):
+    config, run_dir = finished_run
+    expect_one_line_error(capsys, ["--config", config, "--data_dir", tmp_path / "nowhere", "--output_dir", run_dir],
+                          "does not exist", run_dir)
+
+
+def test_csv_missing_columns(capsys, finished_run, data_copy):
+    config, run_dir = finished_run
+    csv_path = data_copy / "Data_Entry_2017.csv"
+    csv_path.write_text(csv_path.read_text().replace("Finding Labels", "Findings"))
+    expect_one_line_error(capsys, ["--config", config, "--data_dir", data_copy, "--output_dir", run_dir],
+                          "missing required column(s) Finding Labels", run_dir)
+
+
+def test_finding_outside_the_14(capsys, finished_run, data_copy):
+    config, run_dir = finished_run
+    csv_path = data_copy / "Data_Entry_2017.csv"
+    csv_path.write_text(csv_path.read_text().replace("No Finding", "Normal", 1))
+    expect_one_line_error(capsys, ["--config", config, "--data_dir", data_copy, "--output_dir", run_dir],
+                          "unknown finding label(s) 'Normal'", run_dir)
+
+
+def test_images_missing_on_disk(capsys, finished_run, data_copy):
+    config, run_dir = finished_run
+    next(data_copy.glob("images_*/images/*.png")).unlink()
+    expect_one_line_error(capsys, ["--config", config, "--data_dir", data_copy, "--output_dir", run_dir],
+                          "1 of", run_dir)
+
+
+def test_damaged_images_are_all_listed_before_training(capsys, tiny_data, data_copy, tmp_path):
+    config = tiny_config(tmp_path)
+    images = sorted(data_copy.glob("images_*/images/*.png"))
+    images[0].write_bytes(b"")
+    images[1].write_bytes(images[1].read_bytes()[: 100])
+    images[2].write_bytes(b"garbage" * 20)
+    run_dir = tmp_path / "run"
+    expect_one_line_error(capsys, ["--config", config, "--data_dir", data_copy, "--output_dir", run_dir],
+                          "3 image file(s) are empty, truncated or unreadable")
+    listed = (run_dir / "damaged_images.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0] for line in listed) == sorted(str(p) for p in images[:3])
+    assert not (run_dir / "models").exists()  # training never started
+
+
+def test_model_path_missing(capsys, finished_run, tiny_data, tmp_path):
+    config, run_dir = finished_run
+    expect_one_line_error(capsys, ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir,
+                                   "--evaluate", "--model_path", tmp_path / "none.pth"], "not found", run_dir)
+
+
+@pytest.mark.parametrize("override", ["model.backbone=resnet34", "model.num_classes=5", "memory.bank_size=32"])
+def test_checkpoint_of_another_model(capsys, finished_run, tiny_data, override):
+    config, run_dir = finished_run
+    expect_one_line_error(capsys, ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir,
+                                   "--set", override, "--evaluate",
+                                   "--model_path", run_dir / "models/tiny_phase2.pth"],
+                          "does not match this model", run_dir)
+
+
+def test_pretrained_weights_not_available_offline(capsys, finished_run, tiny_data, tmp_path, monkeypatch):
+    config, run_dir = finished_run
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf"))
+    expect_one_line_error(capsys, ["--config", config, "--data_dir", tiny_data, "--output_dir", tmp_path / "new",
+                                   "--set", "model.pretrained=true"], "model.pretrained: false")
+
+
+def test_finished_run_of_another_config_is_not_overwritten(capsys, finished_run, tiny_data):
+    config, run_dir = finished_run
+    expect_one_line_error(capsys, ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir,
+                                   "--set", "memory.top_k=2"], "--overwrite", run_dir)
+
+
+def test_resume_with_nothing_to_resume(capsys, finished_run, tiny_data):
+    config, run_dir = finished_run
+    expect_one_line_error(capsys, ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir,
+                                   "--resume"], "nothing to resume", run_dir)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(Exception, match="not found"):
+        train_main(["--config", str(tmp_path / "absent.yaml"), "--debug"])
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
+    target = tmp_path / "models" / "best.pth"
+    io.torch_save({"w": torch.ones(3)}, target)
+
+    def dies_halfway(obj, path, *args, **kwargs):
+        with open(path, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        io.torch_save({"w": torch.zeros(3)}, target)
+    monkeypatch.undo()
+    assert torch.equal(io.torch_load(target)["w"], torch.ones(3))
+    assert [p.name for p in target.parent.iterdir()] == ["best.pth"]
+
+
+# --------------------------------------------------------------------------- non-finite loss
+
+
+def test_non_finite_loss_stops_with_phase_epoch_batch_and_keeps_the_best(capsys, tiny_data, tmp_path, monkeypatch):
+    make_learner = phases.make_learner
+
+    def poisoned(cfg, model, frame, phase_cfg, phase, device):
+        learn = make_learner(cfg, model, frame, phase_cfg, phase, device)
+        clean, calls = learn.loss_func, {"n": 0}
+
+        def loss(pred, target):
+            value = clean(pred, target)
+            if learn.training and learn.epoch == 1:
+                calls["n"] += 1
+                if calls["n"] == 2:
+                    return value * float("nan")
+            return value
+
+        learn.loss_func = loss
+        return learn
+
+    monkeypatch.setattr(phases, "make_learner", poisoned)
+    run_dir = tmp_path / "run"
+    status, _, err = run_cli(train_main, ["--config", tiny_config(tmp_path, freeze=1, total=2), "--data_dir",
+                                          tiny_data, "--output_dir", run_dir], capsys)
+    assert status == 2 and err.count("\n") == 1
+    assert "non-finite in phase 1, epoch 1, batch 1" in err
+    best = run_dir / "models/tiny_phase1.pth"
+    state = io.torch_load(best)  # written in epoch 0, intact and loadable
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert not list(run_dir.rglob("*.tmp"))
+
+
+# --------------------------------------------------------------------------- kill and resume
+
+
+def rows(path):
+    return len(pd.read_csv(path)) if path.is_file() else 0
+
+
+def kill_when(argv, ready, timeout=300):
+    """Start train.py, SIGKILL it as soon as ``ready()`` holds, return the exit status."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, argv)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    return proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", [1, 2])
+def test_sigkill_then_resume_completes_the_run(tmp_path, tiny_data, phase):
+    config = tiny_config(tmp_path, freeze=1, total=2, epochs2=3)
+    run_dir = tmp_path / "run"
+    argv = ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir]
+    history = run_dir / f"history_phase{phase}.csv"
+    assert kill_when(argv, lambda: rows(history) >= 2) == -signal.SIGKILL
+    assert not (run_dir / "metrics.json").exists()
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, argv), "--resume"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert rows(run_dir / "history_phase1.csv") == 3 and rows(run_dir / "history_phase2.csv") == 3
+    for rel in ("config.yaml", "models/tiny_phase1.pth", "models/tiny_phase2.pth", "tiny_predictions.pt",
+                "metrics.json", "roc_test.png", "memory.png"):
+        assert (run_dir / rel).is_file(), rel
+    assert not (run_dir / "models/tiny_resume.pth").exists() and not list(run_dir.rglob("*.tmp"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test"]["mean_auc"] is not None
+    io.torch_load(run_dir / "models/tiny_phase2.pth")
