@@ -363,3 +363,29 @@ def test_load_predictions_errors_are_user_errors(tmp_path):
     torch.save({"probs": torch.zeros(1)}, other)
     with pytest.raises(UserError, match="missing targets"):
         load_predictions(other)
+
+
+def test_mean_interval_survives_a_class_with_a_single_positive():
+    """A rare class with one positive is undefined in about a third of the resamples; the mean's
+    interval must still come from (nearly) all resamples and bracket the point estimate."""
+    rng = np.random.default_rng(5)
+    n = 300
+    targets = (rng.random((n, 3)) < 0.3).astype(float)
+    targets[:, 2] = 0.0
+    targets[7, 2] = 1.0
+    probs = np.clip(targets * 0.3 + rng.random((n, 3)) * 0.7, 0, 1)
+    result = evaluate_split(probs, targets, ["a", "b", "rare"], n_resamples=400, seed=1)
+    lo, hi = result["mean_auc_ci95"]
+    assert lo < result["mean_auc"] < hi
+    assert hi - lo > 0.01
+
+
+def test_mean_samples_leave_out_only_the_undefined_classes():
+    from cxrmem.evaluate import mean_auc_samples
+
+    samples = np.array([[0.8, 0.6, np.nan], [0.7, np.nan, np.nan], [np.nan, np.nan, np.nan], [0.9, 0.5, 0.4]])
+    scored = np.array([True, True, True])
+    means = mean_auc_samples(samples, scored)
+    assert means[0] == pytest.approx(0.7) and means[1] == pytest.approx(0.7)
+    assert np.isnan(means[2]) and means[3] == pytest.approx(0.6)
+    assert np.isnan(mean_auc_samples(samples, np.array([False, False, False]))).all()

@@ -231,12 +231,17 @@ def percentile_interval(values: np.ndarray, level: float) -> Interval:
 def mean_auc_samples(samples: np.ndarray, scored: np.ndarray) -> np.ndarray:
     """Mean AUC per resample over the ``scored`` classes (bool [C]: defined on the full split).
 
-    A resample in which one of those classes is undefined is NaN (skipped), so
-    every mean averages the same set of classes as the point estimate.
+    A class a resample leaves undefined (its few positives all left out) is left out of
+    that resample's mean, as the point estimate leaves out undefined classes; a resample
+    defining none of them is NaN (skipped). Requiring every class in every resample
+    would keep almost no resample when a rare class has one or two positives.
     """
-    if not scored.any():
-        return np.full(samples.shape[0], np.nan)
-    return samples[:, scored].mean(axis=1)
+    chosen = samples[:, scored]
+    defined = np.isfinite(chosen)
+    counts = defined.sum(axis=1)
+    totals = np.where(defined, chosen, 0.0).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, totals / np.maximum(counts, 1), np.nan)
 
 
 def bootstrap_ci(probs, targets, labels: Sequence[str], n_resamples: int = 1000,
