@@ -134,3 +134,9 @@ def test_schema_lists_every_key_with_a_doc():
     keys = {key: doc for key, _, doc, _ in iter_schema()}
     assert "memory.bank_size" in keys and "phase2.memory_momentum" in keys and "data.synthetic.n_patients" in keys
     assert all(doc for doc in keys.values())
+
+
+def test_every_schema_key_is_in_the_configuration_reference():
+    reference = (EXPERIMENTS.parents[1] / "docs" / "configuration.md").read_text()
+    undocumented = [key for key, *_ in iter_schema() if f"| `{key}` |" not in reference]
+    assert not undocumented, f"add these keys to docs/configuration.md: {undocumented}"

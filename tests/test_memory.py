@@ -13,11 +13,12 @@ MODES = list(NORMALIZE_MODES)
 
 # A self-match threshold per mode that excludes some, not all, slots of random
 # data (similarities are in different units under each mode).
-THRESHOLD_FOR_MODE = {"both": 0.6, "query_only": 1.5, "memory_only": 1.5, "none": 3.0}
+THRESHOLD_FOR_MODE = {"both": 0.6, "query_only": 0.5, "memory_only": 0.5, "none": 0.4}
 
 
 def reference_retrieve(memory, filled, query, mode, top_k, self_match_threshold):
-    """Per-sample loop: filter out self-matches, top-k of the rest, softmax-weighted sum of the slots."""
+    """Per-sample loop: filter out self-matches (cosine >= threshold, whatever the mode), top-k of the
+    rest by the mode's similarity, softmax-weighted sum of the slots."""
     normalise_query = mode in ("both", "query_only")
     normalise_slots = mode in ("both", "memory_only")
     slots = memory[:filled]
@@ -26,7 +27,8 @@ def reference_retrieve(memory, filled, query, mode, top_k, self_match_threshold)
     for q in query:
         q_side = q / q.norm() if normalise_query else q
         similarities = m_side @ q_side
-        allowed = torch.nonzero(similarities < self_match_threshold).flatten()
+        cosine = (slots / slots.norm(dim=1, keepdim=True)) @ (q / q.norm())
+        allowed = torch.nonzero(cosine < self_match_threshold).flatten()
         k = min(top_k, len(allowed))
         if k == 0:
             rows.append(q * 0)

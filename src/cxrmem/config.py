@@ -108,7 +108,7 @@ class DataConfig:
     num_workers: int | str = opt("auto", "DataLoader worker processes: auto or a number", lo=0, kind="auto_int")
     missing_images: str = opt("error", "images listed in the CSV but absent on disk: error or drop",
                               choices=("error", "drop"))
-    augment: bool = opt(True, "random flips of a few degrees, zoom and lighting on the training batches")
+    augment: bool = opt(True, "small random rotations, zoom and lighting changes on training batches (no flips)")
     synthetic: SyntheticConfig | None = section(
         SyntheticConfig, "generate a synthetic data set at data_dir on first use", optional=True)
     cache: CacheConfig | None = section(CacheConfig, "train from a pre-resized copy of the data set", optional=True)

@@ -145,6 +145,7 @@ def build_dataloaders(frame, data_cfg, batch_size: int, device: torch.device):
         splitter=ColSplitter("is_valid"),
         batch_tfms=batch_transforms(data_cfg.augment),
     )
+    block.item_tfms = []  # the blocks' default ToTensor: items are tensors already
     return block.dataloaders(frame, bs=batch_size, num_workers=workers, device=device,
                              pin_memory=on_cuda, persistent_workers=workers > 0)
 

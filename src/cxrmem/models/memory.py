@@ -8,7 +8,7 @@ bank stays full).
 Retrieval (:meth:`MemoryBank.retrieve`), for every query ``q``::
 
     s_j   = sim(q, m_j)                      over the valid slots j
-    E     = { j : s_j >= self_match_threshold }          (excluded: "self matches")
+    E     = { j : cos(q, m_j) >= self_match_threshold }  (excluded: "self matches", cosine in every mode)
     N     = the k = min(top_k, S) largest s_j with j not in E (fewer if fewer remain)
     w_j   = exp(s_j) / sum_{i in N} exp(s_i)   for j in N
     r(q)  = sum_{j in N} w_j * m_j           (zero when N is empty)
@@ -17,8 +17,9 @@ Retrieval (:meth:`MemoryBank.retrieve`), for every query ``q``::
 'query_only' -> ``q.m / |q|``, 'memory_only' -> ``q.m / |m|``, 'none' -> ``q.m``.
 The normalisation only concerns the similarity: the vectors summed are the
 stored, unnormalised slots ``m_j``, so ``z + r(z)`` stays on the scale of ``z``.
-Note that the self-match threshold is compared with ``sim`` itself, so under
-'none' or a one-sided mode it is a threshold in those (unbounded) units.
+The self-match test always uses the cosine, so ``self_match_threshold`` means
+"a near-duplicate of the query" in every mode (under 'none' a raw-dot-product
+threshold would exclude almost every slot of non-negative features).
 
 Update (:meth:`MemoryBank.update`): a strategy from :data:`STRATEGIES` selects
 features of the batch; selected features first fill the free slots in order,
@@ -527,21 +528,36 @@ class MemoryBank(nn.Module):
         with torch.autocast(device_type=query.device.type, enabled=False):
             query32 = query.float()
             with torch.no_grad():
-                norms = torch.linalg.vector_norm(query32, dim=1) if normalise_query else None
-                query_scale = norms.clamp_min(1e-12).reciprocal().unsqueeze(1) if normalise_query else None
+                norms = torch.linalg.vector_norm(query32, dim=1)
+                inverse_query_norms = norms.clamp_min(1e-12).reciprocal().unsqueeze(1)
+                query_scale = inverse_query_norms if normalise_query else None
                 inverse_slot_norms = self._inverse_slot_norms() if normalise_slots else None
                 scores = self._scores(query32, inverse_slot_norms)
-                self._record(query, norms, scores, query_scale)
+                self._record(query, norms if normalise_query else None, scores, query_scale)
+                self._exclude_self_matches(scores, inverse_query_norms, None if normalise_slots else
+                                           self._inverse_slot_norms())
                 similarities, slots, valid, shift = self._top_k_allowed(scores, query_scale)
                 neighbours = self.memory.index_select(0, slots.flatten()).view(*slots.shape, self.dim)
                 slot_scale = inverse_slot_norms[slots] if normalise_slots else None
             return _AttendToNeighbours.apply(query32, similarities, query_scale, neighbours, slot_scale, valid, shift)
 
+    def _exclude_self_matches(self, scores: Tensor, inverse_query_norms: Tensor,
+                              missing_slot_scale: Tensor | None) -> None:
+        """Mask (in place, -inf) the slots whose *cosine* similarity to the query is >= self_match_threshold.
+
+        The test is on the cosine in every normalisation mode, so the threshold keeps one meaning
+        (a near-duplicate of the query) whatever similarity ranks the neighbours. ``scores`` already
+        carries the slots' inverse norms unless ``missing_slot_scale`` supplies them.
+        """
+        threshold = self.self_match_threshold / inverse_query_norms
+        if missing_slot_scale is None:
+            scores.masked_fill_(scores >= threshold, float("-inf"))
+        else:
+            scores.masked_fill_(scores * missing_slot_scale >= threshold, float("-inf"))
+
     def _top_k_allowed(self, scores: Tensor, row_scale: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Top-k similarities ``s = row_scale * scores`` ``[B, k]`` after excluding ``s >= self_match_threshold``
-        (in place), their slots, their validity (False where fewer than k slots remain) and a softmax shift."""
-        threshold = self.self_match_threshold if row_scale is None else self.self_match_threshold / row_scale
-        scores.masked_fill_(scores >= threshold, float("-inf"))
+        """Top-k similarities ``s = row_scale * scores`` ``[B, k]`` among the slots not masked,
+        their slots, their validity (False where fewer than k slots remain) and a softmax shift."""
         best, slots = scores.topk(min(self.top_k, self.bank_size), dim=1)
         if row_scale is not None:
             best = best * row_scale
