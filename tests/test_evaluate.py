@@ -10,6 +10,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from cxrmem.errors import UserError
+from cxrmem.io import atomic_path
 from cxrmem.evaluate import (
     bootstrap_auc_samples,
     bootstrap_ci,
@@ -24,7 +25,6 @@ from cxrmem.evaluate import (
     save_predictions,
     unit_counts,
     weighted_auc,
-    write_atomic,
     write_json_atomic,
 )
 
@@ -317,7 +317,8 @@ def test_interrupted_write_leaves_old_file_and_no_temp_file(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        write_atomic(path, fail_half_way)
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            fail_half_way(handle)
     assert path.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["preds.pt"]
 

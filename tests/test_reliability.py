@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from cxrmem import io
 from cxrmem.cli import train_main
 from cxrmem.train import phases
 
-from conftest import EXPERIMENTS, ROOT, run_cli
+from conftest import ROOT, run_cli
 
 TINY = """
 experiment_name: tiny

@@ -316,7 +316,6 @@ def standardised_thumbnail(labels, index: int) -> np.ndarray:
 
 @pytest.mark.parametrize("finding", ["Effusion", "Mass", "Atelectasis", "Consolidation"])
 def test_frequent_patterns_are_learnable_from_16px_thumbnails(finding):
-    sklearn = pytest.importorskip("sklearn")  # noqa: F841
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import cross_val_predict

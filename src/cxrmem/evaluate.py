@@ -31,16 +31,14 @@ scored on the full split is defined.
 
 from __future__ import annotations
 
-import json
-import os
-import secrets
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
+from cxrmem import io
 from cxrmem.errors import UserError
 
 __all__ = [
@@ -320,31 +318,10 @@ def format_report(split_name: str, result: dict) -> str:
 # Files
 # --------------------------------------------------------------------------
 
-def write_atomic(path: Union[str, Path], write: Callable) -> Path:
-    """Call ``write(binary_file)`` on a temporary file beside ``path``, then rename it.
-
-    The rename (os.replace) is atomic, so readers see either the old file or the
-    complete new one; on any failure the temporary file is removed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_json_atomic(path: Union[str, Path], obj) -> Path:
     """Write ``obj`` as indented, strict JSON (NaN is an error), atomically."""
-    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
-    return write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
+    io.write_json(path, obj)
+    return Path(path)
 
 
 def as_float_tensor(x) -> torch.Tensor:
@@ -379,7 +356,8 @@ def save_predictions(path: Union[str, Path], probs, targets, labels: Sequence[st
         )
     payload = {"probs": probs_t, "targets": targets_t, "labels": labels,
                "image_index": image_index, "split": splits}
-    return write_atomic(path, lambda handle: torch.save(payload, handle))
+    io.torch_save(payload, path)
+    return Path(path)
 
 
 def load_predictions(path: Union[str, Path]) -> dict:

@@ -48,7 +48,9 @@ def write_text(target, text: str) -> None:
 
 
 def write_json(target, obj) -> None:
-    write_text(target, json.dumps(obj, indent=2) + "\n")
+    """Indented, strict JSON: NaN or infinity is an error (use null), and the old file stays."""
+    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    write_text(target, text)
 
 
 def write_yaml(target, obj) -> None:
