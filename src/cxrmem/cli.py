@@ -82,23 +82,38 @@ def protect_run_folder(cfg, overwrite: bool, resume: bool) -> None:
                         f"another folder or --overwrite to replace it")
 
 
+def start_run_folder(cfg, args) -> None:
+    """Check the run folder may take this run, clear a killed run's temporaries, write config.yaml."""
+    from . import io
+
+    protect_run_folder(cfg, args.overwrite, args.resume)
+    io.remove_stale_temporaries(cfg.run_dir)
+    io.write_text(cfg.run_dir / "config.yaml", dump_yaml(cfg))
+
+
 def run(cfg, args) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
 
-    import torch
+    from .train import distributed
 
+    with distributed.session():  # under torchrun: one process group; only rank 0 prints and writes
+        return run_pipeline(cfg, args, distributed)
+
+
+def run_pipeline(cfg, args, distributed) -> int:
     from . import io
     from .data.chestxray14 import format_summary, summarize
     from .data.prepare import prepare_data
 
     print(f"# {cfg.experiment_name}: resolved configuration\n{dump_yaml(cfg)}")
-    data = prepare_data(cfg)
+    data = distributed.on_main(lambda: prepare_data(cfg))
     if args.check_data:
         summary = summarize(data.frame, data.split_source, len(data.missing))
         print(format_summary(summary))
-        io.write_json(cfg.run_dir / "data_summary.json", summary)
+        if distributed.is_main_process():
+            io.write_json(cfg.run_dir / "data_summary.json", summary)
         print(f"\nwrote {cfg.run_dir / 'data_summary.json'}")
         return 0
 
@@ -106,22 +121,26 @@ def run(cfg, args) -> int:
     from .plots import plot_run
     from .train.predict import predict_splits, write_results
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed.device()
     if args.evaluate:
         from .models.net import build_model
 
         path = Path(args.model_path) if args.model_path else checkpoint_path(cfg, 2 if cfg.phase2 else 1)
-        if not path.is_file():
-            raise UserError(f"model file {path} not found; pass --model_path to an existing .pth or train first")
         model = build_model(replace(cfg.model, pretrained=False, weights=None), cfg.memory)
-        load_checkpoint(model, path)
+
+        def load():
+            if not path.is_file():
+                raise UserError(f"model file {path} not found; pass --model_path to an existing .pth or train first")
+            load_checkpoint(model, path)
+
+        distributed.load_on_main(model, load)
     else:
-        protect_run_folder(cfg, args.overwrite, args.resume)
-        io.remove_stale_temporaries(cfg.run_dir)
-        io.write_text(cfg.run_dir / "config.yaml", dump_yaml(cfg))
+        distributed.on_main(lambda: start_run_folder(cfg, args))
         model = train(cfg, data.frame, device, resume=args.resume).model
-    write_results(cfg, predict_splits(cfg, model, data.frame, device))
-    plot_run(cfg.run_dir)
+    predictions = predict_splits(cfg, model, data.frame, device)  # every rank predicts its share
+    if distributed.is_main_process():
+        write_results(cfg, predictions)
+        plot_run(cfg.run_dir)
     print(f"\nrun folder: {cfg.run_dir}")
     return 0
 

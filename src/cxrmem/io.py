@@ -19,15 +19,21 @@ import yaml
 
 
 @contextmanager
-def atomic_path(target):
+def atomic_path(target, durable: bool = True):
+    """Yield a temporary path beside ``target``; rename it over ``target`` if the block succeeds.
+
+    ``durable`` also flushes the file to disk before the rename (checkpoints, metrics); bulk
+    writers of files that are cheap to redo (generated or cached images) skip it for speed.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         yield Path(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        if durable:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -111,7 +111,10 @@ def attach_paths(frame: pd.DataFrame, data_dir: Path, missing_images: str = "err
     with the count and examples; ``'drop'`` drops them with a warning.
     """
     found = locate_images(data_dir)
-    paths = frame["image_index"].map(found)
+    by_stem: dict[str, Path] = {}
+    for name, path in found.items():  # a JPEG cache keeps the stems of the PNG names
+        by_stem.setdefault(Path(name).stem, path)
+    paths = frame["image_index"].map(lambda name: found.get(name) or by_stem.get(Path(name).stem))
     missing = frame.loc[paths.isna(), "image_index"].tolist()
     if missing and missing_images == "error":
         raise UserError(f"{len(missing)} of {len(frame)} images listed in the CSV are not on disk under "

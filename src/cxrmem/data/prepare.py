@@ -42,7 +42,7 @@ def resolve_image_dir(data_cfg) -> Path:
         return data_dir
     from .cache import ensure_cache
 
-    return ensure_cache(data_dir, data_cfg.cache)
+    return ensure_cache(data_dir, data_cfg.cache, data_cfg.missing_images)
 
 
 def drop_damaged(frame: pd.DataFrame, run_dir: Path, policy: str) -> pd.DataFrame:

@@ -53,6 +53,7 @@ import numpy as np
 from PIL import Image
 
 from cxrmem.errors import UserError
+from cxrmem.io import atomic_path
 
 # --------------------------------------------------------------------------- #
 # Facts about the real data set (per-finding counts live in findings.csv).
@@ -789,23 +790,16 @@ def render_image(labels: Sequence[bool], size: int, seed: int, image_index: int,
 # --------------------------------------------------------------------------- #
 # Writing files.
 # --------------------------------------------------------------------------- #
-def _temporary_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
-    tmp = _temporary_path(path)
-    with open(tmp, "w", encoding="utf-8", newline="") as handle:
+    with atomic_path(path, durable=False) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
         handle.write(text)
-    os.replace(tmp, path)
 
 
 def write_png_atomic(path: Path, pixels: np.ndarray) -> None:
     """Save 8-bit grayscale pixels as a PNG (fast compression), atomically."""
-    tmp = _temporary_path(path)
-    Image.fromarray(pixels).save(tmp, format="PNG", compress_level=1)
-    os.replace(tmp, path)
+    with atomic_path(path, durable=False) as tmp:
+        Image.fromarray(pixels).save(tmp, format="PNG", compress_level=1)
 
 
 def _render_job(job: tuple) -> None:

@@ -15,6 +15,7 @@ from fastai.learner import Metric
 from .. import io
 from ..errors import UserError
 from ..evaluate import mean_auc, per_class_auc
+from .distributed import is_main_process, load_on_main, unwrap
 
 
 class MemoryMomentum(Callback):
@@ -33,7 +34,7 @@ class MemoryMomentum(Callback):
 
     @property
     def bank(self):
-        return getattr(self.learn.model, "bank", None)
+        return getattr(unwrap(self.learn.model), "bank", None)  # inside DDP while fitting under torchrun
 
     def before_fit(self):
         if self.bank is not None:
@@ -61,8 +62,9 @@ class MeanAUC(Metric):
         self.probs, self.targets = [], []
 
     def accumulate(self, learn):
-        self.probs.append(torch.sigmoid(learn.pred.float()).detach().cpu())
-        self.targets.append(learn.y.detach().cpu())
+        # learn.to_detach: under torchrun, every rank's predictions (fastai gathers and un-pads them)
+        self.probs.append(torch.sigmoid(learn.to_detach(learn.pred).float()))
+        self.targets.append(learn.to_detach(learn.y))
 
     @property
     def value(self):
@@ -104,13 +106,19 @@ class AtomicSaveModel(SaveModelCallback):
 
     def _save(self, name):
         path = self.learn.path / self.learn.model_dir / f"{name}.pth"
-        io.torch_save(self.learn.model.state_dict(), path)
+        if is_main_process():  # under torchrun rank 0 writes; every rank holds the same weights
+            io.torch_save(unwrap(self.learn.model).state_dict(), path)
         self.last_saved_path = path
 
     def after_fit(self, **kwargs):
         path = self.learn.path / self.learn.model_dir / f"{self.fname}.pth"
-        if path.exists():
-            self.learn.model.load_state_dict(io.torch_load(path, map_location=self.learn.dls.device))
+        model = unwrap(self.learn.model)
+
+        def load():
+            if path.exists():
+                model.load_state_dict(io.torch_load(path, map_location=self.learn.dls.device))
+
+        load_on_main(model, load)  # under torchrun: rank 0 reads the file and sends the weights to the others
 
 
 class HistoryCSV(Callback):
@@ -130,7 +138,8 @@ class HistoryCSV(Callback):
         stage = "frozen" if _is_frozen(self.learn) else "unfrozen"
         self.rows.append([stage, len(self.rows), *self.recorder.log[1:]])
         lines = [",".join(self.header)] + [",".join(map(_cell, row)) for row in self.rows]
-        io.write_text(self.path, "\n".join(lines) + "\n")
+        if is_main_process():
+            io.write_text(self.path, "\n".join(lines) + "\n")
 
 
 def _is_frozen(learn) -> bool:

@@ -26,6 +26,7 @@ from ..data.loaders import build_dataloaders
 from ..errors import UserError
 from ..models.net import build_model, splitter
 from ..plots import plot_lr_find, safe_plot
+from . import distributed
 from .callbacks import AtomicSaveModel, HistoryCSV, MeanAUC, MemoryMomentum, MemoryValue, StopOnNonFiniteLoss
 from .losses import build_loss
 from .resume import ResumeState, SaveProgress, SkipFinishedEpochs
@@ -38,6 +39,7 @@ def train(cfg, frame, device, resume: bool = False) -> Learner:
     """
     set_seed(cfg.data.seed, reproducible=True)
     model = build_model(cfg.model, cfg.memory)
+    distributed.seed_per_rank(cfg.data.seed)  # under torchrun: same weights, own augmentation and dropout
     state = ResumeState(resume_path(cfg), resume)
 
     # Phase 1: abnormal images; LR from the finder; backbone frozen, then all layers
@@ -53,18 +55,22 @@ def train(cfg, frame, device, resume: bool = False) -> Learner:
     if cfg.phase2 is not None:
         p2 = cfg.phase2
         learn = make_learner(cfg, model, frame, p2, phase=2, device=device)
-        load_checkpoint(learn.model, checkpoint_path(cfg, phase=1))
+        distributed.load_on_main(learn.model, lambda: load_checkpoint(learn.model, checkpoint_path(cfg, phase=1)))
         fit_stage(learn, state, 2, "one_cycle", p2.epochs, slice(p2.lr_min, p2.lr_max))
-    resume_path(cfg).unlink(missing_ok=True)
+    if distributed.is_main_process():
+        resume_path(cfg).unlink(missing_ok=True)
     return learn
 
 
 def choose_lr(learn: Learner, phase_cfg) -> float:
     if not phase_cfg.use_lr_finder:
         return phase_cfg.base_lr
-    lr = float(learn.lr_find(suggest_funcs=(valley,), show_plot=False).valley)
+    with distributed.lr_find_restoring(learn):
+        lr = float(learn.lr_find(suggest_funcs=(valley,), show_plot=False).valley)
     print(f"phase 1: LR finder (valley) -> {lr:.3g}")
-    safe_plot(plot_lr_find, learn.recorder.lrs, learn.recorder.losses, lr, learn.cfg.run_dir / "lr_find_phase1.png")
+    if distributed.is_main_process():
+        safe_plot(plot_lr_find, learn.recorder.lrs, learn.recorder.losses, lr,
+                  learn.cfg.run_dir / "lr_find_phase1.png")
     return lr
 
 
@@ -88,7 +94,8 @@ def make_learner(cfg, model, frame, phase_cfg, phase: int, device) -> Learner:
     if n_train < phase_cfg.batch_size:
         raise UserError(f"phase {phase} has {n_train} training images, fewer than phase{phase}.batch_size "
                         f"({phase_cfg.batch_size}); lower the batch size or use more data")
-    dls = build_dataloaders(rows, cfg.data, phase_cfg.batch_size, device)
+    batch_size = distributed.per_rank_batch_size(phase_cfg.batch_size, f"phase{phase}.batch_size")
+    dls = build_dataloaders(rows, cfg.data, batch_size, device)
     monitor = MemoryMomentum(phase_cfg.memory_momentum)
     metrics = [MeanAUC(FINDINGS)]
     if getattr(model, "bank", None) is not None:
@@ -105,6 +112,7 @@ def make_learner(cfg, model, frame, phase_cfg, phase: int, device) -> Learner:
                     metrics=metrics, splitter=splitter, path=cfg.run_dir, model_dir="models", cbs=callbacks)
     learn.cfg, learn.history = cfg, history
     apply_cuda_fast_paths(learn, cfg.model, device)
+    distributed.make_distributed(learn)  # DDP under torchrun; nothing otherwise
     if not sys.stdout.isatty():
         learn.remove_cb(ProgressCallback)
         learn.logger = print_epoch_line(learn, phase)

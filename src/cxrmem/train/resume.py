@@ -23,6 +23,7 @@ from fastcore.foundation import L
 
 from .. import io
 from ..errors import UserError
+from .distributed import is_main_process, on_main, unwrap
 
 STAGES = [(1, "frozen"), (1, "unfrozen"), (2, "one_cycle")]
 
@@ -49,9 +50,7 @@ class ResumeState:
         self.path = path
         self.saved = None
         if resume:
-            if not path.is_file():
-                raise UserError(f"nothing to resume: {path} not found; run without --resume to start training")
-            self.saved = _load(path)
+            self.saved = on_main(lambda: _read(path))  # under torchrun: rank 0 reads, every rank gets it
         self.progress = Progress(**self.saved["progress"]) if self.saved else Progress()
 
     def stage_done(self, phase: int, stage: str) -> bool:
@@ -76,6 +75,12 @@ class ResumeState:
         save_cb.best = p.best if p.best is not None else save_cb.best
         history_cb.rows = [list(row) for row in p.history]
         return p.epochs_done if p.stage == stage and not p.stage_complete else 0
+
+
+def _read(path):
+    if not path.is_file():
+        raise UserError(f"nothing to resume: {path} not found; run without --resume to start training")
+    return _load(path)
 
 
 def _load(path):
@@ -110,9 +115,11 @@ class SaveProgress(Callback):
         p = self.progress
         p.best = float(self.save_cb.best) if self.save_cb.best is not None else None
         p.history = [[_plain(cell) for cell in row] for row in self.history_cb.rows]
+        if not is_main_process():  # under torchrun rank 0 writes; the ranks are in the same state
+            return
         opt = self.learn.opt.state_dict()
         hypers = [{k: _plain(v) for k, v in h.items()} for h in opt["hypers"]]
-        io.torch_save({"model": self.learn.model.state_dict(), "opt": {"state": list(opt["state"]), "hypers": hypers},
+        io.torch_save({"model": unwrap(self.learn.model).state_dict(), "opt": {"state": list(opt["state"]), "hypers": hypers},
                        "progress": asdict(p)}, self.path)
 
 

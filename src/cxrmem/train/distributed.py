@@ -1,0 +1,373 @@
+"""Training on several processes (GPUs, nodes) under ``torchrun``, with PyTorch's DistributedDataParallel.
+
+``torchrun --nproc_per_node N train.py --config X.yaml`` starts N copies of the
+usual command; torchrun gives each one ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR`` and ``MASTER_PORT``. This module turns those copies into one
+run (see docs/distributed.md):
+
+* :func:`session` joins the process group (nccl and ``cuda:LOCAL_RANK`` when
+  CUDA is available, gloo and the CPU otherwise) and silences the standard
+  output of every rank but 0, so the configuration, the epoch lines and the
+  report are printed once;
+* :func:`make_distributed` adds fastai's ``DistributedTrainer`` (model in
+  DistributedDataParallel, every DataLoader in a ``DistributedDL`` giving each
+  rank its own shard), adapted so that it also runs on gloo;
+* :func:`per_rank_batch_size`: the configured batch is the global batch, split
+  over the processes;
+* :func:`on_main` / :func:`load_on_main` / :func:`share_main_state`: work that
+  touches the disk (data preparation, checkpoints) is done by rank 0 and its
+  result, or its error, is sent to the other ranks, so only rank 0 writes the
+  run folder and no rank reads a file before it is written;
+* :func:`shard_rows` / :func:`gather_predictions`: evaluation splits a split
+  over the ranks and gathers every image's prediction exactly once.
+
+With a single process (no torchrun, or ``WORLD_SIZE=1``) every function here is
+a no-op that returns its input, so the single-process behaviour is unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..errors import UserError
+
+__all__ = [
+    "rank", "world_size", "local_rank", "is_main_process", "is_distributed", "session", "device",
+    "barrier", "seed_per_rank", "per_rank_batch_size", "on_main", "share_main_state", "load_on_main", "make_distributed",
+    "lr_find_restoring", "shard_rows", "without_gathering", "gather_predictions", "unwrap",
+]
+
+
+# --------------------------------------------------------------------------- who am I
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.strip() else default
+
+
+def is_distributed() -> bool:
+    """True inside a joined process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """Number of processes: the process group's size, else torchrun's ``WORLD_SIZE``, else 1."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return max(1, _env_int("WORLD_SIZE", 1))
+
+
+def rank() -> int:
+    """This process's global rank: the process group's, else torchrun's ``RANK``, else 0."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return _env_int("RANK", 0)
+
+
+def local_rank() -> int:
+    """This process's rank on its node (``LOCAL_RANK``): its GPU index."""
+    return _env_int("LOCAL_RANK", 0)
+
+
+def is_main_process() -> bool:
+    """Rank 0: the process that prints and writes the run folder."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op with one process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def unwrap(model):
+    """The module inside a DistributedDataParallel / DataParallel wrapper (the model itself otherwise)."""
+    return model.module if isinstance(model, (torch.nn.parallel.DistributedDataParallel,
+                                              torch.nn.DataParallel)) else model
+
+
+# --------------------------------------------------------------------------- joining and leaving
+
+
+def device() -> torch.device:
+    """The device this process trains on: ``cuda:LOCAL_RANK`` under torchrun with CUDA, ``cuda``
+    for one process with CUDA, else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank()) if world_size() > 1 else torch.device("cuda")
+
+
+def _join() -> bool:
+    """Join torchrun's process group when ``WORLD_SIZE > 1``; return whether this call joined it."""
+    if world_size() <= 1 or (dist.is_available() and dist.is_initialized()):
+        return False
+    if not dist.is_available():
+        raise UserError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed; run one process")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
+@contextlib.contextmanager
+def session():
+    """The process group for the duration of a command (no-op without torchrun).
+
+    Inside it, ranks other than 0 write their standard output to /dev/null
+    (warnings and errors, on stderr, are kept). There is no barrier at the end:
+    the other ranks may leave while rank 0 still writes the report.
+    """
+    joined = _join()
+    try:
+        if is_main_process():
+            yield
+        else:
+            with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+                yield
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- batches and seeds
+
+
+def seed_per_rank(seed: int) -> None:
+    """Under torchrun, reseed every random generator with ``seed + rank``, so that augmentation and
+    dropout differ between ranks (call it after the model is built: the weights stay the same on every
+    rank). No-op with one process."""
+    if is_distributed():
+        from fastai.torch_core import set_seed
+
+        set_seed(seed + rank(), reproducible=True)
+
+
+def per_rank_batch_size(batch_size: int, key: str = "batch_size") -> int:
+    """The batch of one process: the configured (global) batch divided by the number of processes.
+
+    Raises UserError when that leaves less than one image per process. Unchanged with one process.
+    """
+    world = world_size()
+    if batch_size // world < 1:
+        raise UserError(f"{key} is {batch_size}, fewer than the {world} processes; the configured batch is "
+                        f"split over the processes, so set {key} to at least {world}")
+    return batch_size // world
+
+
+# --------------------------------------------------------------------------- rank 0 does, everyone knows
+
+
+def on_main(work):
+    """Run ``work()`` on rank 0 only and return its result on every rank.
+
+    The result must be picklable. If ``work`` raises a UserError on rank 0, every
+    rank raises the same UserError; any other exception is re-raised on rank 0
+    and reported as a RuntimeError on the others. With one process it simply
+    returns ``work()``.
+    """
+    if not is_distributed():
+        return work()
+    outcome = [None]
+    if is_main_process():
+        try:
+            outcome[0] = ("ok", work())
+        except UserError as exc:
+            outcome[0] = ("user_error", (str(exc), exc.exit_code))
+            dist.broadcast_object_list(outcome, src=0)
+            raise
+        except Exception as exc:  # noqa: BLE001 - the other ranks must learn that rank 0 failed
+            outcome[0] = ("failure", f"{type(exc).__name__}: {exc}")
+            dist.broadcast_object_list(outcome, src=0)
+            raise
+    dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "user_error" and not is_main_process():
+        error = UserError(value[0])
+        error.exit_code = value[1]
+        raise error
+    if kind == "failure" and not is_main_process():
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
+
+
+@torch.no_grad()
+def share_main_state(module) -> None:
+    """Copy rank 0's parameters and buffers into the same module on every other rank, in place."""
+    if not is_distributed():
+        return
+    for tensor in unwrap(module).state_dict().values():
+        if tensor.is_contiguous():
+            dist.broadcast(tensor, src=0)
+        else:
+            buffer = tensor.contiguous()
+            dist.broadcast(buffer, src=0)
+            tensor.copy_(buffer)
+
+
+def load_on_main(module, load) -> None:
+    """``load()`` (which fills ``module`` from a file) on rank 0, then give every rank that state.
+
+    Only rank 0 opens the file, so the other ranks never read a checkpoint
+    before it is complete, and other nodes need no shared disk.
+    """
+    on_main(load)
+    share_main_state(module)
+
+
+# --------------------------------------------------------------------------- fastai's DistributedTrainer
+
+
+@lru_cache(maxsize=None)
+def _fastai_classes():
+    """fastai's DistributedDL and DistributedTrainer, adapted to gloo (imported on first use: they need
+    HF accelerate)."""
+    from fastai import distributed as fd
+
+    class DistributedDL(fd.DistributedDL):
+        """fastai's DistributedDL whose index broadcast also works on gloo (fastai's uses a CUDA tensor)."""
+
+        def _broadcast(self, t, rank):
+            where = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            tensor = torch.tensor(list(t), dtype=torch.long, device=where)
+            dist.broadcast(tensor, rank)
+            return tensor.cpu().tolist()
+
+    class DistributedTrainer(fd.DistributedTrainer):
+        """fastai's DistributedTrainer with the DistributedDL above."""
+
+        def _wrap_dl(self, dl):
+            return dl if isinstance(dl, fd.DistributedDL) else DistributedDL(dl, device=self.learn.dls.device)
+
+    return DistributedDL, DistributedTrainer
+
+
+def make_distributed(learn):
+    """Under torchrun, train ``learn`` with DistributedDataParallel through fastai's DistributedTrainer.
+
+    * every DataLoader becomes a DistributedDL: each rank gets its own shard of
+      every epoch (one shuffle, made on rank 0), padded to equal length;
+      fastai gathers (and un-pads) predictions and losses for the metrics;
+    * the model is wrapped in DDP for each fit; batch norm becomes SyncBatchNorm
+      on CUDA (statistics over the global batch), and stays per-rank on gloo, where
+      DDP broadcasts rank 0's running statistics instead;
+    * the memory bank's buffers are left out of DDP's broadcasts: the bank
+      all-gathers its updates, so every rank already holds the same bank;
+    * ranks other than 0 log nothing.
+
+    Returns ``learn``; no-op with one process.
+    """
+    if not is_distributed():
+        return learn
+    from accelerate.utils import DistributedDataParallelKwargs
+    from fastai.callback.progress import ProgressCallback
+
+    _, DistributedTrainer = _fastai_classes()
+    on_cuda = dist.get_backend() == "nccl"
+    ignore_bank_buffers(unwrap(learn.model))
+    learn.add_cb(DistributedTrainer(sync_bn=on_cuda, cpu=not on_cuda,
+                                    kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True)]))
+    if not is_main_process():
+        learn.remove_cbs(learn.cbs.filter(lambda cb: isinstance(cb, ProgressCallback)))
+    return learn
+
+
+def ignore_bank_buffers(model) -> None:
+    """Tell DDP to leave the memory bank's buffers alone (no broadcast from rank 0)."""
+    bank = getattr(model, "bank", None)
+    if bank is None:
+        return
+    prefix = next(name for name, module in model.named_modules() if module is bank)
+    names = [f"{prefix}.{name}" for name, _ in bank.named_buffers()]
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+
+
+@contextlib.contextmanager
+def lr_find_restoring(learn):
+    """Around ``learn.lr_find()``: afterwards every rank holds the weights (bank included) it had
+    before and no optimizer (the next fit creates a fresh one, as after fastai's own restore).
+
+    fastai's LR finder saves the model to a file before and reloads it after,
+    but under torchrun only rank 0 writes that file, and only rank 0 then
+    enters the barrier inside ``Learner.load``: the ranks would diverge, then
+    hang. So under torchrun the finder's file saving is switched off (and its
+    scratch folder moved out of the run folder), and every rank restores an
+    in-memory copy instead. No-op with one process.
+    """
+    if not is_distributed():
+        yield
+        return
+    model = unwrap(learn.model)
+    saved = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    model_dir, scratch = learn.model_dir, tempfile.mkdtemp(prefix="cxrmem_lr_find_")
+    learn.model_dir = scratch
+    learn.save = _save_nothing  # instance attribute: hides Learner.save for the finder only
+    try:
+        yield
+    finally:
+        del learn.save
+        learn.model_dir = model_dir
+        shutil.rmtree(scratch, ignore_errors=True)
+    unwrap(learn.model).load_state_dict(saved)
+    learn.opt = None
+
+
+def _save_nothing(*args, **kwargs):
+    return None
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def shard_rows(rows):
+    """This rank's share of a frame: rows ``rank, rank + N, rank + 2N, ...`` (all rows with one process)."""
+    if not is_distributed():
+        return rows
+    return rows.iloc[rank()::world_size()]
+
+
+def _local_to_detach(b, cpu=True, gather=True):
+    from fastai.torch_core import to_detach
+
+    return to_detach(b, cpu=cpu, gather=False)
+
+
+def without_gathering(dl):
+    """Make fastai keep ``dl``'s predictions on this rank (it all-gathers them under torchrun). Returns ``dl``."""
+    if is_distributed():
+        dl.to_detach = _local_to_detach
+    return dl
+
+
+def gather_predictions(probs: np.ndarray, targets: np.ndarray, names: list, expected: list):
+    """Every rank's ``(probs, targets, names)`` joined into the order of ``expected`` (image names).
+
+    Each image of ``expected`` appears exactly once in the result; an image two
+    ranks both predicted is kept once (their rows agree: the same weights), one
+    no rank predicted is an error. Returns ``(probs, targets, names)``;
+    with one process, the input unchanged.
+    """
+    if not is_distributed():
+        return probs, targets, names
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, (np.asarray(probs), np.asarray(targets), list(names)))
+    row_of = {}
+    all_probs = np.concatenate([p for p, _, _ in parts])
+    all_targets = np.concatenate([t for _, t, _ in parts])
+    for row, name in enumerate(n for _, _, part_names in parts for n in part_names):
+        row_of.setdefault(name, row)
+    missing = [name for name in expected if name not in row_of]
+    if missing:
+        raise RuntimeError(f"{len(missing)} images have no prediction from any rank (e.g. {missing[0]})")
+    rows = [row_of[name] for name in expected]
+    return all_probs[rows], all_targets[rows], list(expected)

@@ -1,0 +1,184 @@
+"""torchrun with two CPU processes (gloo) on a tiny synthetic set, both phases, LR finder included.
+
+Checks: one run folder, written by rank 0 only, and one report; the per-process batch
+is the configured one halved; every rank ends with the same weights and the same memory
+bank (the final checkpoint's); the predictions file holds every validation and test
+image exactly once, with its own labels; metrics.json's AUCs are those of that file.
+
+This file doubles as the script torchrun launches: run as ``__main__`` it is
+``train.py`` plus spies, which write into ``$CXRMEM_TEST_DUMP`` what each rank
+replaced on disk (every atomic write ends with ``os.replace``), the batch size of
+its DataLoaders, and its final model state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+DUMP_ENV = "CXRMEM_TEST_DUMP"
+
+TINY = """
+experiment_name: tiny
+model: {backbone: resnet18, pretrained: false}
+memory: {use_memory: true, bank_size: 16, top_k: 3, update_strategy: rarity, rarity_threshold: 0.1}
+data: {image_size: 32, num_workers: 0, seed: 0, valid_pct: 0.25}
+phase1: {batch_size: 8, use_lr_finder: true, base_lr: 0.001, freeze_epochs: 1, total_epochs: 1}
+phase2: {batch_size: 16, epochs: 1, lr_min: 0.0001, lr_max: 0.001}
+evaluation: {bootstrap_resamples: 50}
+"""
+
+
+# --------------------------------------------------------------------------- the launched script
+
+
+def spy_and_train(argv: list[str]) -> int:
+    """``train.py argv`` on one rank, recording its writes, batch sizes and final state in $CXRMEM_TEST_DUMP."""
+    from cxrmem.cli import train_main
+    from cxrmem.train import phases
+    from cxrmem.train.distributed import unwrap
+
+    dump, rank = Path(os.environ[DUMP_ENV]), int(os.environ["RANK"])
+    replaced, batch_sizes = [], []
+    real_replace, real_make_learner, real_train = os.replace, phases.make_learner, phases.train
+
+    def logged_replace(src, dst, *args, **kwargs):
+        replaced.append(os.fspath(dst))
+        return real_replace(src, dst, *args, **kwargs)
+
+    def make_learner(*args, **kwargs):
+        learn = real_make_learner(*args, **kwargs)
+        batch_sizes.append(learn.dls.train.bs)
+        return learn
+
+    def train(*args, **kwargs):
+        learn = real_train(*args, **kwargs)
+        torch.save(unwrap(learn.model).state_dict(), dump / f"state_rank{rank}.pt")
+        return learn
+
+    os.replace, phases.make_learner, phases.train = logged_replace, make_learner, train
+    try:
+        return train_main(argv)
+    finally:
+        record = {"replaced": replaced, "batch_sizes": batch_sizes}
+        (dump / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+# --------------------------------------------------------------------------- the tests
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    from cxrmem.data.synthetic import generate
+
+    tmp = tmp_path_factory.mktemp("ddp")
+    data, config, run_dir, dump = tmp / "cxr14", tmp / "tiny.yaml", tmp / "run", tmp / "dump"
+    generate(data, n_patients=40, size=32, seed=3, workers=1)
+    config.write_text(TINY)
+    dump.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               __file__, "--config", str(config), "--data_dir", str(data), "--output_dir", str(run_dir)]
+    env = {**os.environ, DUMP_ENV: str(dump), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    records = [json.loads((dump / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    states = [torch.load(dump / f"state_rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return SimpleNamespace(run_dir=run_dir, config=config, data=data, stdout=done.stdout, records=records,
+                           states=states, seconds=time.perf_counter() - started)
+
+
+def evaluation_frame(run):
+    """The prepared metadata frame of the run's configuration (valid and test rows)."""
+    from cxrmem.config import load_config
+    from cxrmem.data.prepare import prepare_data
+
+    cfg = load_config(run.config, [], data_dir=str(run.data), output_dir=str(run.run_dir))
+    frame = prepare_data(cfg).frame
+    return frame[frame["split"].isin(["valid", "test"])]
+
+
+def test_one_run_folder_written_by_rank_0_only_and_one_report(ddp_run):
+    run_dir = ddp_run.run_dir
+    expected = {"config.yaml", "metrics.json", "tiny_predictions.pt", "history_phase1.csv", "history_phase2.csv",
+                "models/tiny_phase1.pth", "models/tiny_phase2.pth", "lr_find_phase1.png"}
+    present = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
+    assert expected <= present
+    assert not [p for p in present if "tmp" in p or p.startswith(".")], present  # no leftovers of any rank
+    assert [d for d in run_dir.rglob("*") if d.is_dir()] == [run_dir / "models"]
+    mine = lambda record: [p for p in record["replaced"] if Path(p).is_relative_to(run_dir)]  # noqa: E731
+    assert mine(ddp_run.records[1]) == []
+    written = {Path(p).relative_to(run_dir).as_posix() for p in mine(ddp_run.records[0])}
+    assert written == present | {"models/tiny_resume.pth"}  # the resume file is removed when the run ends
+    assert ddp_run.stdout.count("resolved configuration") == 1
+    assert ddp_run.stdout.count("Mean AUC Score") == 2  # valid and test, printed once
+    assert ddp_run.stdout.count("phase 1: LR finder") == 1
+
+
+def test_each_process_gets_the_configured_batch_divided_by_the_world_size(ddp_run):
+    for record in ddp_run.records:
+        assert record["batch_sizes"] == [8 // WORLD, 16 // WORLD]
+
+
+def test_every_rank_ends_with_the_same_weights_and_bank(ddp_run):
+    first, second = ddp_run.states
+    assert set(first) == set(second) and "bank.memory" in first
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    assert int(first["bank.filled"]) > 0 and first["bank.memory"].dtype == torch.float32
+    final = torch.load(ddp_run.run_dir / "models/tiny_phase2.pth", weights_only=True)
+    for key in final:
+        assert torch.equal(final[key], first[key]), key
+
+
+def test_predictions_hold_every_evaluation_image_once_with_its_labels(ddp_run):
+    from cxrmem.data.chestxray14 import FINDINGS
+
+    preds = torch.load(ddp_run.run_dir / "tiny_predictions.pt", weights_only=True)
+    frame = evaluation_frame(ddp_run)
+    names = list(preds["image_index"])
+    assert len(names) == len(set(names)) == len(frame)
+    assert sorted(zip(names, preds["split"])) == sorted(zip(frame["image_index"], frame["split"]))
+    labels = frame.set_index("image_index").loc[names, FINDINGS].to_numpy(dtype="float32")
+    assert torch.equal(preds["targets"].float(), torch.from_numpy(labels))
+    assert preds["probs"].shape == (len(frame), len(FINDINGS))
+
+
+def test_reported_aucs_are_those_of_the_predictions_file(ddp_run):
+    from cxrmem.data.chestxray14 import FINDINGS
+    from cxrmem.evaluate import evaluate_split
+
+    preds = torch.load(ddp_run.run_dir / "tiny_predictions.pt", weights_only=True)
+    metrics = json.loads((ddp_run.run_dir / "metrics.json").read_text())
+    assert set(metrics) == {"valid", "test"}
+    for split, reported in metrics.items():
+        rows = [i for i, s in enumerate(preds["split"]) if s == split]
+        again = evaluate_split(preds["probs"][rows].numpy(), preds["targets"][rows].numpy(), FINDINGS,
+                               n_resamples=50, seed=0)
+        assert reported["n_images"] == len(rows)
+        assert reported["per_class"] == pytest.approx(again["per_class"], abs=1e-12)
+        assert reported["mean_auc"] == pytest.approx(again["mean_auc"], abs=1e-12)
+
+
+if __name__ == "__main__":
+    sys.exit(spy_and_train(sys.argv[1:]))
