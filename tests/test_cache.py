@@ -167,7 +167,7 @@ def test_ensure_cache_builds_once_then_reuses_and_notices_changes(data_copy, mon
     with monkeypatch.context() as patched:
         patched.setattr(cache, "build_cache", no_rebuild)
         assert ensure_cache(data_copy, cfg) == out
-        assert resolve_image_dir(SimpleNamespace(data_dir=str(data_copy), cache=cfg)) == out
+        assert resolve_image_dir(SimpleNamespace(data_dir=str(data_copy), cache=cfg, missing_images="error")) == out
 
     with (data_copy / "test_list.txt").open("a") as fh:  # an edited source is noticed
         fh.write("\n")
