@@ -1,14 +1,19 @@
 """torchrun with two CPU processes (gloo) on a tiny synthetic set, both phases, LR finder included.
 
 Checks: one run folder, written by rank 0 only, and one report; the per-process batch
-is the configured one halved; every rank ends with the same weights and the same memory
-bank (the final checkpoint's); the predictions file holds every validation and test
-image exactly once, with its own labels; metrics.json's AUCs are those of that file.
+is the configured one halved; the ranks train on different images yet, after every
+epoch's training batches, hold the same weights (DDP) and the same memory bank (its
+all-gathered updates), they log the same losses and metrics every epoch, and they end
+with the final checkpoint's weights and bank; the predictions file
+holds every validation and test image exactly once, with its own labels; metrics.json's
+AUCs are those of that file.
 
 This file doubles as the script torchrun launches: run as ``__main__`` it is
 ``train.py`` plus spies, which write into ``$CXRMEM_TEST_DUMP`` what each rank
 replaced on disk (every atomic write ends with ``os.replace``), the batch size of
-its DataLoaders, and its final model state.
+its DataLoaders, a fingerprint of each training batch, its parameters and bank at
+the end of each epoch's training part, each epoch's logged values, and its final
+model state.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -43,14 +47,43 @@ evaluation: {bootstrap_resamples: 50}
 # --------------------------------------------------------------------------- the launched script
 
 
+def epoch_spy(batches: list, epochs: list, values: list):
+    """A fastai callback recording every training batch's pixel sum; after each epoch's training
+    batches (before validation and before any checkpoint is reloaded), the parameters and the bank;
+    and each epoch's recorded losses and metrics (which decide checkpoints and early stopping)."""
+    from fastai.callback.core import Callback
+
+    from cxrmem.train.distributed import unwrap
+
+    class EpochSpy(Callback):
+        order = 100
+
+        def before_batch(self):
+            if self.training and not hasattr(self.learn, "lr_finder"):
+                batches.append(float(self.xb[0].float().sum()))
+
+        def after_train(self):
+            if hasattr(self.learn, "lr_finder"):
+                return
+            model = unwrap(self.learn.model)
+            epochs.append({"parameters": {k: v.detach().clone() for k, v in model.named_parameters()},
+                           "bank": {k: v.clone() for k, v in model.bank.state_dict().items()}})
+
+        def after_epoch(self):
+            if not hasattr(self.learn, "lr_finder"):
+                values.append([float(v) for v in self.recorder.values[-1]])
+
+    return EpochSpy()
+
+
 def spy_and_train(argv: list[str]) -> int:
-    """``train.py argv`` on one rank, recording its writes, batch sizes and final state in $CXRMEM_TEST_DUMP."""
+    """``train.py argv`` on one rank, recording what the module docstring says in $CXRMEM_TEST_DUMP."""
     from cxrmem.cli import train_main
     from cxrmem.train import phases
     from cxrmem.train.distributed import unwrap
 
     dump, rank = Path(os.environ[DUMP_ENV]), int(os.environ["RANK"])
-    replaced, batch_sizes = [], []
+    replaced, batch_sizes, batches, epochs, values = [], [], [], [], []
     real_replace, real_make_learner, real_train = os.replace, phases.make_learner, phases.train
 
     def logged_replace(src, dst, *args, **kwargs):
@@ -60,6 +93,7 @@ def spy_and_train(argv: list[str]) -> int:
     def make_learner(*args, **kwargs):
         learn = real_make_learner(*args, **kwargs)
         batch_sizes.append(learn.dls.train.bs)
+        learn.add_cb(epoch_spy(batches, epochs, values))
         return learn
 
     def train(*args, **kwargs):
@@ -71,8 +105,9 @@ def spy_and_train(argv: list[str]) -> int:
     try:
         return train_main(argv)
     finally:
-        record = {"replaced": replaced, "batch_sizes": batch_sizes}
+        record = {"replaced": replaced, "batch_sizes": batch_sizes, "batches": batches, "values": values}
         (dump / f"rank{rank}.json").write_text(json.dumps(record))
+        torch.save(epochs, dump / f"epochs_rank{rank}.pt")
 
 
 # --------------------------------------------------------------------------- the tests
@@ -99,13 +134,13 @@ def ddp_run(tmp_path_factory):
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                __file__, "--config", str(config), "--data_dir", str(data), "--output_dir", str(run_dir)]
     env = {**os.environ, DUMP_ENV: str(dump), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     records = [json.loads((dump / f"rank{r}.json").read_text()) for r in range(WORLD)]
     states = [torch.load(dump / f"state_rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    epochs = [torch.load(dump / f"epochs_rank{r}.pt", weights_only=True) for r in range(WORLD)]
     return SimpleNamespace(run_dir=run_dir, config=config, data=data, stdout=done.stdout, records=records,
-                           states=states, seconds=time.perf_counter() - started)
+                           states=states, epochs=epochs)
 
 
 def evaluation_frame(run):
@@ -138,6 +173,25 @@ def test_one_run_folder_written_by_rank_0_only_and_one_report(ddp_run):
 def test_each_process_gets_the_configured_batch_divided_by_the_world_size(ddp_run):
     for record in ddp_run.records:
         assert record["batch_sizes"] == [8 // WORLD, 16 // WORLD]
+
+
+def test_ranks_train_on_different_images_in_step_with_one_bank(ddp_run):
+    first, second = (record["batches"] for record in ddp_run.records)
+    assert len(first) == len(second) > 0
+    assert first != second  # each rank its own shard
+    assert len(ddp_run.epochs[0]) == len(ddp_run.epochs[1]) == 3  # phase 1 frozen, unfrozen; phase 2
+    for epoch, (mine, theirs) in enumerate(zip(*ddp_run.epochs)):
+        for key, value in mine["parameters"].items():
+            assert torch.equal(value, theirs["parameters"][key]), (epoch, key)
+        for key, value in mine["bank"].items():
+            assert torch.equal(value, theirs["bank"][key]), (epoch, key)
+        assert int(mine["bank"]["filled"]) > 0
+
+
+def test_every_rank_sees_the_same_epoch_losses_and_metrics(ddp_run):
+    first, second = ([[repr(v) for v in row] for row in record["values"]] for record in ddp_run.records)
+    assert len(first) == 3
+    assert first == second  # bit for bit (NaN included), so all ranks save, stop early and reload together
 
 
 def test_every_rank_ends_with_the_same_weights_and_bank(ddp_run):

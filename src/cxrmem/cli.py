@@ -8,6 +8,7 @@ data -> (check | evaluate | train) -> report. Mistakes a user can fix end with
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from dataclasses import replace
@@ -93,7 +94,8 @@ def start_run_folder(cfg, args) -> None:
 
 def run(cfg, args) -> int:
     if args.print_config:
-        print(dump_yaml(cfg), end="")
+        if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun: rank 0 only
+            print(dump_yaml(cfg), end="")
         return 0
 
     from .train import distributed

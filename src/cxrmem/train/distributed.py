@@ -28,10 +28,11 @@ a no-op that returns its input, so the single-process behaviour is unchanged.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
-import shutil
 import tempfile
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,9 +41,9 @@ import torch.distributed as dist
 from ..errors import UserError
 
 __all__ = [
-    "rank", "world_size", "local_rank", "is_main_process", "is_distributed", "session", "device",
-    "barrier", "seed_per_rank", "per_rank_batch_size", "on_main", "share_main_state", "load_on_main", "make_distributed",
-    "lr_find_restoring", "shard_rows", "without_gathering", "gather_predictions", "unwrap",
+    "rank", "world_size", "local_rank", "is_main_process", "is_distributed", "session", "device", "barrier",
+    "unwrap", "seed_per_rank", "per_rank_batch_size", "on_main", "share_main_state", "load_on_main",
+    "make_distributed", "lr_find_restoring", "shard_rows", "without_gathering", "gather_predictions",
 ]
 
 
@@ -137,6 +138,7 @@ def session():
                 yield
     finally:
         if joined:
+            gc.collect()  # drop unreachable DDP wrappers, which hold the group, while Python is fully alive
             dist.destroy_process_group()
 
 
@@ -201,16 +203,25 @@ def on_main(work):
     return value
 
 
+def _communication_device() -> torch.device:
+    """Where the backend's tensors must live: the current GPU for nccl, the CPU for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 @torch.no_grad()
 def share_main_state(module) -> None:
-    """Copy rank 0's parameters and buffers into the same module on every other rank, in place."""
+    """Copy rank 0's parameters and buffers into the same module on every other rank, in place
+    (wherever the module lives). No-op with one process."""
     if not is_distributed():
         return
+    where = _communication_device()
     for tensor in unwrap(module).state_dict().values():
-        if tensor.is_contiguous():
+        if tensor.device == where and tensor.is_contiguous():
             dist.broadcast(tensor, src=0)
         else:
-            buffer = tensor.contiguous()
+            buffer = tensor.to(where).contiguous()
             dist.broadcast(buffer, src=0)
             tensor.copy_(buffer)
 
@@ -238,16 +249,21 @@ def _fastai_classes():
         """fastai's DistributedDL whose index broadcast also works on gloo (fastai's uses a CUDA tensor)."""
 
         def _broadcast(self, t, rank):
-            where = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            tensor = torch.tensor(list(t), dtype=torch.long, device=where)
+            tensor = torch.tensor(list(t), dtype=torch.long, device=_communication_device())
             dist.broadcast(tensor, rank)
             return tensor.cpu().tolist()
 
     class DistributedTrainer(fd.DistributedTrainer):
-        """fastai's DistributedTrainer with the DistributedDL above."""
+        """fastai's DistributedTrainer with the DistributedDL above, which also lets go of each fit's DDP
+        wrapper when the fit ends (accelerate keeps a reference to every model it prepared: their
+        gradient buckets would pile up, and the process group would outlive destroy_process_group)."""
 
         def _wrap_dl(self, dl):
             return dl if isinstance(dl, fd.DistributedDL) else DistributedDL(dl, device=self.learn.dls.device)
+
+        def after_fit(self):
+            super().after_fit()
+            self.accelerator.free_memory()
 
     return DistributedDL, DistributedTrainer
 
@@ -259,8 +275,10 @@ def make_distributed(learn):
       every epoch (one shuffle, made on rank 0), padded to equal length;
       fastai gathers (and un-pads) predictions and losses for the metrics;
     * the model is wrapped in DDP for each fit; batch norm becomes SyncBatchNorm
-      on CUDA (statistics over the global batch), and stays per-rank on gloo, where
-      DDP broadcasts rank 0's running statistics instead;
+      on CUDA (statistics over the global batch; timm's conversion, which keeps
+      timm's fused norm+activation layers whole, where torch's would drop the
+      activation), and stays per-rank on gloo (SyncBatchNorm needs a GPU), where
+      DDP broadcasts rank 0's running statistics at every step instead;
     * the memory bank's buffers are left out of DDP's broadcasts: the bank
       all-gathers its updates, so every rank already holds the same bank;
     * ranks other than 0 log nothing.
@@ -274,12 +292,24 @@ def make_distributed(learn):
 
     _, DistributedTrainer = _fastai_classes()
     on_cuda = dist.get_backend() == "nccl"
+    if on_cuda:
+        learn.model = synchronised_batch_norm(learn.model)
     ignore_bank_buffers(unwrap(learn.model))
-    learn.add_cb(DistributedTrainer(sync_bn=on_cuda, cpu=not on_cuda,
+    learn.add_cb(DistributedTrainer(sync_bn=False, cpu=not on_cuda,
                                     kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True)]))
     if not is_main_process():
         learn.remove_cbs(learn.cbs.filter(lambda cb: isinstance(cb, ProgressCallback)))
     return learn
+
+
+def synchronised_batch_norm(model):
+    """``model`` with every batch norm layer synchronised over the ranks (in place; same parameters
+    and buffers, so checkpoints keep their keys). Layers already synchronised are left as they are."""
+    if any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()):
+        return model
+    from timm.layers import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(model)
 
 
 def ignore_bank_buffers(model) -> None:
@@ -300,24 +330,24 @@ def lr_find_restoring(learn):
     fastai's LR finder saves the model to a file before and reloads it after,
     but under torchrun only rank 0 writes that file, and only rank 0 then
     enters the barrier inside ``Learner.load``: the ranks would diverge, then
-    hang. So under torchrun the finder's file saving is switched off (and its
-    scratch folder moved out of the run folder), and every rank restores an
-    in-memory copy instead. No-op with one process.
+    hang. So under torchrun the finder's file saving is switched off (and the
+    empty temporary folder it makes goes to the system's temporary folder, not
+    the run folder), and every rank restores an in-memory copy instead. No-op
+    with one process.
     """
     if not is_distributed():
         yield
         return
     model = unwrap(learn.model)
     saved = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-    model_dir, scratch = learn.model_dir, tempfile.mkdtemp(prefix="cxrmem_lr_find_")
-    learn.model_dir = scratch
+    model_dir = learn.model_dir
+    learn.model_dir = Path(tempfile.gettempdir())  # absolute: learn.path / model_dir is this folder
     learn.save = _save_nothing  # instance attribute: hides Learner.save for the finder only
     try:
         yield
     finally:
         del learn.save
         learn.model_dir = model_dir
-        shutil.rmtree(scratch, ignore_errors=True)
     unwrap(learn.model).load_state_dict(saved)
     learn.opt = None
 
@@ -342,11 +372,13 @@ def _local_to_detach(b, cpu=True, gather=True):
     return to_detach(b, cpu=cpu, gather=False)
 
 
-def without_gathering(dl):
-    """Make fastai keep ``dl``'s predictions on this rank (it all-gathers them under torchrun). Returns ``dl``."""
+def without_gathering(learn):
+    """Make ``learn`` keep its predictions and losses on this rank: under torchrun fastai's
+    ``Learner.to_detach`` all-gathers them, which a rank predicting its own share must not do.
+    Returns ``learn``; no-op with one process."""
     if is_distributed():
-        dl.to_detach = _local_to_detach
-    return dl
+        learn.to_detach = _local_to_detach  # instance attribute: fastai's callbacks call learn.to_detach
+    return learn
 
 
 def gather_predictions(probs: np.ndarray, targets: np.ndarray, names: list, expected: list):
@@ -359,6 +391,8 @@ def gather_predictions(probs: np.ndarray, targets: np.ndarray, names: list, expe
     """
     if not is_distributed():
         return probs, targets, names
+    if not len(probs) == len(targets) == len(names):
+        raise RuntimeError(f"{len(probs)} predictions and {len(targets)} targets for {len(names)} images")
     parts = [None] * world_size()
     dist.all_gather_object(parts, (np.asarray(probs), np.asarray(targets), list(names)))
     row_of = {}

@@ -25,6 +25,7 @@ def predict_splits(cfg, model, frame, device) -> dict:
     batch_size = distributed.per_rank_batch_size((cfg.phase2 or cfg.phase1).batch_size)
     dls = build_dataloaders(phase_frame(frame, filter_normal=False), cfg.data, batch_size, device)
     learn = Learner(dls, model.to(device), loss_func=torch.nn.BCEWithLogitsLoss())
+    distributed.without_gathering(learn)  # under torchrun each rank predicts its share; gathered below
     learn.remove_cbs(learn.cbs.filter(lambda cb: type(cb).__name__ == "ProgressCallback"))
     out = {}
     for split in EVAL_SPLITS:
@@ -42,7 +43,7 @@ def predict_rows(learn, dls, rows, batch_size, num_classes) -> tuple[np.ndarray,
     """Probabilities and targets ``[len(rows), num_classes]`` for the rows of a frame, on this process only."""
     if rows.empty:  # a rank's share of a tiny split
         return np.zeros((0, num_classes), np.float32), np.zeros((0, num_classes), np.float32)
-    dl = distributed.without_gathering(dls.test_dl(rows, with_labels=True, bs=batch_size))
+    dl = dls.test_dl(rows, with_labels=True, bs=batch_size)
     probs, targets = learn.get_preds(dl=dl, act=torch.sigmoid)
     return probs.float().numpy(), targets.float().numpy()
 

@@ -119,7 +119,8 @@ class SaveProgress(Callback):
             return
         opt = self.learn.opt.state_dict()
         hypers = [{k: _plain(v) for k, v in h.items()} for h in opt["hypers"]]
-        io.torch_save({"model": unwrap(self.learn.model).state_dict(), "opt": {"state": list(opt["state"]), "hypers": hypers},
+        io.torch_save({"model": unwrap(self.learn.model).state_dict(),
+                       "opt": {"state": list(opt["state"]), "hypers": hypers},
                        "progress": asdict(p)}, self.path)
 
 
