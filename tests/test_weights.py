@@ -9,6 +9,7 @@ import io
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ import torchvision
 
 from conftest import run_cli
 from cxrmem.errors import UserError
-from cxrmem.models.backbones import BACKBONES, build_backbone, pretrained_file
+from cxrmem.models.backbones import BACKBONES, HubFile, build_backbone, pretrained_file
 from cxrmem.weights import main as weights_main
 
 TIMM_NAME = "timm/resnet10t"
@@ -283,6 +284,41 @@ def test_offline_timm_message_names_file_url_and_folder_and_following_it_works(
     (folder / "model.safetensors").write_bytes(data)  # what the message says to do
     assert_same_weights(build_backbone(TIMM_NAME, pretrained=True).body.model, state)
     assert fake_hub.requests == []
+
+
+HUB_CACHE_ENVIRONMENTS = [
+    {},
+    {"XDG_CACHE_HOME": "/xdg"},
+    {"XDG_CACHE_HOME": "/xdg", "HF_HOME": "~/hf-home"},
+    {"HF_HOME": "/hf-home", "HUGGINGFACE_HUB_CACHE": "/legacy"},
+    {"HF_HOME": "/hf-home", "HUGGINGFACE_HUB_CACHE": "/legacy", "HF_HUB_CACHE": "$HOME/hub-cache"},
+]
+
+
+def test_hub_cache_folder_is_the_one_the_hub_itself_resolves(monkeypatch):
+    """The hub resolves its cache once, at import: reload it in a child process for each environment."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import importlib, json, os, sys\n"
+        "import huggingface_hub.constants as constants\n"
+        "for env in json.loads(sys.argv[1]):\n"
+        "    for key in ('HF_HOME', 'HF_HUB_CACHE', 'HUGGINGFACE_HUB_CACHE', 'XDG_CACHE_HOME'):\n"
+        "        os.environ.pop(key, None)\n"
+        "    os.environ.update(env)\n"
+        "    print(importlib.reload(constants).HF_HUB_CACHE)\n"
+    )
+    child = subprocess.run([sys.executable, "-c", script, json.dumps(HUB_CACHE_ENVIRONMENTS)],
+                           capture_output=True, text=True, check=True, env={"HOME": "/home/someone"})
+    for env, expected in zip(HUB_CACHE_ENVIRONMENTS, child.stdout.splitlines(), strict=True):
+        monkeypatch.setenv("HOME", "/home/someone")
+        for key in ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert HubFile(TIMM_REPO, ("model.safetensors",)).cache_dir == Path(expected), env
 
 
 def test_hub_safetensors_file_as_model_weights(tmp_path, timm_weights):

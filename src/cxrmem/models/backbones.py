@@ -100,13 +100,13 @@ class TorchCacheFile:
 
 
 def _hf_cache_dir() -> Path:
-    """The Hugging Face hub cache, resolved from the environment now (HF_HUB_CACHE, HF_HOME, XDG_CACHE_HOME)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]) / "hub"
-    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache_home) / "huggingface" / "hub"
+    """The Hugging Face hub cache as the hub resolves it, but from the environment now (the hub reads it once,
+    at import): HF_HUB_CACHE, else HUGGINGFACE_HUB_CACHE, else ``$HF_HOME/hub``, else
+    ``${XDG_CACHE_HOME:-~/.cache}/huggingface/hub``."""
+    env = os.environ.get
+    home = env("HF_HOME") or os.path.join(env("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface")
+    cache = env("HF_HUB_CACHE") or env("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return Path(os.path.expanduser(os.path.expandvars(cache)))
 
 
 @dataclass(frozen=True)
