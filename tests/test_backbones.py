@@ -1,23 +1,28 @@
-"""Backbones: every registered name builds, weights come only from local files, errors are one line."""
+"""Backbones: every registered name builds, weights come from the caches or local files, errors are one line.
+
+Downloads (served on 127.0.0.1) and the cxrmem-weights command are tested in test_weights.py."""
 
 import pytest
 import torch
 import torchvision
 
 from cxrmem.errors import UserError
-from cxrmem.models.backbones import BACKBONES, build_backbone
+from cxrmem.models.backbones import BACKBONES, build_backbone, pretrained_file
 from cxrmem.models.net import CXRNet
+from test_weights import refuse_network, set_hub_offline
 
 TIMM_NAME = "timm/resnet10t"
 
 
 @pytest.fixture
 def empty_caches(tmp_path, monkeypatch):
-    """Point the torch hub and Hugging Face caches at empty folders."""
+    """Point the torch hub and Hugging Face caches at empty folders, on a machine without internet."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    refuse_network(monkeypatch)
+    set_hub_offline(monkeypatch)
     return tmp_path
 
 
@@ -55,6 +60,8 @@ def test_pretrained_without_cached_weights_is_a_one_line_user_error(name, empty_
     assert f"pretrained weights for {name} are not in the" in message
     assert str(empty_caches) in message
     assert "model.pretrained: false" in message and "model.weights" in message
+    file = pretrained_file(name)
+    assert f"put {file.filename} from {file.url} into {file.folder}" in message
 
 
 def test_pretrained_torchvision_weights_come_from_the_torch_cache(empty_caches):

@@ -9,20 +9,26 @@ model itself.
 Names: the torchvision models in :data:`BACKBONES`, and any timm model as
 ``timm/<name>`` (``timm/convnext_tiny``, ``timm/resnet10t.c3_in1k``).
 
-Weights never come from the network: ``pretrained=True`` uses the local torch
-hub cache (torchvision, timm URL weights) or the Hugging Face cache (timm), and
-``weights=<file>`` loads a local state dict of the full model or of the body.
+Weights: ``pretrained=True`` takes the ImageNet weights the way torchvision and
+timm do: downloaded by their own loaders on first use into their usual caches
+(torch hub's ``checkpoints`` folder; the Hugging Face hub cache for timm), read
+from there afterwards. :func:`pretrained_file` says which file, from which URL,
+into which folder. ``weights=<file>`` loads a local state dict of the full model
+or of the body.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import posixpath
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar, Iterator, Union
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +37,10 @@ from torch import Tensor, nn
 
 from cxrmem.errors import UserError
 
-__all__ = ["Backbone", "BACKBONES", "TIMM_PREFIX", "build_backbone", "pool_features", "global_average_pool"]
+__all__ = [
+    "Backbone", "BACKBONES", "TIMM_PREFIX", "TorchCacheFile", "HubFile", "build_backbone", "pretrained_file",
+    "pool_features", "global_average_pool",
+]
 
 TIMM_PREFIX = "timm/"
 
@@ -60,13 +69,132 @@ class Backbone:
         return pool_features(self.body, feature_map)
 
 
+# --------------------------------------------------------------------------- pretrained weights files
+
+
+@dataclass(frozen=True)
+class TorchCacheFile:
+    """A file that ``torch.hub.load_state_dict_from_url`` downloads from ``url`` into
+    ``<torch hub dir>/checkpoints/<last part of the url>`` (``TORCH_HOME`` moves the hub dir).
+    """
+
+    url: str
+    cache_name: ClassVar[str] = "torch cache"
+
+    @property
+    def filename(self) -> str:
+        return posixpath.basename(urlparse(self.url).path)
+
+    @property
+    def folder(self) -> Path:
+        return Path(torch.hub.get_dir()) / "checkpoints"
+
+    @property
+    def cache_dir(self) -> Path:
+        """What timm's ``create_model(cache_dir=...)`` takes for this file."""
+        return self.folder
+
+    def cached(self) -> Path | None:
+        path = self.folder / self.filename
+        return path if path.is_file() else None
+
+
+def _hf_cache_dir() -> Path:
+    """The Hugging Face hub cache as the hub resolves it, but from the environment now (the hub reads it once,
+    at import): HF_HUB_CACHE, else HUGGINGFACE_HUB_CACHE, else ``$HF_HOME/hub``, else
+    ``${XDG_CACHE_HOME:-~/.cache}/huggingface/hub``."""
+    env = os.environ.get
+    home = env("HF_HOME") or os.path.join(env("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface")
+    cache = env("HF_HUB_CACHE") or env("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return Path(os.path.expanduser(os.path.expandvars(cache)))
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """A weights file of a Hugging Face Hub repository. The hub cache keeps it as
+    ``<cache>/models--<owner>--<repo>/snapshots/<revision>/<filename>`` (a commit hash, or
+    ``main`` for a file put there by hand); ``filenames`` are the names timm tries, in order.
+    """
+
+    repo_id: str
+    filenames: tuple[str, ...]
+    revision: str | None = None
+    cache_name: ClassVar[str] = "Hugging Face cache"
+
+    @property
+    def filename(self) -> str:
+        return self.filenames[0]
+
+    @property
+    def url(self) -> str:
+        from huggingface_hub import hf_hub_url
+
+        return hf_hub_url(self.repo_id, self.filename, revision=self.revision)
+
+    @property
+    def cache_dir(self) -> Path:
+        return _hf_cache_dir()
+
+    @property
+    def folder(self) -> Path:
+        repo_folder = "models--" + self.repo_id.replace("/", "--")
+        return self.cache_dir / repo_folder / "snapshots" / (self.revision or "main")
+
+    def cached(self) -> Path | None:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in self.filenames:
+            found = try_to_load_from_cache(self.repo_id, filename, cache_dir=self.cache_dir, revision=self.revision)
+            if isinstance(found, str):
+                return Path(found)
+        return None
+
+
+WeightsFile = Union[TorchCacheFile, HubFile]
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of the innermost cause ("Connection refused", "invalid hash value ...")."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return _first_line(error)[:200]
+
+
+@contextmanager
+def _fetching(name: str, file: WeightsFile) -> Iterator[None]:
+    """Around a library call that downloads ``file`` when it is not cached and loads it.
+
+    A failure leaves no file in the cache when the download failed (both loaders
+    write to a temporary file and rename it once complete and, for torchvision,
+    hash-checked): then the one-line error says what to fetch from where into
+    which folder. A file that is cached but does not load is named for deletion.
+    """
+    try:
+        yield
+    except Exception as error:  # urllib, httpx, hub, pickle and torch errors: too many types to list
+        cached = file.cached()
+        if cached is None:
+            raise UserError(
+                f"pretrained weights for {name} are not in the {file.cache_name} and could not be downloaded "
+                f"({_reason(error)}); put {file.filename} from {file.url} into {file.folder} "
+                f"(cxrmem-weights download {name} fetches it on a machine with internet), "
+                "or set model.pretrained: false or model.weights: <file>"
+            ) from error
+        raise UserError(
+            f"cached pretrained weights {cached} for {name} could not be loaded ({_first_line(error)}); "
+            "delete the file and download it again, or set model.pretrained: false"
+        ) from error
+
+
 @dataclass(frozen=True)
 class _Source:
-    """Where a backbone comes from: ``create(pretrained)`` -> full model, ``cut(model)`` -> Backbone."""
+    """Where a backbone comes from: ``create(pretrained)`` -> full model, ``cut(model)`` -> Backbone;
+    ``weights_file``: its pretrained weights (None when it has none)."""
 
     name: str
     create: Callable[[bool], nn.Module]
     cut: Callable[[nn.Module], Backbone]
+    weights_file: WeightsFile | None
 
 
 # --------------------------------------------------------------------------- torchvision
@@ -90,40 +218,22 @@ def _densenet_body(name: str, model: nn.Module) -> Backbone:
     return Backbone(name, body, model.classifier.in_features)
 
 
-def _torch_cache_checkpoint(url: str) -> Path:
-    """Where ``torch.hub`` keeps the file downloaded from ``url``."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-
-
-def _not_cached(name: str, where: str) -> UserError:
-    return UserError(
-        f"pretrained weights for {name} are not in the {where}; "
-        "set model.pretrained: false or model.weights: <file>"
-    )
-
-
 def _create_torchvision(name: str, constructor: Callable, weights, pretrained: bool) -> nn.Module:
-    """The full torchvision model; pretrained weights only from the local torch hub cache."""
+    """The full torchvision model; ``pretrained``: torchvision loads ``weights`` through
+    ``load_state_dict_from_url`` (downloaded and hash-checked on first use, then from the torch cache)."""
     if not pretrained:
         return constructor(weights=None)
-    checkpoint = _torch_cache_checkpoint(weights.url)
-    if not checkpoint.is_file():
-        raise _not_cached(name, f"torch cache ({checkpoint})")
-    try:
+    with _fetching(name, TorchCacheFile(weights.url)):
         return constructor(weights=weights)
-    except (RuntimeError, OSError, ValueError) as error:
-        raise UserError(
-            f"cached pretrained weights {checkpoint} for {name} could not be loaded ({_first_line(error)}); "
-            "delete the file and download it again, or set model.pretrained: false"
-        ) from error
 
 
 def _torchvision(constructor: Callable, weights_enum, cut: Callable) -> Callable[[str], _Source]:
     """Registry entry for a torchvision model (its ImageNet weights: ``weights_enum.DEFAULT``)."""
 
     def source(name: str) -> _Source:
-        create = partial(_create_torchvision, name, constructor, weights_enum.DEFAULT)
-        return _Source(name, create, partial(cut, name))
+        weights = weights_enum.DEFAULT
+        create = partial(_create_torchvision, name, constructor, weights)
+        return _Source(name, create, partial(cut, name), TorchCacheFile(weights.url))
 
     return source
 
@@ -162,53 +272,47 @@ class TimmBody(nn.Module):
         return self.model.forward_head(feature_map, pre_logits=True)
 
 
-def _hf_cache_dir() -> Path:
-    """The Hugging Face hub cache, resolved from the environment now (HF_HUB_CACHE, HF_HOME, XDG_CACHE_HOME)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]) / "hub"
-    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache_home) / "huggingface" / "hub"
+#: timm's preferred safetensors twin of a pickled file on the hub
+_SAFETENSORS_TWINS = {
+    "pytorch_model.bin": "model.safetensors",
+    "open_clip_pytorch_model.bin": "open_clip_model.safetensors",
+}
 
 
-def _cached_timm_weights(model_name: str) -> Path | None:
-    """A locally cached weights file for a timm model (Hugging Face cache first, then the torch cache)."""
+def _timm_file(model_name: str) -> WeightsFile | None:
+    """Where timm takes ``model_name``'s pretrained weights from: its Hugging Face repository when it
+    has one (a ``.bin`` file's safetensors twin first), else its URL; None when timm has none."""
     import timm.models
 
     cfg = timm.models.get_pretrained_cfg(model_name)
     if cfg is None:
         return None
     if cfg.hf_hub_id:
-        from huggingface_hub import try_to_load_from_cache
-
-        filenames = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
-        for filename in filenames:
-            found = try_to_load_from_cache(cfg.hf_hub_id, filename, cache_dir=_hf_cache_dir())
-            if isinstance(found, str):
-                return Path(found)
-    if cfg.url and _torch_cache_checkpoint(cfg.url).is_file():
-        return _torch_cache_checkpoint(cfg.url)
-    return None
+        repo_id, _, revision = cfg.hf_hub_id.partition("@")
+        filename = cfg.hf_hub_filename or "pytorch_model.bin"
+        twin = _SAFETENSORS_TWINS.get(filename, filename[: -len(".bin")] + ".safetensors")
+        filenames = (twin, filename) if filename.endswith(".bin") else (filename,)
+        return HubFile(repo_id, filenames, revision or None)
+    return TorchCacheFile(cfg.url) if cfg.url else None
 
 
-def _create_timm(name: str, model_name: str, pretrained: bool) -> nn.Module:
-    """The full timm model; pretrained weights only from a local cache file (never downloaded)."""
+def _create_timm(name: str, model_name: str, file: WeightsFile | None, pretrained: bool) -> nn.Module:
+    """The full timm model; ``pretrained``: a cached file is loaded as is (no request at all), else
+    ``create_model(pretrained=True)`` downloads it into ``file``'s cache."""
     import timm
 
     if not pretrained:
         return timm.create_model(model_name, pretrained=False)
-    cached = _cached_timm_weights(model_name)
-    if cached is None:
-        where = f"Hugging Face cache ({_hf_cache_dir()}) or torch cache ({Path(torch.hub.get_dir()) / 'checkpoints'})"
-        raise _not_cached(name, where)
-    try:
-        return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay={"file": str(cached)})
-    except (RuntimeError, OSError, ValueError, KeyError) as error:
+    if file is None:
         raise UserError(
-            f"cached pretrained weights {cached} for {name} could not be loaded ({_first_line(error)}); "
-            "delete the file and download it again, or set model.pretrained: false"
-        ) from error
+            f"model.pretrained: timm has no pretrained weights for {name}; "
+            "set model.pretrained: false or pick a model listed by timm.list_pretrained()"
+        )
+    with _fetching(name, file):
+        cached = file.cached()
+        if cached is not None:
+            return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay={"file": str(cached)})
+        return timm.create_model(model_name, pretrained=True, cache_dir=file.cache_dir)
 
 
 def _timm_body(name: str, model: nn.Module) -> Backbone:
@@ -228,7 +332,8 @@ def _timm_source(name: str) -> _Source:
             f"model.backbone: unknown timm model {model_name!r} (did you mean {closest}?); "
             "see timm.list_models() for the names"
         )
-    return _Source(name, partial(_create_timm, name, model_name), partial(_timm_body, name))
+    file = _timm_file(model_name)
+    return _Source(name, partial(_create_timm, name, model_name, file), partial(_timm_body, name), file)
 
 
 # --------------------------------------------------------------------------- lookup and loading
@@ -255,12 +360,21 @@ def _source_for(name: str) -> _Source:
     )
 
 
+def _load_file(path: Path):
+    """A ``.safetensors`` file (as the Hugging Face hub serves timm weights), else ``torch.load(weights_only=True)``."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _read_state_dict(path: Path) -> dict:
-    """``torch.load(weights_only=True)``; a ``{'state_dict': ...}`` or ``{'model': ...}`` wrapper is unwrapped."""
+    """The file's tensors; a ``{'state_dict': ...}`` or ``{'model': ...}`` wrapper is unwrapped."""
     if not path.is_file():
         raise UserError(f"model.weights: file {path} does not exist; fix the path or set model.weights: null")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _load_file(path)
     except Exception as error:  # unpickling failures have many types
         raise UserError(
             f"model.weights: {path} is not a readable weights file ({_first_line(error)}); "
@@ -312,10 +426,17 @@ def _load_local_weights(source: _Source, path: Path) -> Backbone:
     )
 
 
-def build_backbone(name: str, pretrained: bool = False, weights: str | os.PathLike | None = None) -> Backbone:
-    """The backbone ``name`` with random, cached-pretrained (``pretrained``) or local (``weights``) weights.
+def pretrained_file(name: str) -> WeightsFile | None:
+    """The file that ``build_backbone(name, pretrained=True)`` loads: its ``filename``, ``url``, cache
+    ``folder`` and ``cached()`` path; None for a timm model without pretrained weights."""
+    return _source_for(name).weights_file
 
-    ``weights`` takes precedence over ``pretrained``. Nothing is downloaded.
+
+def build_backbone(name: str, pretrained: bool = False, weights: str | os.PathLike | None = None) -> Backbone:
+    """The backbone ``name`` with random, pretrained (``pretrained``) or local (``weights``) weights.
+
+    ``weights`` takes precedence over ``pretrained``. Pretrained weights are downloaded on
+    first use into the library's cache; when that fails, a UserError names file, URL and folder.
     """
     source = _source_for(name)
     if weights is not None:
