@@ -38,10 +38,8 @@ LOSS_NAMES = {"asymmetric": "asl"}
 FASTAI_MIXUP_ALPHA = 0.4
 
 #: Memory types of the reference's advanced banks. Its train.py only printed the type and built the
-#: plain bank with the default strategy, so a file naming one trains the plain bank here too.
+#: plain bank with the file's (or the default) strategy, so a file naming one trains the plain bank here too.
 ADVANCED_MEMORY_TYPES = ("loss_aware", "attention", "prototype")
-#: What the reference's train.py fell back to when a memory section named no strategy.
-PLAIN_BANK_FALLBACK = {"update_strategy": "rarity", "rarity_threshold": 0.2}
 #: Settings read only by those advanced banks (``momentum`` included: the phases set the momentum).
 ADVANCED_MEMORY_KEYS = ("update_mode", "adaptive_k", "min_k", "max_k", "num_heads", "dropout",
                         "num_prototypes", "update_freq", "momentum")
@@ -209,13 +207,10 @@ def memory_type(t: Translation, key: str, value) -> None:
         t.refuse(key, f"{value!r} is not one of the reference's memory types "
                       f"({', '.join(ADVANCED_MEMORY_TYPES)}); remove the key and choose memory.update_strategy")
     t.pop(key)
-    for name, fallback in PLAIN_BANK_FALLBACK.items():
-        if not t.has(f"memory.{name}"):
-            t.put(f"memory.{name}", fallback)
+    strategy = t.get("memory.update_strategy", "rarity")
     t.warnings.append(
         f"{key}: {value!r} in {t.source} is not implemented; training the plain memory bank "
-        f"(update_strategy {t.get('memory.update_strategy')}), which is what the reference's train.py did too: "
-        f"it only printed the type")
+        f"(update_strategy {strategy}), which is what the reference's train.py did too: it only printed the type")
 
 
 def save_name(t: Translation, key: str, value) -> None:
@@ -237,11 +232,11 @@ RULES: dict[str, Rule] = {
     "memory.memory_type": memory_type,
     **{f"memory.{name}": dropped for name in ADVANCED_MEMORY_KEYS},
     "phase1.lr": rename("phase1.base_lr"),
+    "phase1.min_delta_early_stop": dropped,
     **{f"{phase}.{name}": rule for phase in PHASES for name, rule in {
         "loss": loss_name,
         "optimizer": optimizer,
         "min_delta": dropped,
-        "min_delta_early_stop": dropped,
         "save_best": save_best,
         "save_name": save_name,
         "num_workers": num_workers,
