@@ -212,9 +212,11 @@ def test_non_finite_numbers_from_set_are_refused(where, tmp_path, capsys):
     assert status == 2 and "not a finite number" in err and where[1].split("=")[0] in err
 
 
-@pytest.mark.parametrize("text, key", [("data:\n  image_size: [.inf, .inf]\n", "data.image_size[0]"),
-                                       ("phase1:\n  min_delta: .nan\n", "phase1.min_delta"),
-                                       ("phase1:\n  early_stopping_patience: .inf\n", "phase1.early_stopping_patience")])
+@pytest.mark.parametrize("text, key", [
+    ("data:\n  image_size: [.inf, .inf]\n", "data.image_size[0]"),
+    ("phase1:\n  min_delta: .nan\n", "phase1.min_delta"),
+    ("phase1:\n  early_stopping_patience: .inf\n", "phase1.early_stopping_patience"),
+])
 def test_non_finite_numbers_are_refused_wherever_they_stand(text, key, tmp_path, capsys):
     path = tmp_path / "nan.yaml"
     path.write_text(text)
@@ -250,7 +252,8 @@ def test_warmup_and_mixup_keys():
     ({"phase1": {"mixup": -0.1}}, "phase1.mixup: -0.1 is out of range; it must be >= 0.0"),
     ({"phase1": {"early_stopping_patience": 0}}, "phase1.early_stopping_patience: 0 is out of range; it must be >= 1"),
     ({"phase2": {"early_stopping_patience": "never"}}, "expected an integer or null"),
-    ({"phase1": {"freeze_epochs": 0, "total_epochs": 0}}, "phase1: freeze_epochs (or warmup_epochs) + total_epochs is 0"),
+    ({"phase1": {"freeze_epochs": 0, "total_epochs": 0}},
+     "phase1: freeze_epochs (or warmup_epochs) + total_epochs is 0"),
 ])
 def test_new_keys_are_validated(raw, fragment):
     with pytest.raises(UserError) as info:

@@ -64,7 +64,7 @@ class Translation:
     source: str
     changed: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+    cautions: list[str] = field(default_factory=list)  # one warning each
     save_names: dict[str, str] = field(default_factory=dict)
     workers: dict[str, Any] = field(default_factory=dict)
 
@@ -115,7 +115,7 @@ class Translation:
         """Warn about what behaves differently; print one ``note:`` line listing the translation."""
         if os.environ.get("RANK", "0") not in ("", "0"):  # under torchrun: rank 0 only
             return
-        for message in self.warnings:
+        for message in self.cautions:
             warnings.warn(message, stacklevel=3)
         if self.changed or self.dropped:
             print(f"note: {self.summary()}", file=sys.stderr)
@@ -208,7 +208,7 @@ def memory_type(t: Translation, key: str, value) -> None:
                       f"({', '.join(ADVANCED_MEMORY_TYPES)}); remove the key and choose memory.update_strategy")
     t.pop(key)
     strategy = t.get("memory.update_strategy", "rarity")
-    t.warnings.append(
+    t.cautions.append(
         f"{key}: {value!r} in {t.source} is not implemented; training the plain memory bank "
         f"(update_strategy {strategy}), which is what the reference's train.py did too: it only printed the type")
 
