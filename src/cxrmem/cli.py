@@ -46,24 +46,43 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def legacy_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="train_fastai.py", description="Legacy entry: run the experiment "
-                                     "configs/experiments/<NAME>.yaml on a data folder.")
+    parser = argparse.ArgumentParser(
+        prog="train_fastai.py", description="Legacy entry: run an experiment by name. The nine names of the "
+        "reference's Python table (e.g. memory_rarity_effv2s) take that table's settings; any other name runs "
+        "configs/experiments/<NAME>.yaml.")
     parser.add_argument("--experiment", required=True, help="experiment name, e.g. memory_rarity_effv2s")
     add_common_options(parser)
     return parser
 
 
-def experiment_config_path(name: str) -> Path:
-    """configs/experiments/<name>.yaml, relative to the working directory (the project root)."""
-    path = EXPERIMENTS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        import difflib
+def experiment_dirs() -> list[Path]:
+    """Where ``--experiment NAME`` looks for NAME.yaml after the legacy table: configs/experiments
+    under the working directory, then under the source checkout this package runs from (an installed
+    wheel has no such checkout, so there only the working directory counts)."""
+    root = Path(__file__).resolve().parents[2]  # <root>/src/cxrmem/cli.py in a checkout
+    dirs = [Path.cwd() / EXPERIMENTS_DIR]
+    if (root / "pyproject.toml").is_file():
+        dirs.append(root / EXPERIMENTS_DIR)
+    return list(dict.fromkeys(d.resolve() for d in dirs if d.is_dir()))
 
-        names = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f"did you mean {close[0]}?" if close else f"choose one of {', '.join(names)}"
-        raise UserError(f"no experiment named {name!r} in {EXPERIMENTS_DIR}; {hint}")
-    return path
+
+def experiment_config_path(name: str) -> Path:
+    """The file behind ``--experiment NAME``: the legacy table's entry first, then NAME.yaml in
+    :func:`experiment_dirs`, in order."""
+    from .reference import legacy_experiments
+
+    legacy = legacy_experiments()
+    if name in legacy:
+        return legacy[name]
+    for folder in experiment_dirs():
+        if (folder / f"{name}.yaml").is_file():
+            return folder / f"{name}.yaml"
+    import difflib
+
+    names = sorted(set(legacy) | {p.stem for d in experiment_dirs() for p in d.glob("*.yaml")})
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"did you mean {close[0]}?" if close else f"choose one of {', '.join(names)}"
+    raise UserError(f"no experiment named {name!r} in the legacy table or {EXPERIMENTS_DIR}; {hint}")
 
 
 # --------------------------------------------------------------------------- the pipeline

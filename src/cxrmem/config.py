@@ -6,6 +6,10 @@ A file may be short; whatever it leaves out takes the default.
 
 Contract of :func:`load_config`:
 
+* the file is read strictly: an empty file, a key named twice in one mapping, or a
+  non-finite number (``.nan``, ``.inf``) -> ``UserError`` naming the file and the key;
+* files written for the reference implementation are translated first
+  (:mod:`cxrmem.reference`), with one ``note:`` line saying what changed;
 * unknown keys -> ``UserError`` naming the key, the file and the closest valid key;
 * wrong type / out of range -> ``UserError`` naming the key and what is allowed;
 * ``--set a.b=value`` overrides are parsed as YAML scalars and validated the same way.
@@ -16,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +28,21 @@ from typing import Any
 
 import yaml
 
+from . import reference
 from .errors import UserError
 
 # --------------------------------------------------------------------------- schema helpers
 
 
-def opt(default, doc: str, *, lo=None, hi=None, lo_open=False, hi_open=False, choices=None, kind=None):
-    """A schema field: default, meaning and allowed values (closed [lo, hi] unless *_open)."""
-    meta = dict(doc=doc, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, choices=choices, kind=kind)
+def opt(default, doc: str, *, lo=None, hi=None, lo_open=False, hi_open=False, choices=None, kind=None,
+        nullable=False, value_type=None):
+    """A schema field: default, meaning and allowed values (closed [lo, hi] unless *_open).
+
+    ``nullable``: null is also allowed (its meaning is in ``doc``); ``value_type``: the value's type
+    when the default (null) does not show it.
+    """
+    meta = dict(doc=doc, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, choices=choices, kind=kind,
+                nullable=nullable, value_type=value_type)
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -60,7 +72,7 @@ class ModelConfig:
     )
     pretrained: bool = opt(True, "start from ImageNet weights found in the local torch/timm cache")
     weights: str | None = opt(None, "path of a local state dict to start the backbone from", kind="path")
-    dropout_rate: float = opt(0.2, "dropout before the last linear layer of the head", lo=0.0, hi=1.0, hi_open=True)
+    dropout_rate: float = opt(0.3, "dropout before the last linear layer of the head", lo=0.0, hi=1.0, hi_open=True)
     precision: str = opt("auto", "auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16",
                          choices=("auto", "fp32", "fp16", "bf16"))
     channels_last: str = opt("auto", "auto (on CUDA), true or false", choices=("auto", "true", "false"))
@@ -103,8 +115,9 @@ class DataConfig:
                         kind="path")
     image_size: int = opt(224, "side of the network input in pixels", lo=16)
     seed: int = opt(42, "seed for the splits, data order, augmentation and initialisation")
-    valid_pct: float = opt(0.1, "fraction of train_val patients held out for validation",
-                           lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    valid_pct: float = opt(0.1, "fraction of train_val patients held out for validation; 0: train on every "
+                           "train_val image, without early stopping, keeping the last epoch",
+                           lo=0.0, hi=1.0, hi_open=True)
     num_workers: int | str = opt("auto", "DataLoader worker processes: auto or a number", lo=0, kind="auto_int")
     missing_images: str = opt("error", "images listed in the CSV but absent on disk: error or drop",
                               choices=("error", "drop"))
@@ -124,8 +137,17 @@ class Phase1Config:
     freeze_epochs: int = opt(3, "epochs with the backbone frozen", lo=0)
     total_epochs: int = opt(20, "epochs with all layers trained, after the frozen ones", lo=0)
     weight_decay: float = opt(1e-2, "AdamW weight decay", lo=0.0)
-    early_stopping_patience: int = opt(5, "epochs without valid_loss improvement before stopping", lo=1)
+    early_stopping_patience: int | None = opt(5, "epochs without valid_loss improvement before stopping; "
+                                              "null: no early stopping", lo=1, nullable=True)
     memory_momentum: float = opt(0.9, "memory bank momentum during this phase", lo=0.0, hi=1.0, hi_open=True)
+    warmup_epochs: int = opt(
+        0, "> 0: instead of fastai's fine_tune, fit_one_cycle(warmup_epochs, lr_max=warmup_lr) with the backbone "
+        "frozen, then fit_one_cycle(total_epochs, lr_max=base_lr) with every layer at that one LR; "
+        "freeze_epochs is then unused", lo=0)
+    warmup_lr: float | None = opt(None, "peak LR of the warmup epochs; null: base_lr / 10 (base_lr from the LR "
+                                  "finder when it is on)", lo=0.0, lo_open=True, nullable=True, value_type=float)
+    mixup: float = opt(0.0, "fastai MixUp alpha: each training image and its targets blended with another "
+                       "of the batch, weight lam ~ Beta(alpha, alpha) taken >= 0.5; 0: off", lo=0.0)
 
 
 @dataclass
@@ -137,9 +159,11 @@ class Phase2Config:
     lr_min: float = opt(2e-5, "discriminative LR of the backbone (slice start)", lo=0.0, lo_open=True)
     lr_max: float = opt(8e-5, "LR of the head (slice end)", lo=0.0, lo_open=True)
     weight_decay: float = opt(1e-2, "AdamW weight decay", lo=0.0)
-    early_stopping_patience: int = opt(3, "epochs without valid_loss improvement before stopping", lo=1)
+    early_stopping_patience: int | None = opt(3, "epochs without valid_loss improvement before stopping; "
+                                              "null: no early stopping", lo=1, nullable=True)
     memory_momentum: float = opt(0.9999, "memory bank momentum during this phase (keep 0.9999)",
                                  lo=0.0, hi=1.0, hi_open=True)
+    mixup: float = opt(0.0, "fastai MixUp alpha on training batches (as phase1.mixup); 0: off", lo=0.0)
 
 
 @dataclass
@@ -179,14 +203,26 @@ def _closest(name: str, valid) -> str:
     return f"; did you mean {match[0]}?" if match else f"; valid keys: {', '.join(valid)}"
 
 
+def _value_type(f: dataclasses.Field) -> type:
+    if f.metadata.get("kind") == "auto_int":
+        return int
+    return f.metadata.get("value_type") or (str if f.default is None else type(f.default))
+
+
 def _type_name(f: dataclasses.Field) -> str:
     kind = f.metadata.get("kind")
     if kind == "auto_int":
         return "an integer or 'auto'"
     if kind == "normalize":
         return "true/false or one of " + ", ".join(NORMALIZE_MODES)
-    t = type(f.default) if f.default is not None else str
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[t]
+    name = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[_value_type(f)]
+    return name + " or null" if f.metadata.get("nullable") else name
+
+
+def check_finite(key: str, value: Any, source: str) -> None:
+    """Refuse NaN and infinities (YAML ``.nan``, ``.inf``, ``-.inf``), which pass every range test."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{key}: {value} in {source} is not a finite number; write a finite value")
 
 
 def _range_text(m) -> str:
@@ -195,20 +231,19 @@ def _range_text(m) -> str:
     return " and ".join(p for p in (lo, hi) if p)
 
 
-def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
-    """Check one scalar against its field: type, then choices, then range."""
+def _coerce(key: str, f: dataclasses.Field, value: Any, source: str = "<config>") -> Any:
+    """Check one scalar against its field: type, then finiteness, choices and range."""
     m = f.metadata
     kind = m.get("kind")
     if kind == "normalize":
         value = {True: "both", False: "none", None: "none"}.get(value, value) if not isinstance(value, str) else value
     if kind == "auto_int" and value == "auto":
         return value
-    if value is None and (f.default is None or kind == "path"):
+    if value is None and (f.default is None or kind == "path" or m.get("nullable")):
         return None
     if f.name == "channels_last" and isinstance(value, bool):
         value = str(value).lower()
-    default = f.default
-    expected = int if kind == "auto_int" else (str if default is None else type(default))
+    expected = _value_type(f)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if expected is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
@@ -216,6 +251,7 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
             value = float(value)
         except ValueError:
             pass
+    check_finite(key, value, source)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise UserError(f"{key}: expected {_type_name(f)}, got {value!r}")
     if m.get("choices") and value not in m["choices"]:
@@ -248,7 +284,7 @@ def _build(cls, raw: Any, prefix: str, source: str):
             values[name] = None if raw[name] is None and f.metadata["optional"] else \
                 _build(sub, raw[name], f"{prefix}{name}.", source)
         else:
-            values[name] = _coerce(f"{prefix}{name}", f, raw[name])
+            values[name] = _coerce(f"{prefix}{name}", f, raw[name], source)
     return cls(**values)
 
 
@@ -260,8 +296,9 @@ def _check_relations(cfg: Config) -> None:
     if cfg.phase2 is not None and cfg.phase2.lr_min > cfg.phase2.lr_max:
         raise UserError(f"phase2.lr_min ({cfg.phase2.lr_min}) is larger than phase2.lr_max "
                         f"({cfg.phase2.lr_max}); swap them")
-    if cfg.phase1.freeze_epochs + cfg.phase1.total_epochs < 1:
-        raise UserError("phase1: freeze_epochs + total_epochs is 0; train for at least one epoch")
+    first = cfg.phase1.warmup_epochs or cfg.phase1.freeze_epochs
+    if first + cfg.phase1.total_epochs < 1:
+        raise UserError("phase1: freeze_epochs (or warmup_epochs) + total_epochs is 0; train for at least one epoch")
 
 
 def from_dict(raw: dict, source: str = "<config>") -> Config:
@@ -281,19 +318,77 @@ def dump_yaml(cfg: Config) -> str:
 # --------------------------------------------------------------------------- loading
 
 
+class RepeatedKey(Exception):
+    """A key named twice in one mapping: (dotted key, first line, second line), lines from 1."""
+
+
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key named twice in one mapping is an error.
+
+    PyYAML keeps the last of two equal keys without a word, so a repeated ``top_k`` would
+    silently win over the first one. Merge keys (``<<``) still override as YAML says.
+    """
+
+    def construct_document(self, node):
+        self._paths = {}  # id(mapping node) -> its dotted key, for the error message
+        stack = [(node, "")]
+        while stack:
+            current, path = stack.pop()
+            if isinstance(current, yaml.MappingNode):
+                self._paths[id(current)] = path
+                stack += [(value, f"{path}{key.value}.") for key, value in current.value
+                          if isinstance(key, yaml.ScalarNode)]
+            elif isinstance(current, yaml.SequenceNode):
+                stack += [(item, path) for item in current.value]
+        return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # complex keys are PyYAML's to judge; merges may override
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    path = getattr(self, "_paths", {}).get(id(node), "")
+                    raise RepeatedKey(f"{path}{key}", seen[key], key_node.start_mark.line + 1)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text -> Python objects with :class:`StrictLoader`; mistakes become one-line ``UserError``s."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (StrictLoader is a SafeLoader)
+    except RepeatedKey as exc:
+        key, first, second = exc.args
+        raise UserError(f"{source}: {key} is set twice (lines {first} and {second}); keep one of them") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{source}:{where}: YAML syntax error ({problem}); fix the file") from None
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} not found; pass an existing file, e.g. "
                         f"configs/experiments/memory_rarity_effv2s.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UserError(f"{path}:{where}: YAML syntax error ({problem}); fix the file") from None
-    return raw or {}
+    raw = parse_yaml(path.read_text(), str(path))
+    if raw is None:
+        raise UserError(f"{path} is empty; write the keys of an experiment into it, e.g. start from a copy of "
+                        f"configs/experiments/memory_rarity_effv2s.yaml")
+    return raw
+
+
+def check_finite_everywhere(raw: Any, source: str, prefix: str = "") -> None:
+    """:func:`check_finite` on every number of a raw mapping, also in lists and keys the schema drops."""
+    items = raw.items() if isinstance(raw, dict) else enumerate(raw) if isinstance(raw, list) else ()
+    for key, value in items:
+        dotted = f"{prefix}[{key}]" if isinstance(raw, list) else f"{prefix}{'.' if prefix else ''}{key}"
+        check_finite(dotted, value, source)
+        check_finite_everywhere(value, source, dotted)
 
 
 def apply_override(raw: dict, assignment: str) -> None:
@@ -302,8 +397,8 @@ def apply_override(raw: dict, assignment: str) -> None:
         raise UserError(f"--set {assignment}: expected key=value, e.g. --set memory.top_k=5")
     key, text = assignment.split("=", 1)
     try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
+        value = yaml.load(text, Loader=StrictLoader) if text.strip() else None  # noqa: S506
+    except (yaml.YAMLError, RepeatedKey):
         value = text
     parts = key.strip().split(".")
     node = raw
@@ -317,7 +412,8 @@ def apply_override(raw: dict, assignment: str) -> None:
 
 
 def load_config(path, overrides=(), data_dir=None, output_dir=None) -> Config:
-    """Read ``path``, apply ``--set`` overrides and shorthands, validate, return a :class:`Config`."""
+    """Read ``path``, apply ``--set`` overrides and shorthands, translate reference-format keys
+    (printing one ``note:`` line when there were any), validate, return a :class:`Config`."""
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
@@ -327,7 +423,10 @@ def load_config(path, overrides=(), data_dir=None, output_dir=None) -> Config:
         apply_override(raw, f"data.data_dir={data_dir}")
     if output_dir is not None:
         apply_override(raw, f"output_dir={output_dir}")
-    return from_dict(raw, str(path))
+    check_finite_everywhere(raw, str(path))
+    translated = reference.translate(raw, str(path))
+    translated.announce()
+    return from_dict(translated.raw, str(path))
 
 
 def iter_schema(cls=Config, prefix: str = ""):
@@ -340,5 +439,7 @@ def iter_schema(cls=Config, prefix: str = ""):
         m = f.metadata
         allowed = ", ".join(m["choices"]) if m.get("choices") else _range_text(m) if m.get("lo") is not None \
             or m.get("hi") is not None else ""
+        if m.get("nullable"):
+            allowed = f"{allowed} or null" if allowed else "null"
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         yield f"{prefix}{f.name}", default, m["doc"], allowed
