@@ -18,7 +18,8 @@ from PIL import Image
 from cxrmem.config import CacheConfig
 from cxrmem.data import cache
 from cxrmem.data.cache import ERRORS_NAME, MARKER_NAME, build_cache, ensure_cache, main
-from cxrmem.data.chestxray14 import find_damaged_images, load_frame
+from cxrmem.data.chestxray14 import load_frame
+from cxrmem.data.images import find_damaged_images
 from cxrmem.data.prepare import resolve_image_dir
 from cxrmem.errors import UserError
 
@@ -48,7 +49,7 @@ def assert_valid_cache(source: Path, out: Path, suffix: str = ".png") -> None:
             image.load()
             assert image.size == (SIZE, SIZE) and image.mode == "L", path
     assert find_damaged_images(image_files(out).values()) == []
-    assert not list(out.rglob(f"*{cache.TEMP_SUFFIX}"))
+    assert [p.name for p in out.rglob(".*")] == [cache.LOCK_NAME]  # no temporary file left
     assert json.loads((out / MARKER_NAME).read_text())["complete"] is True
 
 
@@ -85,7 +86,7 @@ def test_a_rerun_repairs_half_written_truncated_and_missing_files(tiny_data, tmp
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     empty.write_bytes(b"")
     deleted.unlink()
-    leftover = cache.temporary_path(files[3])
+    leftover = files[3].with_name(f".{files[3].name}.k1ll3d.tmp")  # as cxrmem.io.atomic_path names them
     leftover.write_bytes(files[3].read_bytes()[:10])  # a killed writer's temporary file
     marker = json.loads((out / MARKER_NAME).read_text())
     (out / MARKER_NAME).write_text(json.dumps({**marker, "complete": False}))  # as a kill leaves it

@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 
 from cxrmem.cli import train_main
-from cxrmem.data.chestxray14 import (
-    FINDINGS, SplitWarning, encode_labels, find_damaged_images, load_frame, phase_frame, read_entries,
-)
+from cxrmem.data.chestxray14 import encode_labels, load_frame, read_entries
+from cxrmem.data.findings import FINDINGS
+from cxrmem.data.images import find_damaged_images
+from cxrmem.data.split import SplitWarning, phase_frame
 from cxrmem.errors import UserError
 
 from conftest import EXPERIMENTS, run_cli

@@ -16,8 +16,8 @@ import torch
 from fastai.vision.all import ToTensor, imagenet_stats
 from PIL import Image
 
-from cxrmem.data.cache import read_shrunk
-from cxrmem.data.chestxray14 import FINDINGS
+from cxrmem.data.findings import FINDINGS
+from cxrmem.data.images import read_shrunk
 from cxrmem.data.loaders import build_dataloaders, open_xray, read_xray
 
 SIDE = 16
