@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -50,6 +51,10 @@ def assert_valid_cache(source: Path, out: Path, suffix: str = ".png") -> None:
             assert image.size == (SIZE, SIZE) and image.mode == "L", path
     assert find_damaged_images(image_files(out).values()) == []
     assert [p.name for p in out.rglob(".*")] == [cache.LOCK_NAME]  # no temporary file left
+    plain = out.parent / "plain-write.txt"
+    plain.write_text("a file as open() makes it")
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file() and p.name != cache.LOCK_NAME}
+    assert modes == {stat.S_IMODE(plain.stat().st_mode)}  # readable by whoever may read a plain file
     assert json.loads((out / MARKER_NAME).read_text())["complete"] is True
 
 
@@ -211,3 +216,13 @@ def test_jpg_cache_loads_like_the_source(tiny_data, tmp_path):
     out = tmp_path / "cache_jpg"
     build_cache(tiny_data, out, size=SIZE, fmt="jpg", progress=False)
     assert_same_frame(tiny_data, out)
+
+
+def test_ctrl_c_says_how_to_resume(tiny_data, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache, "build_cache", interrupted)
+    status, _, err = run_cli(main, ["--data_dir", tiny_data, "--out", tmp_path / "cache", "--size", SIZE], capsys)
+    assert status == 130
+    assert err.strip() == "interrupted: finished files are kept; run the same command again to continue"

@@ -6,6 +6,8 @@ import csv
 import hashlib
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -211,6 +213,16 @@ def test_command_line_reports_one_line(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "bad"), "--n-patients", "0"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("error: ")
+
+
+def test_python_dash_m_runs_the_command_line(tmp_path):
+    command = [sys.executable, "-m", "cxrmem.data.synthetic", "--n-patients", "3", "--size", "16", "--workers", "1"]
+    done = subprocess.run(command + ["--out", str(tmp_path / "m")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "3 patients" in done.stdout and (tmp_path / "m" / "Data_Entry_2017.csv").is_file()
+    (tmp_path / "file").write_text("not a folder")
+    done = subprocess.run(command + ["--out", str(tmp_path / "file")], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
 
 
 # ---- labels ----------------------------------------------------------------------
