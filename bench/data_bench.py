@@ -49,8 +49,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from cxrmem.config import load_config  # noqa: E402
 from cxrmem.data.cache import build_cache, cached_name, default_cache_dir  # noqa: E402
-from cxrmem.data.chestxray14 import load_frame, phase_frame  # noqa: E402
+from cxrmem.data.chestxray14 import load_frame  # noqa: E402
 from cxrmem.data.loaders import build_dataloaders, default_num_workers  # noqa: E402
+from cxrmem.data.split import phase_frame  # noqa: E402
 from cxrmem.data.synthetic import generate  # noqa: E402
 from cxrmem.models.net import build_model  # noqa: E402
 

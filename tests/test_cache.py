@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -18,7 +19,8 @@ from PIL import Image
 from cxrmem.config import CacheConfig
 from cxrmem.data import cache
 from cxrmem.data.cache import ERRORS_NAME, MARKER_NAME, build_cache, ensure_cache, main
-from cxrmem.data.chestxray14 import find_damaged_images, load_frame
+from cxrmem.data.chestxray14 import load_frame
+from cxrmem.data.images import find_damaged_images
 from cxrmem.data.prepare import resolve_image_dir
 from cxrmem.errors import UserError
 
@@ -48,7 +50,11 @@ def assert_valid_cache(source: Path, out: Path, suffix: str = ".png") -> None:
             image.load()
             assert image.size == (SIZE, SIZE) and image.mode == "L", path
     assert find_damaged_images(image_files(out).values()) == []
-    assert not list(out.rglob(f"*{cache.TEMP_SUFFIX}"))
+    assert [p.name for p in out.rglob(".*")] == [cache.LOCK_NAME]  # no temporary file left
+    plain = out.parent / "plain-write.txt"
+    plain.write_text("a file as open() makes it")
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file() and p.name != cache.LOCK_NAME}
+    assert modes == {stat.S_IMODE(plain.stat().st_mode)}  # readable by whoever may read a plain file
     assert json.loads((out / MARKER_NAME).read_text())["complete"] is True
 
 
@@ -85,7 +91,7 @@ def test_a_rerun_repairs_half_written_truncated_and_missing_files(tiny_data, tmp
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     empty.write_bytes(b"")
     deleted.unlink()
-    leftover = cache.temporary_path(files[3])
+    leftover = files[3].with_name(f".{files[3].name}.k1ll3d.tmp")  # as cxrmem.io.atomic_path names them
     leftover.write_bytes(files[3].read_bytes()[:10])  # a killed writer's temporary file
     marker = json.loads((out / MARKER_NAME).read_text())
     (out / MARKER_NAME).write_text(json.dumps({**marker, "complete": False}))  # as a kill leaves it
@@ -210,3 +216,13 @@ def test_jpg_cache_loads_like_the_source(tiny_data, tmp_path):
     out = tmp_path / "cache_jpg"
     build_cache(tiny_data, out, size=SIZE, fmt="jpg", progress=False)
     assert_same_frame(tiny_data, out)
+
+
+def test_ctrl_c_says_how_to_resume(tiny_data, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache, "build_cache", interrupted)
+    status, _, err = run_cli(main, ["--data_dir", tiny_data, "--out", tmp_path / "cache", "--size", SIZE], capsys)
+    assert status == 130
+    assert err.strip() == "interrupted: finished files are kept; run the same command again to continue"

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from cxrmem.cli import train_main
-from cxrmem.data.chestxray14 import (
-    FINDINGS, SplitWarning, encode_labels, find_damaged_images, load_frame, phase_frame, read_entries,
-)
+from cxrmem.data.chestxray14 import encode_labels, load_frame, read_entries
+from cxrmem.data.findings import FINDINGS
+from cxrmem.data.images import find_damaged_images
+from cxrmem.data.split import SplitWarning, hold_out, phase_frame
+from cxrmem.data.synthetic import generate
 from cxrmem.errors import UserError
 
 from conftest import EXPERIMENTS, run_cli
@@ -154,3 +158,76 @@ def test_synthetic_set_is_generated_on_first_use(tmp_path, capsys):
         "--set", "data.synthetic.n_patients=12", "--set", "data.synthetic.size=24", "--check-data"], capsys)
     assert status == 0, err
     assert (data_dir / "Data_Entry_2017.csv").is_file() and (data_dir / "test_list.txt").is_file()
+
+
+def digests(root) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "synthetic.json"}
+
+
+@pytest.mark.parametrize("kind", ["generated here", "without a generator marker, as a download"])
+def test_an_existing_data_set_is_used_as_it_is_whatever_data_synthetic_says(data_copy, tmp_path, capsys, kind):
+    if kind != "generated here":
+        (data_copy / "synthetic.json").unlink()
+    before = {p: p.stat().st_mtime_ns for p in data_copy.rglob("*")}
+    run_dir = tmp_path / "run"
+    with pytest.warns(UserWarning, match="data.synthetic is not used"):
+        status, _, err = run_cli(train_main, [  # the demo config asks for 1,200 synthetic patients at 128 px
+            "--config", EXPERIMENTS / "demo_synthetic.yaml", "--data_dir", data_copy, "--output_dir", run_dir,
+            "--check-data"], capsys)
+    assert status == 0, err
+    assert {p: p.stat().st_mtime_ns for p in data_copy.rglob("*")} == before  # nothing written, nothing added
+    summary = json.loads((run_dir / "data_summary.json").read_text())
+    frame, _, _ = load_frame(data_copy, valid_pct=0.1, seed=42)
+    assert sum(summary[split]["n_images"] for split in ("train", "valid", "test")) == len(frame)
+    assert summary["split_source"] == "official"
+
+
+@pytest.mark.parametrize("state", ["empty", "killed"])
+def test_synthetic_set_is_generated_into_an_empty_folder_and_a_killed_generation_completed(tmp_path, capsys, state):
+    reference = tmp_path / "reference"
+    generate(reference, n_patients=12, size=24, seed=0, workers=1)  # the demo's data.synthetic.seed
+    data_dir = tmp_path / "generated"
+    data_dir.mkdir()
+    if state == "killed":
+        generate(data_dir, n_patients=12, size=24, seed=0, workers=1)
+        marker = json.loads((data_dir / "synthetic.json").read_text())
+        (data_dir / "synthetic.json").write_text(json.dumps({**marker, "complete": False}))
+        sorted(data_dir.glob("images_*/images/*.png"))[-1].unlink()
+        (data_dir / "Data_Entry_2017.csv").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the set it makes is the one asked for: no warning
+        status, _, err = run_cli(train_main, [
+            "--config", EXPERIMENTS / "demo_synthetic.yaml", "--data_dir", data_dir, "--output_dir", tmp_path / "r",
+            "--set", "data.synthetic.n_patients=12", "--set", "data.synthetic.size=24", "--check-data"], capsys)
+    assert status == 0, err
+    assert digests(data_dir) == digests(reference)
+    assert json.loads((data_dir / "synthetic.json").read_text())["complete"] is True
+
+
+def test_hold_out_fills_the_budget_with_whole_patients():
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        weights = rng.integers(1, 10, size=int(rng.integers(2, 25)))
+        budget = rng.uniform(0.0, 1.1) * weights.sum()
+        held = hold_out(weights, budget, np.random.default_rng(trial))
+        assert held.any() and not held.all()
+        np.testing.assert_array_equal(held, hold_out(weights, budget, np.random.default_rng(trial)))  # seeded
+        if weights.min() > budget:  # nobody fits: the lightest patient alone
+            assert held.sum() == 1 and weights[held][0] == weights.min()
+        elif weights.sum() <= budget:  # everybody fits: all but the heaviest
+            assert (~held).sum() == 1 and weights[~held][0] == weights.max()
+        else:  # within the budget, and every patient left out would overflow it
+            assert weights[held].sum() <= budget
+            assert (weights[held].sum() + weights[~held] > budget).all()
+
+
+def test_hold_out_with_unit_weights_draws_b_patients_uniformly():
+    n, b, draws = 5, 2, 4000
+    counts = np.zeros(n)
+    for seed in range(draws):
+        held = hold_out(np.ones(n, dtype=np.int64), b, np.random.default_rng(seed))
+        assert held.sum() == b
+        counts += held
+    expected, sd = b / n, np.sqrt(b / n * (1 - b / n) / draws)
+    assert np.abs(counts / draws - expected).max() < 4 * sd

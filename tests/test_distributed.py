@@ -206,7 +206,7 @@ def test_every_rank_ends_with_the_same_weights_and_bank(ddp_run):
 
 
 def test_predictions_hold_every_evaluation_image_once_with_its_labels(ddp_run):
-    from cxrmem.data.chestxray14 import FINDINGS
+    from cxrmem.data.findings import FINDINGS
 
     preds = torch.load(ddp_run.run_dir / "tiny_predictions.pt", weights_only=True)
     frame = evaluation_frame(ddp_run)
@@ -219,7 +219,7 @@ def test_predictions_hold_every_evaluation_image_once_with_its_labels(ddp_run):
 
 
 def test_reported_aucs_are_those_of_the_predictions_file(ddp_run):
-    from cxrmem.data.chestxray14 import FINDINGS
+    from cxrmem.data.findings import FINDINGS
     from cxrmem.evaluate import evaluate_split
 
     preds = torch.load(ddp_run.run_dir / "tiny_predictions.pt", weights_only=True)

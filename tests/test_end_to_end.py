@@ -12,7 +12,7 @@ from fastai.callback.core import Callback
 from PIL import Image
 
 from cxrmem.cli import legacy_main, train_main
-from cxrmem.data.chestxray14 import FINDINGS
+from cxrmem.data.findings import FINDINGS
 from cxrmem.train import phases
 
 from conftest import ROOT, run_cli

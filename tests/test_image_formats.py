@@ -16,8 +16,8 @@ import torch
 from fastai.vision.all import ToTensor, imagenet_stats
 from PIL import Image
 
-from cxrmem.data.cache import read_shrunk
-from cxrmem.data.chestxray14 import FINDINGS
+from cxrmem.data.findings import FINDINGS
+from cxrmem.data.images import read_shrunk, target_size
 from cxrmem.data.loaders import build_dataloaders, open_xray, read_xray
 
 SIDE = 16
@@ -107,6 +107,15 @@ def test_a_grayscale_jpeg_is_read_at_reduced_scale(tmp_path):
     Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (256, 1))).save(path, quality=95)
     assert read_xray(path, 32).shape == (3, 32, 32)
     assert read_shrunk(path, 32).size == (32, 32)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_the_cache_reader_keeps_the_aspect_of_the_source(tmp_path, suffix):
+    path = tmp_path / f"tall{suffix}"
+    Image.fromarray(np.tile(np.arange(1001, dtype=np.uint16) % 256, (2000, 1)).astype(np.uint8)).save(path)
+    expected = target_size(1001, 2000, 250)
+    assert expected == (250, 500)  # 2000 * 250 / 1001 = 499.5005
+    assert read_shrunk(path, 250).size == expected  # a JPEG too, though decoded at a quarter of its size
 
 
 def test_the_dataloaders_deliver_every_kind(image_files):

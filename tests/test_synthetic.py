@@ -6,6 +6,8 @@ import csv
 import hashlib
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxrmem.data import synthetic as S
+from cxrmem.data import findings
+from cxrmem.data.findings import FINDINGS
+from cxrmem.data.synthetic import generate
+from cxrmem.data.synthetic.__main__ import main
+from cxrmem.data.synthetic.drawing import PAINTERS, render_image
+from cxrmem.data.synthetic.labels import ensure_findings_covered, real_prevalence, sample_label_matrix
+from cxrmem.data.synthetic.plan import plan_dataset
+from cxrmem.data.synthetic.writing import data_entry_text
 from cxrmem.errors import UserError
 
 N_PATIENTS = 40
@@ -33,7 +42,7 @@ PANDAS_COLUMNS = [
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("synthetic") / "cxr14"
-    summary = S.generate(out, N_PATIENTS, size=SIZE, seed=SEED, workers=2)
+    summary = generate(out, N_PATIENTS, size=SIZE, seed=SEED, workers=2)
     return out, summary
 
 
@@ -111,7 +120,7 @@ def test_lists_split_whole_patients(dataset, entries):
 
 
 def test_labels_use_only_the_fourteen_findings_or_no_finding(entries):
-    names = S.finding_names()
+    names = FINDINGS
     for labels in entries["Finding Labels"]:
         if labels == "No Finding":
             continue
@@ -135,28 +144,28 @@ def test_summary_matches_the_csv(dataset, entries):
 def test_same_arguments_give_identical_files_whatever_the_workers(dataset, tmp_path):
     out, _ = dataset
     again = tmp_path / "again"
-    S.generate(again, N_PATIENTS, size=SIZE, seed=SEED, workers=1)
+    generate(again, N_PATIENTS, size=SIZE, seed=SEED, workers=1)
     assert file_digests(again) == file_digests(out)
 
 
 def test_another_seed_gives_another_data_set(tmp_path):
-    first = S.plan_dataset(30, seed=1)
-    second = S.plan_dataset(30, seed=2)
-    assert S.data_entry_text(first) != S.data_entry_text(second)
+    first = plan_dataset(30, seed=1)
+    second = plan_dataset(30, seed=2)
+    assert data_entry_text(first) != data_entry_text(second)
 
 
 def test_complete_data_set_is_not_rewritten(tmp_path):
     out = tmp_path / "set"
-    S.generate(out, 6, size=16, seed=0, workers=1)
+    generate(out, 6, size=16, seed=0, workers=1)
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    summary = S.generate(out, 6, size=16, seed=0, workers=1)
+    summary = generate(out, 6, size=16, seed=0, workers=1)
     assert summary["skipped"]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
 
 
 def test_interrupted_run_is_completed_identically(tmp_path):
     out = tmp_path / "set"
-    S.generate(out, 8, size=16, seed=0, workers=1)
+    generate(out, 8, size=16, seed=0, workers=1)
     reference = file_digests(out)
     marker = json.loads((out / "synthetic.json").read_text())
     marker["complete"] = False
@@ -165,7 +174,7 @@ def test_interrupted_run_is_completed_identically(tmp_path):
     victim.unlink()
     (victim.parent / f".{victim.name}.123.tmp").write_bytes(b"half a png")
     (out / "Data_Entry_2017.csv").unlink()
-    summary = S.generate(out, 8, size=16, seed=0, workers=1)
+    summary = generate(out, 8, size=16, seed=0, workers=1)
     assert not summary["skipped"]
     assert file_digests(out) == reference
     assert not list(out.rglob("*.tmp"))
@@ -173,8 +182,8 @@ def test_interrupted_run_is_completed_identically(tmp_path):
 
 def test_other_parameters_replace_an_earlier_synthetic_set(tmp_path):
     out = tmp_path / "set"
-    S.generate(out, 12, size=16, seed=0, workers=1)
-    S.generate(out, 3, size=16, seed=1, workers=1)
+    generate(out, 12, size=16, seed=0, workers=1)
+    generate(out, 3, size=16, seed=1, workers=1)
     entries = pd.read_csv(out / "Data_Entry_2017.csv")
     assert set(image_files(out)) == set(entries["Image Index"])
     assert json.loads((out / "synthetic.json").read_text())["params"]["n_patients"] == 3
@@ -183,7 +192,7 @@ def test_other_parameters_replace_an_earlier_synthetic_set(tmp_path):
 def test_a_foreign_data_set_is_never_overwritten(tmp_path):
     (tmp_path / "Data_Entry_2017.csv").write_text("Image Index,Finding Labels\n")
     with pytest.raises(UserError, match="not written by this generator"):
-        S.generate(tmp_path, 5, size=16)
+        generate(tmp_path, 5, size=16)
 
 
 # ---- arguments and command line ---------------------------------------------------
@@ -192,33 +201,43 @@ def test_a_foreign_data_set_is_never_overwritten(tmp_path):
                                     {"n_patients": 5, "workers": 0}])
 def test_bad_arguments_are_user_errors(tmp_path, kwargs):
     with pytest.raises(UserError) as error:
-        S.generate(tmp_path / "x", **kwargs)
+        generate(tmp_path / "x", **kwargs)
     assert "\n" not in str(error.value)
     assert not (tmp_path / "x").exists()
 
 
 def test_command_line_reports_one_line(tmp_path, capsys):
-    assert S.main(["--out", str(tmp_path / "cli"), "--n-patients", "4", "--size", "16", "--workers", "1"]) == 0
+    assert main(["--out", str(tmp_path / "cli"), "--n-patients", "4", "--size", "16", "--workers", "1"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1 and "images" in printed[0] and "No Finding" in printed[0]
-    assert S.main(["--out", str(tmp_path / "bad"), "--n-patients", "0"]) == 2
+    assert main(["--out", str(tmp_path / "bad"), "--n-patients", "0"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("error: ")
+
+
+def test_python_dash_m_runs_the_command_line(tmp_path):
+    command = [sys.executable, "-m", "cxrmem.data.synthetic", "--n-patients", "3", "--size", "16", "--workers", "1"]
+    done = subprocess.run(command + ["--out", str(tmp_path / "m")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "3 patients" in done.stdout and (tmp_path / "m" / "Data_Entry_2017.csv").is_file()
+    (tmp_path / "file").write_text("not a folder")
+    done = subprocess.run(command + ["--out", str(tmp_path / "file")], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
 
 
 # ---- labels ----------------------------------------------------------------------
 
 def test_findings_come_from_the_csv_and_all_have_a_painter():
-    rows = list(csv.DictReader((Path(S.__file__).parent / "findings.csv").open(encoding="utf-8")))
-    assert S.finding_names() == tuple(r["finding"] for r in rows)
-    assert len(S.finding_names()) == 14
-    assert set(S.finding_names()) <= set(S.PAINTERS)
+    rows = list(csv.DictReader((Path(findings.__file__).parent / "findings.csv").open(encoding="utf-8")))
+    assert FINDINGS == [r["finding"] for r in rows]
+    assert len(FINDINGS) == 14
+    assert set(FINDINGS) <= set(PAINTERS)
 
 
 def test_label_prevalence_tracks_the_real_one():
-    labels = S.sample_label_matrix(20_000, np.random.default_rng(0))
-    names = S.finding_names()
-    real = S.real_prevalence()
+    labels = sample_label_matrix(20_000, np.random.default_rng(0))
+    names = FINDINGS
+    real = real_prevalence()
     assert (~labels.any(axis=1)).mean() == pytest.approx(real["No Finding"], abs=0.02)
     share = labels.mean(axis=0)
     for name, observed in zip(names, share):
@@ -239,7 +258,7 @@ def test_rare_findings_are_added_only_to_big_enough_groups():
     big = np.arange(200) < 150
     small = ~big
     labels[150:160, 2] = True  # the small group: 10 abnormal images only
-    covered = S.ensure_findings_covered(labels, [big, small], rng)
+    covered = ensure_findings_covered(labels, [big, small], rng)
     assert covered[big].any(axis=0).all()
     assert (covered[small] == labels[small]).all()
     assert (covered.any(axis=1) == labels.any(axis=1)).all()  # No Finding unchanged
@@ -247,7 +266,7 @@ def test_rare_findings_are_added_only_to_big_enough_groups():
 
 
 def test_large_enough_data_sets_have_every_finding_in_both_splits():
-    plan = S.plan_dataset(600, seed=0)
+    plan = plan_dataset(600, seed=0)
     assert plan.labels[plan.in_test].any(axis=0).all()
     assert plan.labels[~plan.in_test].any(axis=0).all()
 
@@ -276,13 +295,13 @@ EXPECTED_REGIONS = {
 
 def pattern_difference(finding: str, size: int = 48, n: int = 10) -> np.ndarray:
     """Summed pixel difference made by one finding on otherwise identical images."""
-    names = S.finding_names()
+    names = FINDINGS
     present = np.array([name == finding for name in names])
     absent = np.zeros(len(names), dtype=bool)
     total = np.zeros((size, size))
     for i in range(n):
-        with_it = S.render_image(present, size, seed=1, image_index=i, patient_id=i + 1).astype(float)
-        without = S.render_image(absent, size, seed=1, image_index=i, patient_id=i + 1).astype(float)
+        with_it = render_image(present, size, seed=1, image_index=i, patient_id=i + 1).astype(float)
+        without = render_image(absent, size, seed=1, image_index=i, patient_id=i + 1).astype(float)
         total += with_it - without
     return total
 
@@ -301,7 +320,7 @@ def test_each_finding_draws_its_pattern_in_its_region(finding):
 
 
 def test_images_are_chest_like():
-    pixels = S.render_image(np.zeros(14, dtype=bool), 64, seed=0, image_index=0, patient_id=1).astype(float)
+    pixels = render_image(np.zeros(14, dtype=bool), 64, seed=0, image_index=0, patient_id=1).astype(float)
     lung_fields = pixels[20:40, 12:22].mean(), pixels[20:40, 42:52].mean()
     spine = pixels[20:40, 31:33].mean()
     below_diaphragm = pixels[56:62, 10:54].mean()
@@ -309,7 +328,7 @@ def test_images_are_chest_like():
 
 
 def standardised_thumbnail(labels, index: int) -> np.ndarray:
-    pixels = S.render_image(labels, 32, seed=11, image_index=index, patient_id=index // 2 + 1).astype(np.float32)
+    pixels = render_image(labels, 32, seed=11, image_index=index, patient_id=index // 2 + 1).astype(np.float32)
     thumbnail = pixels.reshape(16, 2, 16, 2).mean(axis=(1, 3)).ravel()
     return (thumbnail - thumbnail.mean()) / thumbnail.std()
 
@@ -320,7 +339,7 @@ def test_frequent_patterns_are_learnable_from_16px_thumbnails(finding):
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import cross_val_predict
 
-    names = S.finding_names()
+    names = FINDINGS
     present = np.array([name == finding for name in names])
     n = 100
     positives = [standardised_thumbnail(present, 10_000 + i) for i in range(n)]

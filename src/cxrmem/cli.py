@@ -8,6 +8,7 @@ data -> (check | evaluate | train) -> report. Mistakes a user can fix end with
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import warnings
@@ -166,8 +167,17 @@ def run_pipeline(cfg, args, distributed) -> int:
     return 0
 
 
-def guarded(main):
-    """Run ``main``; user mistakes become one line on stderr and exit status 2."""
+TRAINING_INTERRUPTED = ("interrupted: the last finished epoch is saved; run the same command with --resume "
+                        "to continue")
+RERUN_TO_RESUME = "interrupted: finished files are kept; run the same command again to continue"
+
+
+def guarded(main=None, *, interrupted: str = TRAINING_INTERRUPTED):
+    """Run ``main(argv)`` for every command line: a user mistake becomes one line on stderr and exit
+    status 2, Ctrl-C the line ``interrupted`` and status 130. ``@guarded`` or ``@guarded(interrupted=...)``."""
+    if main is None:
+        return functools.partial(guarded, interrupted=interrupted)
+
     def wrapper(argv=None) -> int:
         argv = sys.argv[1:] if argv is None else list(argv)
         debug = "--debug" in argv
@@ -181,8 +191,7 @@ def guarded(main):
             print(f"error: {str(exc).splitlines()[-1].strip()}", file=sys.stderr)
             return exc.exit_code
         except KeyboardInterrupt:
-            print("\ninterrupted: the last finished epoch is saved; run the same command with --resume "
-                  "to continue", file=sys.stderr)
+            print(f"\n{interrupted}", file=sys.stderr)
             return 130
     return wrapper
 

@@ -18,6 +18,16 @@ import torch
 import yaml
 
 
+def _plain_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0o666 less the umask (read once, at import)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+PLAIN_FILE_MODE = _plain_file_mode()
+
+
 @contextmanager
 def atomic_path(target, durable: bool = True):
     """Yield a temporary path beside ``target``; rename it over ``target`` if the block succeeds.
@@ -28,6 +38,7 @@ def atomic_path(target, durable: bool = True):
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.fchmod(fd, PLAIN_FILE_MODE)  # mkstemp makes 0o600; the file ends up as a plain write would make it
     os.close(fd)
     try:
         yield Path(tmp)

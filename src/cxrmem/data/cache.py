@@ -18,18 +18,18 @@ reads the copy, so the data loaders stop being the bottleneck.
 Image names: with ``--format png`` every name and folder is the source's, so the
 copy is a drop-in ``data_dir``. With ``--format jpg`` a file ``X.png`` becomes
 ``X.jpg`` in the same folder (a JPEG under a ``.png`` name would fail the
-structural checks of :func:`cxrmem.data.chestxray14.find_damaged_images`);
+structural checks of :func:`cxrmem.data.images.find_damaged_images`);
 reading such a copy needs the loader to match CSV names to files by stem.
 
-Pixels: 16-bit grayscale is scaled ``v8 = round(v16 * 255 / 65535)`` (never
-clipped at 255), alpha is dropped, grayscale sources are stored as 8-bit
-grayscale and colour ones as RGB, the same rule as
-:func:`cxrmem.data.loaders.to_rgb8` before its channel replication.
+Pixels: read by :func:`cxrmem.data.images.read_shrunk`, so 16-bit grayscale is
+scaled ``v8 = round(v16 * 255 / 65535)`` (never clipped at 255), alpha is dropped,
+grayscale sources are stored as 8-bit grayscale and colour ones as RGB: the
+pixels the training reader gets from the source, before its channel replication.
 
-Robustness: each file is written to a temporary name in its final folder and
-renamed into place, so a file under its final name is always complete; a run
-that was killed is resumed by the next one (finished files are kept, leftover
-temporary files removed, truncated targets redone). Unreadable, empty or
+Robustness: every file is written through :func:`cxrmem.io.atomic_path`, so a
+file under its final name is always complete; a run that was killed is resumed
+by the next one (finished files are kept, leftover temporary files removed,
+truncated targets redone). Unreadable, empty or
 truncated source files do not stop the run: all of them are listed in
 ``cache_errors.txt`` and the command exits with status 2.
 """
@@ -44,17 +44,19 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
+from .. import io
+from ..cli import RERUN_TO_RESUME, guarded
 from ..errors import UserError
-from .chestxray14 import (
-    IMAGE_SUFFIXES, METADATA_FILES, TEST_LIST, TRAIN_VAL_LIST, find_damaged_images, find_metadata_csv,
-)
+from .chestxray14 import METADATA_FILES, find_metadata_csv, image_folders
+from .images import IMAGE_SUFFIXES, READ_ERRORS, find_damaged_images, read_shrunk
+from .split import TEST_LIST, TRAIN_VAL_LIST
 
 try:  # advisory lock so that concurrent builders (e.g. torchrun ranks) take turns
     import fcntl
@@ -64,63 +66,12 @@ except ImportError:  # pragma: no cover - not on Linux/macOS
 MARKER_NAME = "cache.json"
 ERRORS_NAME = "cache_errors.txt"
 LOCK_NAME = ".cache.lock"
-TEMP_SUFFIX = ".cxrtmp"
 CACHE_VERSION = 1
-FORMATS = {"png": ".png", "jpg": ".jpg"}
+FORMATS = {  # --format: (file suffix, PIL save options); PNG level 6 decodes as fast as 1 and is ~15% smaller
+    "png": (".png", {"format": "PNG", "compress_level": 6}),
+    "jpg": (".jpg", {"format": "JPEG", "quality": 90}),
+}
 MIN_SIZE = 16
-PNG_COMPRESS_LEVEL = 6   # decodes as fast as level 1 and is about 15% smaller
-JPEG_QUALITY = 90
-SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
-GRAY_MODES = {"L", "LA", "La", "1"}
-
-
-# --------------------------------------------------------------------------- pixels
-
-
-def to_8bit(image: Image.Image) -> Image.Image:
-    """Any PIL image -> 8-bit ``L`` (grayscale sources) or ``RGB`` (all others).
-
-    16-bit values are scaled by the bit depth, round(v * 255 / 65535), with
-    exact integer arithmetic (v / 257 is never a tie); alpha is dropped.
-    """
-    if image.mode in SIXTEEN_BIT_MODES:
-        values = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)
-        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), mode="L")
-    if image.mode == "L" or image.mode == "RGB":
-        return image
-    return image.convert("L" if image.mode in GRAY_MODES else "RGB")
-
-
-def target_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """(width, height) with the shorter side ``size`` and the aspect kept; never larger than the source."""
-    short = min(width, height)
-    if short <= size:
-        return width, height
-    scale = size / short
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def shrink(image: Image.Image, size: int) -> Image.Image:
-    """Shorter side to ``size``: an integer box ``reduce`` down to 2-4x the target, then Lanczos."""
-    width, height = target_size(*image.size, size)
-    if (width, height) == image.size:
-        return image
-    factor = min(image.size) // (2 * size)
-    if factor >= 2:
-        image = image.reduce(factor)
-    return image.resize((width, height), Image.Resampling.LANCZOS)
-
-
-def read_shrunk(path: str | os.PathLike, size: int) -> Image.Image:
-    """Decode ``path`` (JPEG via ``draft`` at reduced scale) and return it 8-bit and shrunk.
-
-    Raises OSError/ValueError/SyntaxError for unreadable or truncated files.
-    """
-    with Image.open(path) as image:
-        if image.format == "JPEG":
-            image.draft("L" if image.mode == "L" else "RGB", target_size(*image.size, size))
-        image.load()
-        return shrink(to_8bit(image), size)
 
 
 # --------------------------------------------------------------------------- files
@@ -128,38 +79,18 @@ def read_shrunk(path: str | os.PathLike, size: int) -> Image.Image:
 
 def cached_name(name: str, fmt: str) -> str:
     """File name of the cached copy of source file ``name``: same stem, the format's suffix."""
-    return Path(name).stem + FORMATS[fmt]
-
-
-def temporary_path(target: Path) -> Path:
-    """A hidden temporary name beside ``target``, unique per process."""
-    return target.with_name(f".{target.name}.{os.getpid()}{TEMP_SUFFIX}")
+    return Path(name).stem + FORMATS[fmt][0]
 
 
 def write_image_atomic(image: Image.Image, target: Path, fmt: str) -> None:
-    """Save ``image`` under a temporary name in ``target``'s folder, then rename it to ``target``."""
-    tmp = temporary_path(target)
-    try:
-        if fmt == "jpg":
-            image.save(tmp, format="JPEG", quality=JPEG_QUALITY)
-        else:
-            image.save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    """Save ``image`` as ``target`` in format ``fmt``, atomically."""
+    with io.atomic_path(target, durable=False) as tmp:
+        image.save(tmp, **FORMATS[fmt][1])
 
 
 def copy_file_atomic(source: Path, target: Path) -> None:
-    tmp = temporary_path(target)
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
-
-
-def image_folders(root: Path) -> list[Path]:
-    """The image folders of a data set: ``images_*/images`` and ``images``, those that exist."""
-    folders = sorted(root.glob("images_*/images")) + [root / "images"]
-    return [f for f in folders if f.is_dir()]
+    with io.atomic_path(target, durable=False) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 def source_images(data_dir: Path) -> list[Path]:
@@ -176,15 +107,6 @@ def metadata_files(data_dir: Path) -> list[Path]:
     """The CSV file(s) and list files present in ``data_dir``."""
     names = (*METADATA_FILES, TRAIN_VAL_LIST, TEST_LIST)
     return [data_dir / n for n in names if (data_dir / n).is_file()]
-
-
-def remove_temporary_files(out: Path) -> int:
-    """Delete leftover temporary files of killed runs; returns how many."""
-    leftovers = [p for folder in [out, *image_folders(out)] for p in folder.glob(f".*{TEMP_SUFFIX}")]
-    for path in leftovers:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-    return len(leftovers)
 
 
 # --------------------------------------------------------------------------- one image (runs in a worker)
@@ -223,7 +145,7 @@ def cache_one(job: Job) -> tuple[str, str, str]:
         return "failed", job.source, damaged[0][1]
     try:
         write_image_atomic(read_shrunk(source, job.size), target, job.fmt)
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+    except READ_ERRORS as exc:
         return "failed", job.source, describe_error(exc)
     return "written", job.source, ""
 
@@ -293,9 +215,7 @@ def read_marker(out: Path) -> dict | None:
 
 
 def write_marker(out: Path, record: dict) -> None:
-    tmp = temporary_path(out / MARKER_NAME)
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, out / MARKER_NAME)
+    io.write_json(out / MARKER_NAME, record)
 
 
 def cache_parameters(data_dir: Path, size: int, fmt: str) -> dict:
@@ -429,7 +349,7 @@ def build_cache(data_dir, out=None, size: int = 256, fmt: str = "png", workers: 
             raise UserError(f"no images under {data_dir}/images_*/images or {data_dir}/images; "
                             f"point --data_dir at the ChestX-ray14 folder")
         write_marker(out, {**params, "complete": False})
-        remove_temporary_files(out)
+        io.remove_stale_temporaries(out)
         with contextlib.suppress(FileNotFoundError):
             (out / ERRORS_NAME).unlink()
         result = CacheResult(out, total=len(sources))
@@ -488,8 +408,6 @@ def ensure_cache(data_dir, cache_cfg, missing_images: str = "error") -> Path:
     if result.errors:
         if missing_images != "drop":
             raise UserError(result.error_message())
-        import warnings
-
         warnings.warn(f"{len(result.errors)} unreadable source images are not in the cache; see "
                       f"{out / ERRORS_NAME}", stacklevel=2)
     return out
@@ -511,18 +429,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Build or resume the cache; 0 when complete, 2 (with ``error: ...``) on a mistake or unreadable sources."""
+@guarded(interrupted=RERUN_TO_RESUME)
+def main(argv) -> int:
+    """Build or resume the cache; exit status 0 when complete, 2 (``error: ...``) on a mistake or unreadable sources."""
     args = build_parser().parse_args(argv)
-    try:
-        result = build_cache(args.data_dir, args.out, size=args.size, fmt=args.format, workers=args.workers)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
+    result = build_cache(args.data_dir, args.out, size=args.size, fmt=args.format, workers=args.workers)
     print(result.summary())
     if result.errors:
-        print(f"error: {result.error_message()}", file=sys.stderr)
-        return UserError.exit_code
+        raise UserError(result.error_message())
     return 0
 
 

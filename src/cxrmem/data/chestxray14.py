@@ -1,6 +1,8 @@
-"""ChestX-ray14 metadata as plain pandas: read, label, locate, split, filter, summarise.
+"""ChestX-ray14 on disk, as plain pandas: read the metadata, label, locate images, read the lists, summarise.
 
-Everything here is a pure function of paths and DataFrames; nothing imports fastai.
+The layout: ``Data_Entry_2017.csv`` (or ``Data_Entry_2017_v2020.csv``), the official
+lists, images under ``images_*/images`` or ``images``. Which image goes to which split is
+decided by :mod:`cxrmem.data.split`; nothing here imports fastai.
 
 The frame every function passes along has one row per image with the columns
 ``image_index`` (file name), ``patient_id``, ``path`` (absolute, once located),
@@ -11,34 +13,19 @@ one 0/1 column per finding (in :data:`FINDINGS` order) and, once split,
 from __future__ import annotations
 
 import warnings
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..errors import UserError
+from .findings import FINDINGS, NO_FINDING
+from .images import IMAGE_SUFFIXES
+from .split import TEST_LIST, TRAIN_VAL_LIST, OfficialLists, assign_splits, phase_frame
 
-METADATA_FILES = ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv")
-TRAIN_VAL_LIST = "train_val_list.txt"
-TEST_LIST = "test_list.txt"
-NO_FINDING = "No Finding"
+CSV_NAME = "Data_Entry_2017.csv"  # the 2017 file; the 2020 revision is also accepted under its own name
+METADATA_FILES = (CSV_NAME, "Data_Entry_2017_v2020.csv")
 REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-DERIVED_TEST_PCT = 0.2
-
-
-def load_findings() -> pd.DataFrame:
-    """The label list as data: findings.csv (finding, images, synthetic_pattern), official order."""
-    with resources.files("cxrmem.data").joinpath("findings.csv").open() as fh:
-        return pd.read_csv(fh)
-
-
-FINDINGS: list[str] = load_findings()["finding"].tolist()
-
-
-class SplitWarning(UserWarning):
-    """The official lists are absent, so the split was derived."""
 
 
 # --------------------------------------------------------------------------- metadata
@@ -92,15 +79,19 @@ def encode_labels(finding_labels: pd.Series, source) -> pd.DataFrame:
 # --------------------------------------------------------------------------- images on disk
 
 
+def image_folders(root: Path) -> list[Path]:
+    """The image folders of a data set that exist: ``images_*/images`` (sorted), then ``images``."""
+    folders = sorted(Path(root).glob("images_*/images")) + [Path(root) / "images"]
+    return [f for f in folders if f.is_dir()]
+
+
 def locate_images(data_dir: Path) -> dict[str, Path]:
-    """Map file name -> path over ``images_*/images/*`` and ``images/*``."""
-    folders = sorted(data_dir.glob("images_*/images")) + [data_dir / "images"]
+    """Map file name -> path over the image folders (the first folder holding a name wins)."""
     found: dict[str, Path] = {}
-    for folder in folders:
-        if folder.is_dir():
-            for entry in folder.iterdir():
-                if entry.suffix.lower() in IMAGE_SUFFIXES:
-                    found.setdefault(entry.name, entry)
+    for folder in image_folders(data_dir):
+        for entry in folder.iterdir():
+            if entry.suffix.lower() in IMAGE_SUFFIXES:
+                found.setdefault(entry.name, entry)
     return found
 
 
@@ -126,97 +117,26 @@ def attach_paths(frame: pd.DataFrame, data_dir: Path, missing_images: str = "err
     return out[out["path"].notna()].reset_index(drop=True), missing
 
 
-_SIGNATURES = {  # suffix: (first bytes, last bytes of a complete file)
-    ".png": (b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"),
-    ".jpg": (b"\xff\xd8", b"\xff\xd9"),
-    ".jpeg": (b"\xff\xd8", b"\xff\xd9"),
-}
-
-
-def find_damaged_images(paths) -> list[tuple[str, str]]:
-    """Cheap structural check of every file (no decoding): (path, reason) for each bad one.
-
-    Empty files, a wrong header, or a missing end marker (truncated download) are caught
-    before training starts, so no epoch crashes on them.
-    """
-    damaged = []
-    for path in map(Path, paths):
-        head_sig, tail_sig = _SIGNATURES.get(path.suffix.lower(), (b"", b""))
-        try:
-            size = path.stat().st_size
-            if size == 0:
-                damaged.append((str(path), "empty file"))
-                continue
-            with path.open("rb") as fh:
-                head = fh.read(len(head_sig))
-                fh.seek(max(0, size - len(tail_sig) - 16))
-                tail = fh.read()
-        except OSError as exc:
-            damaged.append((str(path), f"unreadable ({exc.strerror})"))
-            continue
-        if not head.startswith(head_sig):
-            damaged.append((str(path), "not a valid image header"))
-        elif tail_sig not in tail:
-            damaged.append((str(path), "truncated (no end marker)"))
-    return damaged
-
-
-# --------------------------------------------------------------------------- splits
+# --------------------------------------------------------------------------- official lists
 
 
 def read_list(path: Path) -> set[str]:
+    """The image names of a list file (one a line)."""
     return {line.strip() for line in path.read_text().splitlines() if line.strip()}
 
 
-def _shuffled_patients(patients, seed: int) -> np.ndarray:
-    ordered = np.array(sorted(set(patients), key=lambda p: (len(p), p)))
-    return np.random.default_rng(seed).permutation(ordered)
+def list_text(names) -> str:
+    """A list file's content: the names sorted, one a line."""
+    return "".join(f"{n}\n" for n in sorted(names))
 
 
-def _hold_out(patients, fraction: float, seed: int) -> set:
-    """A seeded ``fraction`` of the unique patients (at least one when there are two or more)."""
-    shuffled = _shuffled_patients(patients, seed)
-    n = int(round(len(shuffled) * fraction))
-    n = min(max(n, 1 if len(shuffled) > 1 else 0), max(len(shuffled) - 1, 0))
-    return set(shuffled[:n])
-
-
-def assign_splits(frame: pd.DataFrame, data_dir: Path, valid_pct: float, seed: int):
-    """Add ``split``: official train_val/test lists when present, else a derived patient-level split.
-
-    Validation is ``valid_pct`` of the train_val *patients*, computed once from the
-    unfiltered train_val set, so both phases validate on the same patients.
-    Returns (frame, split_source) with split_source "official" or "derived".
-    """
+def read_official_lists(data_dir: Path) -> tuple[OfficialLists | None, str]:
+    """(the official lists, or None with the reason they cannot be used)."""
     train_val_path, test_path = data_dir / TRAIN_VAL_LIST, data_dir / TEST_LIST
     if train_val_path.is_file() and test_path.is_file():
-        test_names = read_list(test_path)
-        known = read_list(train_val_path) | test_names
-        is_test = frame["image_index"].isin(test_names)
-        unlisted = ~frame["image_index"].isin(known)
-        if unlisted.any():
-            warnings.warn(f"{int(unlisted.sum())} images are in neither {TRAIN_VAL_LIST} nor {TEST_LIST}; "
-                          f"they are not used", stacklevel=2)
-            frame, is_test = frame[~unlisted], is_test[~unlisted]
-        source = "official"
-    else:
-        absent = TRAIN_VAL_LIST if not train_val_path.is_file() else TEST_LIST
-        warnings.warn(f"{absent} not found in {data_dir}: deriving a patient-level split "
-                      f"({DERIVED_TEST_PCT:.0%} of patients as test, seed {seed})", SplitWarning, stacklevel=2)
-        test_patients = _hold_out(frame["patient_id"], DERIVED_TEST_PCT, seed)
-        is_test = frame["patient_id"].isin(test_patients)
-        source = "derived"
-    valid_patients = _hold_out(frame.loc[~is_test, "patient_id"], valid_pct, seed + 1)
-    split = np.where(is_test, "test", np.where(frame["patient_id"].isin(valid_patients), "valid", "train"))
-    return frame.assign(split=split).reset_index(drop=True), source
-
-
-def phase_frame(frame: pd.DataFrame, filter_normal: bool) -> pd.DataFrame:
-    """Train + valid rows for one phase, with ``is_valid``; only abnormal images if ``filter_normal``."""
-    rows = frame[frame["split"].isin(["train", "valid"])]
-    if filter_normal:
-        rows = rows[rows[FINDINGS].sum(axis=1) > 0]
-    return rows.assign(is_valid=rows["split"].eq("valid")).reset_index(drop=True)
+        return OfficialLists(frozenset(read_list(train_val_path)), frozenset(read_list(test_path))), ""
+    absent = TRAIN_VAL_LIST if not train_val_path.is_file() else TEST_LIST
+    return None, f"{absent} not found in {data_dir}"
 
 
 # --------------------------------------------------------------------------- summary
@@ -263,10 +183,6 @@ def load_frame(data_dir: Path, valid_pct: float, seed: int, missing_images: str 
     data_dir = Path(data_dir)
     frame = read_entries(find_metadata_csv(data_dir))
     frame, missing = attach_paths(frame, data_dir, missing_images)
-    frame, source = assign_splits(frame, data_dir, valid_pct, seed)
+    lists, reason = read_official_lists(data_dir)
+    frame, source = assign_splits(frame, lists, valid_pct, seed, reason)
     return frame, source, missing
-
-
-__all__ = ["FINDINGS", "NO_FINDING", "load_frame", "read_entries", "encode_labels", "locate_images",
-           "attach_paths", "assign_splits", "phase_frame", "summarize", "format_summary", "describe",
-           "find_damaged_images", "SplitWarning"]

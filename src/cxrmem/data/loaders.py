@@ -1,10 +1,9 @@
 """fastai DataLoaders from the metadata frame: the only place the data layer meets fastai.
 
-Images are read by :func:`open_xray`, which turns every PNG/JPEG kind ChestX-ray14
-users meet (8-bit L, 16-bit I;16, RGB, RGBA) into a 3-channel 8-bit image for
-ImageNet-style backbones; the training pipeline uses :func:`read_xray`, the same
-pixels read and resized in one step. Augmentation and normalisation run as batch transforms
-(on the GPU when there is one).
+Image files become pixels in :mod:`cxrmem.data.images` (every PNG/JPEG kind: 8-bit L,
+16-bit I;16, RGB, RGBA, 8-bit out); here :func:`read_xray` turns them into the 3-channel
+uint8 tensors of the training pipeline and :func:`open_xray` into fastai PILImages.
+Augmentation and normalisation run as batch transforms (on the GPU when there is one).
 """
 
 from __future__ import annotations
@@ -17,64 +16,25 @@ from fastai.vision.all import (
     ColReader, ColSplitter, DataBlock, IntToFloatTensor, MultiCategoryBlock, Normalize, PILImage, TensorImage,
     Transform, TransformBlock, aug_transforms, imagenet_stats,
 )
-from PIL import Image
 
-from .cache import to_8bit
-from .chestxray14 import FINDINGS
-
-_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
-
-
-def to_rgb8(image: Image.Image) -> Image.Image:
-    """Any grayscale/colour PIL image -> 8-bit RGB.
-
-    16-bit grayscale is scaled by its bit depth, v8 = round(v16 * 255 / 65535),
-    never clipped at 255; alpha is dropped; 8-bit grayscale is replicated to 3 channels.
-    """
-    if image.mode in _SIXTEEN_BIT_MODES:
-        values = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(np.rint(values * (255.0 / 65535.0)), 0, 255).astype(np.uint8), mode="L")
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return image
+from .findings import FINDINGS
+from .images import open_image, read_squished
 
 
 def open_xray(path) -> PILImage:
-    """Read one image file as a fastai PILImage (8-bit RGB)."""
-    with Image.open(path) as image:
-        image.load()
-        pixels = to_rgb8(image)
-        if pixels is image:  # already RGB: PILImage() would re-class the open file object in place
-            pixels = image.copy()
-    return PILImage(pixels)
-
-
-def XrayBlock():
-    """An ImageBlock whose reader understands 16-bit and RGBA PNGs."""
-    return TransformBlock(type_tfms=open_xray, batch_tfms=IntToFloatTensor)
+    """Read one image file as a fastai PILImage (8-bit RGB; grayscale replicated to 3 channels)."""
+    return PILImage(open_image(path).convert("RGB"))  # convert copies: PILImage() re-classes its argument
 
 
 def read_xray(path, size: int) -> TensorImage:
     """Read one image file squished to ``size`` x ``size``: a 3 x size x size uint8 TensorImage.
 
-    The pixels of ``to_rgb8`` (16-bit scaled by its bit depth, alpha dropped) resized like
-    fastai's ``Resize(size, method=Squish)`` with bilinear filtering, in one step: a JPEG is
-    decoded at a reduced scale (``draft``), a large image is first box-reduced by an integer
-    factor, grayscale stays one channel through the resize and is replicated to three only at
-    the end, and the result is a contiguous tensor (cheap to collate). An image already
-    ``size`` x ``size`` keeps its exact values.
+    The pixels of :func:`cxrmem.data.images.read_squished` (like fastai's ``Resize(size,
+    method=Squish)`` with bilinear filtering, in one step; an image already ``size`` x ``size``
+    keeps its exact values), grayscale replicated to three channels only at the end, as a
+    contiguous tensor (cheap to collate).
     """
-    with Image.open(path) as image:
-        if image.format == "JPEG":
-            image.draft("L" if image.mode == "L" else "RGB", (size, size))
-        image.load()
-        image = to_8bit(image)
-    if image.size != (size, size):
-        factor = min(image.size) // (2 * size)
-        if factor >= 2:
-            image = image.reduce(factor)
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
-    pixels = torch.from_numpy(np.array(image))
+    pixels = torch.from_numpy(read_squished(path, size))
     pixels = pixels.unsqueeze(0).expand(3, -1, -1) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
     return TensorImage(pixels.contiguous())
 

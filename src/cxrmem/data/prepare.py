@@ -1,8 +1,8 @@
 """From a config's ``data`` section to a checked, split metadata frame.
 
-Order: generate the synthetic set on first use (``data.synthetic``), build or reuse
-the pre-resized cache (``data.cache``), read and split the metadata, then check
-every image file so that none fails mid-epoch.
+Order: generate the synthetic set on first use (``data.synthetic``, only into a
+missing or empty folder), build or reuse the pre-resized cache (``data.cache``), read
+and split the metadata, then check every image file so that none fails mid-epoch.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import UserError
-from .chestxray14 import find_damaged_images, load_frame
+from .chestxray14 import load_frame
+from .images import find_damaged_images
 
 DAMAGED_LIST = "damaged_images.txt"
 
@@ -28,11 +29,21 @@ class PreparedData:
 
 
 def ensure_synthetic(data_cfg) -> None:
-    if data_cfg.synthetic is not None:
-        from .synthetic import generate
+    """Generate ``data.synthetic`` into data_dir when that is missing, empty or a killed generation.
 
-        s = data_cfg.synthetic
-        generate(data_cfg.data_dir, n_patients=s.n_patients, size=s.size, seed=s.seed)
+    A data set already there is used as it is, whatever ``data.synthetic`` says (with a
+    warning when it is not the one ``data.synthetic`` describes).
+    """
+    s = data_cfg.synthetic
+    if s is None:
+        return
+    from . import synthetic
+
+    if synthetic.wants_generating(data_cfg.data_dir):
+        synthetic.generate(data_cfg.data_dir, n_patients=s.n_patients, size=s.size, seed=s.seed)
+    elif not synthetic.holds(data_cfg.data_dir, n_patients=s.n_patients, size=s.size, seed=s.seed):
+        warnings.warn(f"data.synthetic is not used: {data_cfg.data_dir} already holds a data set, which is used "
+                      f"as it is (point data.data_dir at a new folder to generate one)", stacklevel=2)
 
 
 def resolve_image_dir(data_cfg) -> Path:

@@ -21,8 +21,9 @@ from fastai.learner import Learner
 from fastai.torch_core import set_seed
 
 from .. import io
-from ..data.chestxray14 import FINDINGS, phase_frame
+from ..data.findings import FINDINGS
 from ..data.loaders import build_dataloaders
+from ..data.split import phase_frame
 from ..errors import UserError
 from ..models.net import build_model, splitter
 from ..plots import plot_lr_find, safe_plot

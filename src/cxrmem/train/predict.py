@@ -6,8 +6,9 @@ import numpy as np
 import torch
 from fastai.learner import Learner
 
-from ..data.chestxray14 import FINDINGS, phase_frame
+from ..data.findings import FINDINGS
 from ..data.loaders import build_dataloaders
+from ..data.split import phase_frame
 from ..evaluate import evaluate_split, format_report, save_predictions, write_json_atomic
 from . import distributed
 
