@@ -25,7 +25,7 @@ from ..data.chestxray14 import FINDINGS, phase_frame
 from ..data.loaders import build_dataloaders
 from ..errors import UserError
 from ..models.net import build_model, splitter
-from ..plots import plot_lr_find, safe_plot
+from ..report import plot_lr_find, safe_plot
 from . import distributed
 from .callbacks import AtomicSaveModel, HistoryCSV, MeanAUC, MemoryMomentum, MemoryValue, StopOnNonFiniteLoss
 from .losses import build_loss
