@@ -38,15 +38,16 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequenc
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 __all__ = [
+    "to_numpy",
     "check_inputs",
     "per_class_auc",
     "mean_auc",
     "build_rank_index",
     "weighted_auc",
     "ImageResampler",
+    "weight_blocks",
     "bootstrap_auc_samples",
     "mean_auc_samples",
     "percentile_interval",
@@ -101,6 +102,8 @@ def has_both_classes(positive: np.ndarray) -> bool:
 
 def per_class_auc(probs, targets, labels: Sequence[str]) -> Dict[str, Optional[float]]:
     """ROC-AUC of each column: {label: auc}, None where a class lacks positives or negatives."""
+    from sklearn.metrics import roc_auc_score  # here, not at the top: sklearn takes seconds to import
+
     scores, positive, labels = check_inputs(probs, targets, labels)
     result: Dict[str, Optional[float]] = {}
     for c, label in enumerate(labels):
