@@ -141,6 +141,20 @@ def assert_png(path):
         assert image.format == "PNG" and image.size[0] > 0 and image.mode in ("RGB", "RGBA")
 
 
+def test_auc_bars_writes_png_with_nulls(tmp_path):
+    values = [[0.8, None, 0.6], [0.7, 0.9, None]]
+    intervals = [[[0.7, 0.9], None, [0.5, 0.7]], [None, [0.85, 0.95], None]]
+    path = compare.plot_auc_bars(["a", "b"], LABELS[:3], values, tmp_path / "bars.png", "t", intervals=intervals)
+    assert path == tmp_path / "bars.png"
+    assert_png(path)
+
+
+def test_auc_bars_reject_values_of_another_shape(tmp_path):
+    with pytest.raises(ValueError, match="shape"):
+        compare.plot_auc_bars(["a", "b"], LABELS[:3], [[0.8, 0.7, 0.6]], tmp_path / "bars.png", "t")
+    assert not (tmp_path / "bars.png").exists()
+
+
 def test_main_writes_markdown_csv_and_chart(tmp_path, two_runs, capsys):
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()

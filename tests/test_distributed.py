@@ -220,7 +220,7 @@ def test_predictions_hold_every_evaluation_image_once_with_its_labels(ddp_run):
 
 def test_reported_aucs_are_those_of_the_predictions_file(ddp_run):
     from cxrmem.data.findings import FINDINGS
-    from cxrmem.evaluate import evaluate_split
+    from cxrmem.report import evaluate_split
 
     preds = torch.load(ddp_run.run_dir / "tiny_predictions.pt", weights_only=True)
     metrics = json.loads((ddp_run.run_dir / "metrics.json").read_text())

@@ -140,8 +140,8 @@ def run_pipeline(cfg, args, distributed) -> int:
         return 0
 
     from .train.phases import checkpoint_path, load_checkpoint, train
-    from .plots import plot_run
-    from .train.predict import predict_splits, write_results
+    from .report import plot_run, write_results
+    from .train.predict import predict_splits
 
     device = distributed.device()
     if args.evaluate:

@@ -2,7 +2,8 @@
 
     python -m cxrmem.compare RUN_DIR... [--split test|valid] [--out FILE.md]
 
-Reads each run folder's ``config.yaml`` and ``metrics.json``. The table has
+Reads each run folder's ``config.yaml`` and ``metrics.json`` (through
+:mod:`cxrmem.report`). The table has
 the columns experiment, backbone, strategy, bank size, top_k, mean AUC,
 95% CI, then one column per finding (AUC to 4 decimals, "n/a" for null).
 
@@ -27,15 +28,17 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
-import yaml
+import numpy as np
 
 from .errors import UserError
+from .io import write_text
+from .report import (RunFileError, format_auc, new_figure, palette, read_config, read_metrics, safe_plot,
+                     save_figure)
 
 SPLITS = ("test", "valid")
 FIXED_COLUMNS = ("experiment", "backbone", "strategy", "bank size", "top_k", "mean AUC", "95% CI")
@@ -77,28 +80,15 @@ class Table(NamedTuple):
 # --------------------------------------------------------------------------- loading
 
 
-def read_mapping(path: Path, reader) -> dict:
-    """Parse a YAML/JSON file that must hold a mapping; SkipRun with the reason otherwise."""
-    try:
-        content = reader(path.read_text())
-    except (OSError, ValueError, yaml.YAMLError) as error:
-        raise SkipRun(f"cannot read {path.name} ({type(error).__name__})") from error
-    if not isinstance(content, dict):
-        raise SkipRun(f"{path.name} does not hold a mapping")
-    return content
-
-
 def load_run(run_dir, split: str) -> RunResult:
     """Read one run folder for ``split``; raise :class:`SkipRun` naming why it is unusable."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SkipRun("not a folder")
-    if not (run_dir / "metrics.json").is_file():
-        raise SkipRun("no metrics.json (unfinished run?)")
-    if not (run_dir / "config.yaml").is_file():
-        raise SkipRun("no config.yaml")
-    metrics = read_mapping(run_dir / "metrics.json", json.loads)
-    config = read_mapping(run_dir / "config.yaml", yaml.safe_load)
+    try:
+        metrics, config = read_metrics(run_dir), read_config(run_dir)
+    except RunFileError as reason:
+        raise SkipRun(str(reason)) from reason
     if split not in metrics:
         present = ", ".join(sorted(metrics)) or "none"
         raise SkipRun(f"no {split!r} split in metrics.json (has: {present})")
@@ -174,11 +164,6 @@ def load_runs(run_dirs: Sequence, split: str) -> Tuple[List[RunResult], List[Tup
 # --------------------------------------------------------------------------- ranking and cells
 
 
-def format_value(value: Optional[float]) -> str:
-    """An AUC to 4 decimals, "n/a" for None."""
-    return NOT_AVAILABLE if value is None else f"{value:.{DECIMALS}f}"
-
-
 def format_interval(interval: Optional[Sequence[float]]) -> str:
     """[lo, hi] as "[0.7012, 0.7544]", "n/a" for None."""
     if interval is None:
@@ -209,8 +194,8 @@ def build_table(runs: Sequence[RunResult]) -> Table:
     rows = []
     for name, run in zip(run_names(runs), runs):
         memory = [run.strategy, str(run.bank_size), str(run.top_k)] if run.use_memory else ["none", NO_MEMORY, NO_MEMORY]
-        rows.append([name, run.backbone, *memory, format_value(run.mean_auc), format_interval(run.mean_ci),
-                     *(format_value(run.per_class[label]) for label in labels)])
+        rows.append([name, run.backbone, *memory, format_auc(run.mean_auc), format_interval(run.mean_ci),
+                     *(format_auc(run.per_class[label]) for label in labels)])
     marks = {(row, MEAN_COLUMN) for row in best_rows([run.mean_auc for run in runs])}
     for offset, label in enumerate(labels):
         column = len(FIXED_COLUMNS) + offset
@@ -258,13 +243,60 @@ def output_paths(out: Optional[str]) -> Tuple[Optional[Path], Optional[Path], Pa
 
 def draw_chart(runs: Sequence[RunResult], split: str, path: Path):
     """The per-finding grouped bar chart (via safe_plot: a failure is a warning). Path or None."""
-    from .plots import plot_auc_bars, safe_plot
-
     labels = list(runs[0].per_class)
     values = [[run.per_class[label] for label in labels] for run in runs]
     intervals = [[run.ci95.get(label) for label in labels] for run in runs]
     return safe_plot(plot_auc_bars, run_names(runs), labels, values, path,
                      f"ROC AUC per finding, {split} split", intervals=intervals)
+
+
+def plot_auc_bars(names: Sequence[str], labels: Sequence[str], values, path, title: str,
+                  intervals=None) -> Path:
+    """Grouped bars: one group per label, one bar per run (named by ``names``).
+
+    ``values`` is [runs][labels] of AUC or None (None draws no bar and writes
+    "n/a"); ``intervals`` (optional) is the same shape with [lo, hi] or None,
+    drawn as error bars.
+    """
+    n_runs, n_labels = len(names), len(labels)
+    heights = np.array([[np.nan if v is None else float(v) for v in row] for row in values], dtype=float)
+    if heights.shape != (n_runs, n_labels):
+        raise ValueError(f"values have shape {heights.shape}, expected ({n_runs}, {n_labels})")
+    figure = new_figure(max(8.0, 0.55 * n_labels * max(n_runs, 2) * 0.6 + 3), 5.5)
+    axes = figure.add_subplot()
+    width = 0.8 / max(n_runs, 1)
+    centres = np.arange(n_labels)
+    colours = palette(n_runs)
+    finite = heights[np.isfinite(heights)]
+    bottom = max(0.0, min(0.5, float(finite.min()) - 0.05) if finite.size else 0.5)
+    for run, name in enumerate(names):
+        x = centres - 0.4 + width * (run + 0.5)
+        errors = error_bars(heights[run], None if intervals is None else intervals[run])
+        axes.bar(x, np.nan_to_num(heights[run], nan=0.0), width, color=colours[run], label=name,
+                 yerr=errors, capsize=2, error_kw={"linewidth": 0.7})
+        for position, height in zip(x, heights[run]):
+            if np.isnan(height):
+                axes.text(position, bottom + 0.01, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
+    axes.set_ylim(bottom, 1.0)
+    axes.set_xticks(centres)
+    axes.set_xticklabels(labels, rotation=45, ha="right")
+    axes.set_ylabel("ROC AUC")
+    axes.set_title(title)
+    axes.grid(True, axis="y", alpha=0.3)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    return save_figure(figure, path)
+
+
+def error_bars(heights: np.ndarray, intervals) -> Optional[np.ndarray]:
+    """[2, L] distances below/above each bar from [lo, hi] intervals (0 where missing)."""
+    if intervals is None:
+        return None
+    errors = np.zeros((2, heights.size))
+    for i, (height, interval) in enumerate(zip(heights, intervals)):
+        if interval is not None and np.isfinite(height):
+            errors[0, i] = max(0.0, height - float(interval[0]))
+            errors[1, i] = max(0.0, float(interval[1]) - height)
+    return errors
 
 
 # --------------------------------------------------------------------------- command line
@@ -293,8 +325,6 @@ def compare(run_dirs: Sequence, split: str, out: Optional[str]) -> int:
     markdown = format_markdown(table, split)
     print(markdown, end="")
     if markdown_path is not None:
-        from .io import write_text
-
         write_text(markdown_path, markdown)
         write_text(csv_path, format_csv(table))
         print(f"wrote {markdown_path} and {csv_path}", file=sys.stderr)

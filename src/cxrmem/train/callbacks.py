@@ -14,7 +14,7 @@ from fastai.learner import Metric
 
 from .. import io
 from ..errors import UserError
-from ..evaluate import mean_auc, per_class_auc
+from ..metrics import mean_auc, per_class_auc
 from .distributed import is_main_process, load_on_main, unwrap
 
 

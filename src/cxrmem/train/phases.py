@@ -26,7 +26,7 @@ from ..data.loaders import build_dataloaders
 from ..data.split import phase_frame
 from ..errors import UserError
 from ..models.net import build_model, splitter
-from ..plots import plot_lr_find, safe_plot
+from ..report import plot_lr_find, safe_plot
 from . import distributed
 from .callbacks import AtomicSaveModel, HistoryCSV, MeanAUC, MemoryMomentum, MemoryValue, StopOnNonFiniteLoss
 from .losses import build_loss

@@ -1,4 +1,4 @@
-"""Predictions of a trained network on the evaluation splits, and the files and report made from them."""
+"""Predictions of a trained network on the evaluation splits (their files and report: cxrmem.report)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import numpy as np
 import torch
 from fastai.learner import Learner
 
-from ..data.findings import FINDINGS
 from ..data.loaders import build_dataloaders
 from ..data.split import phase_frame
-from ..evaluate import evaluate_split, format_report, save_predictions, write_json_atomic
 from . import distributed
 
 EVAL_SPLITS = ("valid", "test")
@@ -48,23 +46,3 @@ def predict_rows(learn, dls, rows, batch_size, num_classes) -> tuple[np.ndarray,
     probs, targets = learn.get_preds(dl=dl, act=torch.sigmoid)
     return probs.float().numpy(), targets.float().numpy()
 
-
-def write_results(cfg, predictions: dict) -> dict:
-    """metrics.json, <experiment>_predictions.pt and the terminal report. Returns the metrics."""
-    n_resamples = cfg.evaluation.bootstrap_resamples
-    metrics = {split: evaluate_split(probs, targets, FINDINGS, n_resamples=n_resamples, seed=cfg.data.seed)
-               for split, (probs, targets, _) in predictions.items()}
-    write_json_atomic(cfg.run_dir / "metrics.json", metrics)
-    if cfg.evaluation.save_predictions:
-        splits = list(predictions)
-        save_predictions(
-            cfg.run_dir / f"{cfg.experiment_name}_predictions.pt",
-            np.concatenate([predictions[s][0] for s in splits]),
-            np.concatenate([predictions[s][1] for s in splits]),
-            FINDINGS,
-            [name for s in splits for name in predictions[s][2]],
-            [s for s in splits for _ in predictions[s][2]],
-        )
-    for split, result in metrics.items():
-        print("\n" + format_report(split, result))
-    return metrics

@@ -1,49 +1,282 @@
-"""Figures of a run: LR finder, loss/AUC history, ROC curves, memory bank, run comparison.
+"""What a run writes and prints: metrics.json, the predictions file, the terminal report, the figures.
+
+The files of a run folder that come from here::
+
+    metrics.json                        per split: mean_auc, mean_auc_ci95, per_class, ci95,
+                                        n_images, n_positive (plain JSON, null for undefined)
+    <experiment_name>_predictions.pt    {probs, targets, labels, image_index, split}
+    loss_phase1.png, loss_phase2.png    loss and valid AUC per epoch, from the history CSVs
+    roc_test.png (else roc_valid.png)   one ROC curve per finding, from the predictions
+    memory.png                          bank fill and movement per epoch (runs with memory)
+    lr_find_phase1.png                  drawn during training with :func:`plot_lr_find`
 
 Contract shared by every ``plot_*`` function here:
 
 * it draws on its own ``matplotlib.figure.Figure`` with the Agg canvas, so it
   neither needs a display nor changes pyplot's global backend or state;
-* it writes exactly one PNG, atomically (a temporary file in the target's
-  folder, renamed over the target on success -- :func:`cxrmem.io.atomic_path`);
+* it writes exactly one PNG, atomically (:func:`cxrmem.io.atomic_path`);
 * it returns the :class:`~pathlib.Path` written, or ``None`` when there was
   nothing to draw (only :func:`plot_memory` does that);
 * it raises on bad input. Wrap a call in :func:`safe_plot` where a drawing
   must never fail the caller: :func:`plot_run` does so for every figure.
+
+The mathematics (AUC, bootstrap) is :mod:`cxrmem.metrics`.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
+import torch
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .io import atomic_path
+from . import io
+from .data.chestxray14 import FINDINGS
+from .errors import UserError
+from .metrics import bootstrap_ci, check_inputs, mean_auc, per_class_auc, to_numpy
 
 __all__ = [
+    "RunFileError",
+    "read_config",
+    "read_metrics",
+    "write_metrics",
+    "experiment_name",
+    "predictions_path",
+    "find_predictions",
+    "evaluate_split",
+    "format_auc",
+    "format_report",
+    "save_predictions",
+    "load_predictions",
+    "PREDICTION_KEYS",
+    "write_results",
     "plot_lr_find",
     "plot_history",
     "plot_roc",
     "plot_memory",
-    "plot_auc_bars",
     "safe_plot",
     "plot_run",
 ]
 
+PREDICTION_KEYS = ("probs", "targets", "labels", "image_index", "split")
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.yaml"
+PREDICTIONS_SUFFIX = "_predictions.pt"
 DPI = 110
 MEMORY_COLUMNS = ("memory_fill", "memory_moved")
 
 
-# --------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------- run folder
+
+
+class RunFileError(Exception):
+    """A file of a run folder that is missing or unreadable; the message says which and why."""
+
+
+def read_mapping(path: Path, parse: Callable[[str], object]) -> dict:
+    """Parse a YAML/JSON file that must hold a mapping; RunFileError naming the reason otherwise."""
+    try:
+        content = parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        raise RunFileError(f"cannot read {path.name} ({type(error).__name__})") from error
+    if not isinstance(content, dict):
+        raise RunFileError(f"{path.name} does not hold a mapping")
+    return content
+
+
+def read_metrics(run_dir) -> dict:
+    """The run's metrics.json ({split: result}); RunFileError when absent or unreadable."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise RunFileError(f"no {METRICS_FILE} (unfinished run?)")
+    return read_mapping(path, json.loads)
+
+
+def read_config(run_dir) -> dict:
+    """The run's resolved configuration (config.yaml) as a plain mapping; RunFileError likewise."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise RunFileError(f"no {CONFIG_FILE}")
+    return read_mapping(path, yaml.safe_load)
+
+
+def write_metrics(run_dir, metrics: dict) -> Path:
+    """Write ``metrics`` to the run's metrics.json: indented, strict JSON (NaN is an error), atomically."""
+    path = Path(run_dir) / METRICS_FILE
+    io.write_json(path, metrics)
+    return path
+
+
+def experiment_name(run_dir) -> Optional[str]:
+    """experiment_name from the run's config.yaml, None when it cannot be read."""
+    try:
+        name = read_config(run_dir).get("experiment_name")
+    except RunFileError:
+        return None
+    return None if name is None else str(name)
+
+
+def predictions_path(run_dir, experiment: str) -> Path:
+    """Where a run named ``experiment`` keeps its predictions: <experiment>_predictions.pt."""
+    return Path(run_dir) / f"{experiment}{PREDICTIONS_SUFFIX}"
+
+
+def find_predictions(run_dir) -> Optional[Path]:
+    """<experiment_name>_predictions.pt, else the only *_predictions.pt in the folder, else None."""
+    run_dir = Path(run_dir)
+    name = experiment_name(run_dir)
+    if name and predictions_path(run_dir, name).is_file():
+        return predictions_path(run_dir, name)
+    candidates = sorted(run_dir.glob(f"*{PREDICTIONS_SUFFIX}"))
+    return candidates[0] if len(candidates) == 1 else None
+
+
+# --------------------------------------------------------------------------- metrics and report
+
+
+def evaluate_split(probs, targets, labels: Sequence[str], n_resamples: int = 1000,
+                   seed: int = 0) -> dict:
+    """Everything metrics.json records for one split (plain, JSON-serialisable values).
+
+    Keys: mean_auc, mean_auc_ci95, per_class, ci95 (95% percentile bootstrap over
+    images, ``n_resamples`` resamples seeded with ``seed``), n_images, n_positive.
+    """
+    scores, positive, labels = check_inputs(probs, targets, labels)
+    per_class = per_class_auc(scores, positive, labels)
+    ci95, mean_ci95 = bootstrap_ci(scores, positive, labels, n_resamples, seed, level=0.95)
+    return {
+        "mean_auc": mean_auc(per_class),
+        "mean_auc_ci95": mean_ci95,
+        "per_class": per_class,
+        "ci95": ci95,
+        "n_images": int(scores.shape[0]),
+        "n_positive": {label: int(positive[:, c].sum()) for c, label in enumerate(labels)},
+    }
+
+
+def format_auc(value: Optional[float]) -> str:
+    """4 decimals, or 'n/a' for an undefined AUC."""
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def format_report(split_name: str, result: dict) -> str:
+    """The terminal report of one split::
+
+        == test (25596 images) ==
+        ROC AUC Labels:
+          Atelectasis        : 0.8234
+          ...
+
+        Mean AUC Score: 0.8345  (95% CI 0.8301-0.8390)
+
+    Labels are padded to one column (longest label + 1); the CI part is left
+    out when there is no interval.
+    """
+    per_class = result["per_class"]
+    width = max((len(label) for label in per_class), default=0) + 1
+    lines = [f"== {split_name} ({result['n_images']} images) ==", "ROC AUC Labels:"]
+    lines += [f"  {label:<{width}}: {format_auc(auc)}" for label, auc in per_class.items()]
+    mean_line = f"Mean AUC Score: {format_auc(result['mean_auc'])}"
+    interval = result.get("mean_auc_ci95")
+    if result["mean_auc"] is not None and interval is not None:
+        mean_line += f"  (95% CI {interval[0]:.4f}-{interval[1]:.4f})"
+    lines += ["", mean_line]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- predictions file
+
+
+def as_float_tensor(x) -> torch.Tensor:
+    """A plain, contiguous float32 CPU tensor (its own storage, for a small file)."""
+    if isinstance(x, torch.Tensor):
+        tensor = x.detach().as_subclass(torch.Tensor).cpu()
+    else:
+        tensor = torch.as_tensor(np.asarray(x))
+    return tensor.to(torch.float32).contiguous().clone()
+
+
+def save_predictions(path: Union[str, Path], probs, targets, labels: Sequence[str],
+                     image_index: Sequence[str], split: Union[str, Sequence[str]]) -> Path:
+    """Save {probs, targets, labels, image_index, split} with torch.save, atomically.
+
+    ``probs``/``targets`` become float32 [N, C] tensors; ``image_index`` and
+    ``split`` become lists of N strings (a single ``split`` name applies to all).
+    """
+    probs_t, targets_t = as_float_tensor(probs), as_float_tensor(targets)
+    labels = [str(label) for label in labels]
+    image_index = [str(name) for name in image_index]
+    n_images = probs_t.shape[0]
+    splits = [split] * n_images if isinstance(split, str) else [str(s) for s in split]
+    if probs_t.ndim != 2 or probs_t.shape != targets_t.shape or probs_t.shape[1] != len(labels):
+        raise ValueError(
+            f"probs {tuple(probs_t.shape)}, targets {tuple(targets_t.shape)} and "
+            f"{len(labels)} labels do not agree"
+        )
+    if len(image_index) != n_images or len(splits) != n_images:
+        raise ValueError(
+            f"{n_images} rows but {len(image_index)} image names and {len(splits)} split names"
+        )
+    payload = {"probs": probs_t, "targets": targets_t, "labels": labels,
+               "image_index": image_index, "split": splits}
+    io.torch_save(payload, path)
+    return Path(path)
+
+
+def load_predictions(path: Union[str, Path]) -> dict:
+    """Load a file written by ``save_predictions`` (torch.load with weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(
+            f"predictions file not found: {path}; check the path or run the evaluation first"
+        )
+    payload = io.torch_load(path)
+    missing = [key for key in PREDICTION_KEYS
+               if not isinstance(payload, dict) or key not in payload]
+    if missing:
+        raise UserError(f"{path} is not a predictions file (missing {', '.join(missing)}); "
+                        "pass the <experiment>_predictions.pt of a run")
+    return payload
+
+
+# --------------------------------------------------------------------------- a run's results
+
+
+def write_results(cfg, predictions: dict) -> dict:
+    """metrics.json, <experiment>_predictions.pt and the terminal report. Returns the metrics.
+
+    ``predictions`` is {split: (probs [N, C], targets [N, C], image names)}, splits in report order.
+    """
+    n_resamples = cfg.evaluation.bootstrap_resamples
+    metrics = {split: evaluate_split(probs, targets, FINDINGS, n_resamples=n_resamples, seed=cfg.data.seed)
+               for split, (probs, targets, _) in predictions.items()}
+    write_metrics(cfg.run_dir, metrics)
+    if cfg.evaluation.save_predictions:
+        splits = list(predictions)
+        save_predictions(
+            predictions_path(cfg.run_dir, cfg.experiment_name),
+            np.concatenate([predictions[s][0] for s in splits]),
+            np.concatenate([predictions[s][1] for s in splits]),
+            FINDINGS,
+            [name for s in splits for name in predictions[s][2]],
+            [s for s in splits for _ in predictions[s][2]],
+        )
+    for split, result in metrics.items():
+        print("\n" + format_report(split, result))
+    return metrics
+
+
+# --------------------------------------------------------------------------- figure helpers
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -57,18 +290,24 @@ def save_figure(figure: Figure, path) -> Path:
     """Write ``figure`` as a PNG to ``path`` atomically; return the path."""
     path = Path(path)
     figure.tight_layout()
-    with atomic_path(path) as tmp:
+    with io.atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=DPI)
     return path
 
 
+def palette(n: int) -> list:
+    """n distinguishable colours (tab10 up to 10, tab20 beyond)."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
 def as_array(values) -> np.ndarray:
-    """A float64 1-D/2-D ndarray from a list, ndarray or (fastai) tensor of numbers or 0-d tensors."""
-    if hasattr(values, "detach"):  # a whole tensor
-        values = values.detach().cpu().double().numpy()
+    """A float64 ndarray from a list of numbers or 0-d tensors, an ndarray or a (fastai) tensor."""
     if isinstance(values, (list, tuple)):
         values = [float(v) for v in values]  # 0-d tensors, numpy scalars, floats
-    return np.asarray(values, dtype=np.float64)
+    return to_numpy(values)
 
 
 def read_history(history_csv) -> pd.DataFrame:
@@ -91,7 +330,7 @@ def stage_spans(stages: Sequence[str], value: str = "frozen") -> List[tuple]:
     return spans
 
 
-# --------------------------------------------------------------------------- single figures
+# --------------------------------------------------------------------------- figures
 
 
 def plot_lr_find(lrs, losses, chosen_lr: Optional[float], path) -> Path:
@@ -178,26 +417,22 @@ def plot_roc(probs, targets, labels: Sequence[str], path, title: str) -> Path:
     positive), ``labels`` the C finding names. A finding without both a
     positive and a negative has no curve; the legend lists it as skipped.
     """
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_curve
 
-    scores, truth = as_array(probs), as_array(targets) > 0.5
-    labels = [str(label) for label in labels]
-    if scores.ndim != 2 or scores.shape != truth.shape or scores.shape[1] != len(labels):
-        raise ValueError(f"probs {scores.shape}, targets {truth.shape} and {len(labels)} labels do not agree")
+    scores, positive, labels = check_inputs(probs, targets, labels)
+    aucs = per_class_auc(scores, positive, labels)
 
     figure = new_figure(9, 6)
     axes = figure.add_subplot()
-    palette = _palette(len(labels))
+    colours = palette(len(labels))
     skipped = []
     for column, label in enumerate(labels):
-        positive = truth[:, column]
-        if positive.all() or not positive.any():
+        if aucs[label] is None:
             skipped.append(label)
             continue
-        fpr, tpr, _ = roc_curve(positive, scores[:, column])
-        auc = roc_auc_score(positive, scores[:, column])
-        axes.plot(fpr, tpr, color=palette[column], linestyle=("-", "--")[column % 2],
-                  linewidth=1.3, label=f"{label} ({auc:.3f})")
+        fpr, tpr, _ = roc_curve(positive[:, column], scores[:, column])
+        axes.plot(fpr, tpr, color=colours[column], linestyle=("-", "--")[column % 2],
+                  linewidth=1.3, label=f"{label} ({aucs[label]:.3f})")
     axes.plot([0, 1], [0, 1], color="black", linestyle=":", linewidth=0.8, label="chance")
     if skipped:
         axes.plot([], [], " ", label="skipped (one label only): " + ", ".join(skipped))
@@ -258,63 +493,6 @@ def plot_memory(history_csvs: Iterable, path) -> Optional[Path]:
     return save_figure(figure, path)
 
 
-def plot_auc_bars(run_names: Sequence[str], labels: Sequence[str], values, path, title: str,
-                  intervals=None) -> Path:
-    """Grouped bars: one group per label, one bar per run.
-
-    ``values`` is [runs][labels] of AUC or None (None draws no bar and writes
-    "n/a"); ``intervals`` (optional) is the same shape with [lo, hi] or None,
-    drawn as error bars.
-    """
-    n_runs, n_labels = len(run_names), len(labels)
-    heights = np.array([[np.nan if v is None else float(v) for v in row] for row in values], dtype=float)
-    if heights.shape != (n_runs, n_labels):
-        raise ValueError(f"values have shape {heights.shape}, expected ({n_runs}, {n_labels})")
-    figure = new_figure(max(8.0, 0.55 * n_labels * max(n_runs, 2) * 0.6 + 3), 5.5)
-    axes = figure.add_subplot()
-    width = 0.8 / max(n_runs, 1)
-    centres = np.arange(n_labels)
-    palette = _palette(n_runs)
-    finite = heights[np.isfinite(heights)]
-    bottom = max(0.0, min(0.5, float(finite.min()) - 0.05) if finite.size else 0.5)
-    for run, name in enumerate(run_names):
-        x = centres - 0.4 + width * (run + 0.5)
-        errors = _error_bars(heights[run], None if intervals is None else intervals[run])
-        axes.bar(x, np.nan_to_num(heights[run], nan=0.0), width, color=palette[run], label=name,
-                 yerr=errors, capsize=2, error_kw={"linewidth": 0.7})
-        for position, height in zip(x, heights[run]):
-            if np.isnan(height):
-                axes.text(position, bottom + 0.01, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
-    axes.set_ylim(bottom, 1.0)
-    axes.set_xticks(centres)
-    axes.set_xticklabels(labels, rotation=45, ha="right")
-    axes.set_ylabel("ROC AUC")
-    axes.set_title(title)
-    axes.grid(True, axis="y", alpha=0.3)
-    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
-    return save_figure(figure, path)
-
-
-def _palette(n: int) -> list:
-    """n distinguishable colours (tab10 up to 10, tab20 beyond)."""
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10" if n <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(n)]
-
-
-def _error_bars(heights: np.ndarray, intervals) -> Optional[np.ndarray]:
-    """[2, L] distances below/above each bar from [lo, hi] intervals (0 where missing)."""
-    if intervals is None:
-        return None
-    errors = np.zeros((2, heights.size))
-    for i, (height, interval) in enumerate(zip(heights, intervals)):
-        if interval is not None and np.isfinite(height):
-            errors[0, i] = max(0.0, height - float(interval[0]))
-            errors[1, i] = max(0.0, float(interval[1]) - height)
-    return errors
-
-
 # --------------------------------------------------------------------------- never failing
 
 
@@ -353,59 +531,40 @@ def plot_run(run_dir) -> List[Path]:
 
     loss_phase1.png / loss_phase2.png from the history CSVs present,
     roc_test.png (roc_valid.png when the predictions hold no test split) from
-    ``<experiment_name>_predictions.pt``, memory.png when the histories have
-    memory columns. Each figure goes through :func:`safe_plot`: a failure is a
-    warning, never an exception.
+    the predictions file, memory.png when the histories have memory columns.
+    Each figure goes through :func:`safe_plot`: a failure is a warning, never
+    an exception.
     """
     run_dir = Path(run_dir)
+    title = experiment_name(run_dir) or run_dir.name
     written = []
     for phase in (1, 2):
         history = run_dir / f"history_phase{phase}.csv"
         if history.is_file():
             written.append(safe_plot(plot_history, history, run_dir / f"loss_phase{phase}.png",
-                                     f"{_experiment_name(run_dir) or run_dir.name}: phase {phase}"))
-    written.append(_plot_run_roc(run_dir))
+                                     f"{title}: phase {phase}"))
+    written.append(_plot_run_roc(run_dir, title))
     histories = [run_dir / f"history_phase{phase}.csv" for phase in (1, 2)]
     written.append(safe_plot(plot_memory, histories, run_dir / "memory.png"))
     return [path for path in written if path is not None]
 
 
-def _experiment_name(run_dir: Path) -> Optional[str]:
-    """experiment_name from the run's config.yaml, None if unreadable."""
-    try:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text())
-        return str(config["experiment_name"])
-    except Exception:  # noqa: BLE001 - a missing name only changes titles and the file lookup
-        return None
-
-
-def _predictions_file(run_dir: Path) -> Optional[Path]:
-    """<experiment_name>_predictions.pt, else the only *_predictions.pt in the folder, else None."""
-    name = _experiment_name(run_dir)
-    if name and (run_dir / f"{name}_predictions.pt").is_file():
-        return run_dir / f"{name}_predictions.pt"
-    candidates = sorted(run_dir.glob("*_predictions.pt"))
-    return candidates[0] if len(candidates) == 1 else None
-
-
-def _plot_run_roc(run_dir: Path) -> Optional[Path]:
+def _plot_run_roc(run_dir: Path, title: str) -> Optional[Path]:
     """ROC of the test split (else valid) from the run's predictions; None if there are none."""
-    source = _predictions_file(run_dir)
+    source = find_predictions(run_dir)
     if source is None:
         return None
     try:
-        from .evaluate import load_predictions
-
         payload = load_predictions(source)
         splits = np.asarray(payload["split"])
         split = "test" if (splits == "test").any() else "valid"
         rows = splits == split
         if not rows.any():
             raise ValueError(f"{source.name} holds neither a test nor a valid split")
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:  # noqa: BLE001 - a broken file costs its figure, never the run
         warn_not_drawn(run_dir / "roc_*.png", error)
         return None
     probs = as_array(payload["probs"])[rows]
     targets = as_array(payload["targets"])[rows]
-    title = f"{_experiment_name(run_dir) or run_dir.name}: ROC on the {split} split ({int(rows.sum())} images)"
-    return safe_plot(plot_roc, probs, targets, payload["labels"], run_dir / f"roc_{split}.png", title)
+    return safe_plot(plot_roc, probs, targets, payload["labels"], run_dir / f"roc_{split}.png",
+                     f"{title}: ROC on the {split} split ({int(rows.sum())} images)")

@@ -1,0 +1,459 @@
+"""cxrmem.report: metrics.json, the predictions file, the terminal report, the figures of a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from test_metrics import synthetic_split
+
+from cxrmem import report
+from cxrmem.errors import UserError
+from cxrmem.io import atomic_path
+from cxrmem.report import (
+    RunFileError,
+    evaluate_split,
+    format_report,
+    load_predictions,
+    read_config,
+    read_metrics,
+    save_predictions,
+    write_metrics,
+)
+
+FINDINGS = [
+    "Atelectasis", "Consolidation", "Infiltration", "Pneumothorax", "Edema",
+    "Emphysema", "Fibrosis", "Effusion", "Pneumonia", "Pleural_Thickening",
+    "Cardiomegaly", "Nodule", "Mass", "Hernia",
+]
+
+# ---------------------------------------------------------------- split summary
+
+def test_undefined_classes_in_the_split_summary():
+    # As in test_metrics: A and B perfectly ranked, one class without positive, one without negative.
+    targets = np.array([[1, 0, 0, 1], [1, 1, 0, 1], [0, 1, 0, 1], [0, 0, 0, 1]], dtype=float)
+    probs = np.array([[0.9, 0.2, 0.5, 0.5], [0.8, 0.9, 0.4, 0.6],
+                      [0.1, 0.7, 0.3, 0.7], [0.2, 0.1, 0.2, 0.8]])
+    labels = ["A", "B", "no_positive", "no_negative"]
+    result = evaluate_split(probs, targets, labels, n_resamples=50)
+    assert result["mean_auc"] == 1.0
+    assert result["per_class"] == {"A": 1.0, "B": 1.0, "no_positive": None, "no_negative": None}
+    assert result["ci95"]["no_positive"] is None
+    assert result["ci95"]["no_negative"] is None
+    assert result["n_positive"] == {"A": 2, "B": 2, "no_positive": 0, "no_negative": 4}
+
+
+def test_evaluate_split_is_plain_json():
+    probs, targets = synthetic_split(300, n_classes=14, prevalence=0.1, seed=9)
+    targets[:, 13] = 0.0    # Hernia absent from this split
+    result = evaluate_split(torch.tensor(probs), torch.tensor(targets), FINDINGS, n_resamples=100)
+    assert set(result) == {"mean_auc", "mean_auc_ci95", "per_class", "ci95",
+                           "n_images", "n_positive"}
+    assert result["n_images"] == 300 and type(result["n_images"]) is int
+    assert result["per_class"]["Hernia"] is None and result["ci95"]["Hernia"] is None
+    assert type(result["mean_auc"]) is float
+    assert all(type(v) is float for v in result["mean_auc_ci95"])
+    assert all(type(v) is int for v in result["n_positive"].values())
+    text = json.dumps(result, allow_nan=False)
+    assert json.loads(text) == result
+
+
+# ---------------------------------------------------------------- report
+
+def report_input(mean=0.8345, mean_ci=(0.8301, 0.8390)):
+    return {
+        "mean_auc": mean,
+        "mean_auc_ci95": list(mean_ci) if mean_ci else None,
+        "per_class": {"Atelectasis": 0.82341, "Cardiomegaly": 0.89558,
+                      "Pleural_Thickening": None, "Hernia": 0.9},
+        "ci95": {},
+        "n_images": 25596,
+        "n_positive": {},
+    }
+
+
+def test_format_report_layout():
+    expected = "\n".join([
+        "== test (25596 images) ==",
+        "ROC AUC Labels:",
+        "  Atelectasis        : 0.8234",
+        "  Cardiomegaly       : 0.8956",
+        "  Pleural_Thickening : n/a",
+        "  Hernia             : 0.9000",
+        "",
+        "Mean AUC Score: 0.8345  (95% CI 0.8301-0.8390)",
+    ])
+    assert format_report("test", report_input()) == expected
+
+
+def test_format_report_without_interval_or_mean():
+    without_ci = format_report("valid", report_input(mean_ci=None))
+    assert without_ci.splitlines()[-1] == "Mean AUC Score: 0.8345"
+    without_mean = format_report("valid", report_input(mean=None))
+    assert without_mean.splitlines()[-1] == "Mean AUC Score: n/a"
+
+
+def test_format_report_on_all_findings():
+    probs, targets = synthetic_split(200, n_classes=14, prevalence=0.2, seed=1)
+    result = evaluate_split(probs, targets, FINDINGS, n_resamples=20)
+    lines = format_report("valid", result).splitlines()
+    assert lines[0] == "== valid (200 images) =="
+    assert lines[1] == "ROC AUC Labels:"
+    body = lines[2:16]
+    assert [line.split(":")[0].strip() for line in body] == FINDINGS
+    assert body[0].startswith("  Atelectasis        : ")
+    assert len({line.index(":") for line in body}) == 1          # one column
+    assert all(len(line.split(": ")[1]) == 6 for line in body)   # 0.xxxx
+    assert lines[16] == ""
+    assert lines[17].startswith("Mean AUC Score: ") and "(95% CI " in lines[17]
+
+
+# ---------------------------------------------------------------- files
+
+def test_write_metrics_round_trip_and_no_temp_files(tmp_path):
+    run_dir = tmp_path / "sub"
+    path = write_metrics(run_dir, {"valid": {"mean_auc": 0.8, "per_class": {"A": None}}})
+    assert path == run_dir / "metrics.json"
+    write_metrics(run_dir, {"valid": {"mean_auc": 0.9}})        # overwrite
+    assert json.loads(path.read_text()) == {"valid": {"mean_auc": 0.9}}
+    assert read_metrics(run_dir) == {"valid": {"mean_auc": 0.9}}
+    assert os.listdir(path.parent) == ["metrics.json"]
+
+
+def test_json_with_nan_is_refused_and_leaves_the_old_file(tmp_path):
+    path = tmp_path / "metrics.json"
+    write_metrics(tmp_path, {"ok": 1})
+    with pytest.raises(ValueError):
+        write_metrics(tmp_path, {"bad": float("nan")})
+    assert json.loads(path.read_text()) == {"ok": 1}
+    assert os.listdir(tmp_path) == ["metrics.json"]
+
+
+def test_interrupted_write_leaves_old_file_and_no_temp_file(tmp_path):
+    path = tmp_path / "preds.pt"
+    path.write_bytes(b"old")
+
+    def fail_half_way(handle):
+        handle.write(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            fail_half_way(handle)
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["preds.pt"]
+
+
+def test_predictions_round_trip_with_weights_only(tmp_path):
+    probs, targets = synthetic_split(6, n_classes=14, seed=0)
+    names = [f"{i:08d}_000.png" for i in range(6)]
+    path = tmp_path / "exp_predictions.pt"
+    save_predictions(path, torch.tensor(probs, dtype=torch.float64), targets, FINDINGS, names,
+                     ["valid"] * 3 + ["test"] * 3)
+    assert os.listdir(tmp_path) == ["exp_predictions.pt"]
+
+    loaded = load_predictions(path)   # torch.load(weights_only=True) inside
+    raw = torch.load(path, weights_only=True)
+    assert set(raw) == {"probs", "targets", "labels", "image_index", "split"}
+    assert loaded["probs"].dtype == torch.float32 and loaded["targets"].dtype == torch.float32
+    assert torch.allclose(loaded["probs"], torch.tensor(probs, dtype=torch.float32))
+    assert torch.equal(loaded["targets"], torch.tensor(targets))
+    assert loaded["labels"] == FINDINGS
+    assert loaded["image_index"] == names
+    assert loaded["split"] == ["valid"] * 3 + ["test"] * 3
+
+
+def test_single_split_name_applies_to_every_image(tmp_path):
+    path = tmp_path / "p.pt"
+    save_predictions(path, np.zeros((3, 2)), np.zeros((3, 2)), ["A", "B"], ["a", "b", "c"], "test")
+    assert load_predictions(path)["split"] == ["test"] * 3
+
+
+def test_inconsistent_predictions_are_refused(tmp_path):
+    zeros = np.zeros((3, 2))
+    with pytest.raises(ValueError, match="image names"):
+        save_predictions(tmp_path / "p.pt", zeros, zeros, ["A", "B"], ["a"], "test")
+    with pytest.raises(ValueError, match="labels"):
+        save_predictions(tmp_path / "p.pt", zeros, zeros, ["A"], ["a", "b", "c"], "test")
+    assert os.listdir(tmp_path) == []
+
+
+def test_load_predictions_errors_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_predictions(tmp_path / "missing.pt")
+    other = tmp_path / "weights.pt"
+    torch.save({"probs": torch.zeros(1)}, other)
+    with pytest.raises(UserError, match="missing targets"):
+        load_predictions(other)
+
+
+def test_run_files_that_are_missing_or_unreadable_raise_run_file_error(tmp_path):
+    with pytest.raises(RunFileError, match=r"no metrics\.json"):
+        read_metrics(tmp_path)
+    with pytest.raises(RunFileError, match=r"no config\.yaml"):
+        read_config(tmp_path)
+    (tmp_path / "metrics.json").write_text("{not json")
+    with pytest.raises(RunFileError, match=r"cannot read metrics\.json \(JSONDecodeError\)"):
+        read_metrics(tmp_path)
+    (tmp_path / "config.yaml").write_text("- a list\n")
+    with pytest.raises(RunFileError, match="does not hold a mapping"):
+        read_config(tmp_path)
+    assert report.experiment_name(tmp_path) is None
+    (tmp_path / "config.yaml").write_text("experiment_name: exp\n")
+    assert report.experiment_name(tmp_path) == "exp"
+
+
+def test_find_predictions_prefers_the_experiment_name(tmp_path):
+    assert report.find_predictions(tmp_path) is None
+    (tmp_path / "old_predictions.pt").write_bytes(b"")
+    assert report.find_predictions(tmp_path) == tmp_path / "old_predictions.pt"   # the only one
+    (tmp_path / "other_predictions.pt").write_bytes(b"")
+    assert report.find_predictions(tmp_path) is None                             # ambiguous
+    (tmp_path / "config.yaml").write_text("experiment_name: exp\n")
+    (tmp_path / "exp_predictions.pt").write_bytes(b"")
+    assert report.find_predictions(tmp_path) == report.predictions_path(tmp_path, "exp")
+    assert report.predictions_path(tmp_path, "exp") == tmp_path / "exp_predictions.pt"
+
+
+# ---------------------------------------------------------------- a run's results
+
+def fake_config(run_dir, save_predictions=True):
+    """The settings write_results reads, and nothing else."""
+    return SimpleNamespace(run_dir=run_dir, experiment_name="exp", data=SimpleNamespace(seed=4),
+                           evaluation=SimpleNamespace(bootstrap_resamples=30, save_predictions=save_predictions))
+
+
+def test_write_results_writes_metrics_predictions_and_the_report(tmp_path, capsys):
+    splits = {}
+    for number, (split, n) in enumerate((("valid", 80), ("test", 120))):
+        probs, targets = synthetic_split(n, n_classes=14, prevalence=0.2, seed=number)
+        splits[split] = (probs.astype(np.float32), targets, [f"{split}_{i}.png" for i in range(n)])
+    metrics = report.write_results(fake_config(tmp_path), splits)
+
+    expected = {split: evaluate_split(p, t, FINDINGS, n_resamples=30, seed=4) for split, (p, t, _) in splits.items()}
+    assert metrics == expected
+    assert read_metrics(tmp_path) == json.loads(json.dumps(expected))
+    printed = capsys.readouterr().out
+    assert printed == "".join("\n" + format_report(split, expected[split]) + "\n" for split in ("valid", "test"))
+
+    saved = load_predictions(tmp_path / "exp_predictions.pt")
+    assert saved["split"] == ["valid"] * 80 + ["test"] * 120
+    assert saved["image_index"] == splits["valid"][2] + splits["test"][2]
+    assert saved["labels"] == FINDINGS
+    assert torch.equal(saved["probs"], torch.from_numpy(np.concatenate([splits["valid"][0], splits["test"][0]])))
+
+
+def test_write_results_without_predictions_file(tmp_path, capsys):
+    probs, targets = synthetic_split(50, n_classes=14, prevalence=0.3)
+    report.write_results(fake_config(tmp_path, save_predictions=False), {"valid": (probs, targets, ["x"] * 50)})
+    assert sorted(os.listdir(tmp_path)) == ["metrics.json"]
+    assert "== valid (50 images) ==" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- figures
+
+LABELS = ["Atelectasis", "Edema", "Hernia"]
+
+
+def assert_png(path):
+    """The file exists, PIL reads it as a PNG with a non-empty RGB(A) image."""
+    assert path.is_file(), path
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert image.size[0] > 0 and image.size[1] > 0
+        assert image.mode in ("RGB", "RGBA")
+        image.verify()
+
+
+def no_temp_files(folder):
+    return not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+HISTORY1 = """stage,epoch,train_loss,valid_loss,valid_auc,memory_fill,memory_moved,time
+frozen,0,0.70,0.68,0.55,0.5,,00:10
+frozen,1,0.62,0.64,0.60,1.0,0.2,00:10
+unfrozen,2,0.55,0.60,0.66,1,0.1,00:12
+"""
+HISTORY2 = """stage,epoch,train_loss,valid_loss,valid_auc,memory_fill,memory_moved,time
+unfrozen,0,0.50,0.57,0.70,1,0.001,00:20
+unfrozen,1,0.47,,0.71,1,0.0008,00:20
+"""
+PLAIN_HISTORY = """stage,epoch,train_loss,valid_loss,valid_auc,time
+frozen,0,0.70,0.68,0.55,00:10
+unfrozen,1,0.60,0.62,0.63,00:10
+"""
+
+
+def fake_predictions(n=40, with_test=True, seed=0):
+    """Made-up probabilities: Hernia has no positive, so its ROC is skipped."""
+    rng = np.random.default_rng(seed)
+    targets = (rng.random((n, len(LABELS))) < 0.4).astype(np.float32)
+    targets[:, 2] = 0
+    probs = np.clip(0.6 * targets + 0.4 * rng.random(targets.shape), 0, 1).astype(np.float32)
+    split = ["valid"] * (n // 2) + [("test" if with_test else "valid")] * (n - n // 2)
+    return {"probs": torch.from_numpy(probs), "targets": torch.from_numpy(targets), "labels": list(LABELS),
+            "image_index": [f"{i:05d}.png" for i in range(n)], "split": split}
+
+
+def make_run(folder, memory=True, phase2=True, with_test=True, predictions=True):
+    """A finished-looking run folder written by hand (no training)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"experiment_name": "fake", "model": {"backbone": "resnet18"},
+              "memory": {"use_memory": memory, "update_strategy": "fifo", "bank_size": 16, "top_k": 3}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    (folder / "metrics.json").write_text(json.dumps({"valid": {"mean_auc": 0.7, "per_class": {}}}))
+    if memory:
+        (folder / "history_phase1.csv").write_text(HISTORY1)
+        if phase2:
+            (folder / "history_phase2.csv").write_text(HISTORY2)
+    else:
+        (folder / "history_phase1.csv").write_text(PLAIN_HISTORY)
+        if phase2:
+            (folder / "history_phase2.csv").write_text(PLAIN_HISTORY.replace("frozen,0", "unfrozen,0"))
+    if predictions:
+        torch.save(fake_predictions(with_test=with_test), folder / "fake_predictions.pt")
+    return folder
+
+
+# --------------------------------------------------------------------------- single figures
+
+
+def test_lr_find_writes_png(tmp_path):
+    lrs = np.logspace(-7, 1, 60)
+    losses = 0.7 - 0.2 * np.exp(-((np.log10(lrs) + 3) ** 2)) + np.where(lrs > 1e-1, 5 * lrs, 0)
+    losses[-1] = np.nan  # a diverged last step is left out
+    path = report.plot_lr_find(lrs, losses, 1e-3, tmp_path / "lr_find_phase1.png")
+    assert path == tmp_path / "lr_find_phase1.png"
+    assert_png(path)
+    assert no_temp_files(tmp_path)
+
+
+def test_lr_find_accepts_tensors_and_no_choice(tmp_path):
+    lrs = [torch.tensor(x) for x in np.logspace(-6, -1, 10)]
+    losses = [torch.tensor(0.7 - 0.01 * i) for i in range(10)]
+    assert_png(report.plot_lr_find(lrs, losses, None, tmp_path / "lr.png"))
+
+
+def test_lr_find_rejects_mismatched_lengths(tmp_path):
+    with pytest.raises(ValueError):
+        report.plot_lr_find([1e-3, 1e-2], [0.5], 1e-3, tmp_path / "lr.png")
+    assert not (tmp_path / "lr.png").exists()
+
+
+def test_history_writes_png_with_nan_cells(tmp_path):
+    csv = tmp_path / "history_phase1.csv"
+    csv.write_text(HISTORY1 + "unfrozen,3,0.5,,,1,,00:10\n")
+    assert_png(report.plot_history(csv, tmp_path / "loss_phase1.png", "fake: phase 1"))
+
+
+def test_history_stage_spans():
+    assert report.stage_spans(["frozen", "frozen", "unfrozen", "frozen"]) == [(0, 1), (3, 3)]
+    assert report.stage_spans(["unfrozen"]) == []
+
+
+def test_roc_writes_png_and_skips_one_label_classes(tmp_path):
+    payload = fake_predictions()
+    assert_png(report.plot_roc(payload["probs"], payload["targets"], LABELS, tmp_path / "roc.png", "fake"))
+
+
+def test_roc_rejects_label_count(tmp_path):
+    payload = fake_predictions()
+    with pytest.raises(ValueError):
+        report.plot_roc(payload["probs"], payload["targets"], LABELS[:2], tmp_path / "roc.png", "fake")
+
+
+def test_memory_writes_png_across_phases(tmp_path):
+    (tmp_path / "h1.csv").write_text(HISTORY1)
+    (tmp_path / "h2.csv").write_text(HISTORY2)
+    path = report.plot_memory([tmp_path / "h1.csv", tmp_path / "h2.csv"], tmp_path / "memory.png")
+    assert path == tmp_path / "memory.png"
+    assert_png(path)
+
+
+def test_memory_returns_none_without_memory_columns(tmp_path):
+    (tmp_path / "h1.csv").write_text(PLAIN_HISTORY)
+    assert report.plot_memory([tmp_path / "h1.csv", tmp_path / "missing.csv"], tmp_path / "memory.png") is None
+    assert not (tmp_path / "memory.png").exists()
+
+
+def test_figures_stay_out_of_pyplot(tmp_path):
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    report.plot_lr_find([1e-4, 1e-3, 1e-2], [0.7, 0.6, 0.9], 1e-3, tmp_path / "lr.png")
+    assert plt.get_fignums() == before
+
+
+# --------------------------------------------------------------------------- safe_plot
+
+
+def failing_plot(data, path):
+    raise RuntimeError("boom")
+
+
+def test_safe_plot_turns_failure_into_warning(tmp_path):
+    target = tmp_path / "broken.png"
+    with pytest.warns(UserWarning, match=r"could not draw .*broken\.png: RuntimeError: boom"):
+        assert report.safe_plot(failing_plot, [1, 2], target) is None
+    with pytest.warns(UserWarning, match=r"could not draw .*broken\.png"):
+        assert report.safe_plot(failing_plot, [1, 2], path=target) is None
+    assert not target.exists()
+
+
+def test_safe_plot_passes_result_through(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = report.safe_plot(report.plot_lr_find, [1e-4, 1e-3], [0.7, 0.6], 1e-3, tmp_path / "lr.png")
+    assert result == tmp_path / "lr.png"
+
+
+def test_safe_plot_warns_on_bad_input(tmp_path):
+    with pytest.warns(UserWarning, match="could not draw"):
+        assert report.safe_plot(report.plot_history, tmp_path / "absent.csv", tmp_path / "x.png", "t") is None
+
+
+# --------------------------------------------------------------------------- plot_run
+
+
+def test_plot_run_memory_run_with_test_split(tmp_path):
+    run = make_run(tmp_path / "run")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        written = report.plot_run(run)
+    names = {"loss_phase1.png", "loss_phase2.png", "roc_test.png", "memory.png"}
+    assert {p.name for p in written} == names
+    for name in names:
+        assert_png(run / name)
+    assert not (run / "roc_valid.png").exists()
+    assert no_temp_files(run)
+
+
+def test_plot_run_without_memory_phase2_or_test(tmp_path):
+    run = make_run(tmp_path / "run", memory=False, phase2=False, with_test=False)
+    written = report.plot_run(run)
+    assert {p.name for p in written} == {"loss_phase1.png", "roc_valid.png"}
+    assert not (run / "memory.png").exists()
+
+
+def test_plot_run_without_predictions_file(tmp_path):
+    run = make_run(tmp_path / "run", predictions=False)
+    assert {p.name for p in report.plot_run(run)} == {"loss_phase1.png", "loss_phase2.png", "memory.png"}
+
+
+def test_plot_run_survives_broken_files(tmp_path):
+    run = make_run(tmp_path / "run")
+    (run / "fake_predictions.pt").write_bytes(b"not a torch file")
+    (run / "history_phase2.csv").write_text("")
+    with pytest.warns(UserWarning, match="could not draw") as record:
+        written = report.plot_run(run)
+    messages = " ".join(str(w.message) for w in record)
+    assert "roc_" in messages and "loss_phase2.png" in messages
+    assert "loss_phase1.png" in {p.name for p in written}
+    assert_png(run / "loss_phase1.png")
