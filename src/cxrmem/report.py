@@ -41,7 +41,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from . import io
-from .data.chestxray14 import FINDINGS
+from .data.findings import FINDINGS
 from .errors import UserError
 from .metrics import bootstrap_ci, check_inputs, mean_auc, per_class_auc, to_numpy
 
