@@ -70,7 +70,7 @@ class ModelConfig:
         "efficientnet_v2_s",
         "backbone name: efficientnet_v2_s/m/l, resnet18/34/50, densenet121 or timm/<name>",
     )
-    pretrained: bool = opt(True, "start from ImageNet weights found in the local torch/timm cache")
+    pretrained: bool = opt(True, "start from ImageNet weights (downloaded on first use into the torch / Hugging Face cache, then read from it)")
     weights: str | None = opt(None, "path of a local state dict to start the backbone from", kind="path")
     dropout_rate: float = opt(0.3, "dropout before the last linear layer of the head", lo=0.0, hi=1.0, hi_open=True)
     precision: str = opt("auto", "auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16",
