@@ -351,6 +351,8 @@ def run_local(sweep: Sweep, work: list[tuple[Run, list[str]]], root: Path) -> li
     submitit = _submitit()
     options = sweep.executor
     groups = gpu_groups(options.jobs, options.gpus_per_job, visible_gpus())
+    if options.jobs > 1 and len(work) > 1:
+        prepare_shared_data([run for run, _ in work])
     pending, running, failed = list(work), {}, []
     total, finished = len(work), 0
     try:
@@ -393,7 +395,7 @@ def submit_slurm(sweep: Sweep, work: list[tuple[Run, list[str]]], root: Path) ->
     executor = submitit.SlurmExecutor(folder=root / "slurm")
     parameters = dict(job_name=f"sweep-{sweep.name}", partition=options.partition, account=options.account,
                       time=options.time, ntasks_per_node=tasks, cpus_per_task=max(1, options.cpus_per_job // tasks),
-                      mem=options.mem_gb, gpus_per_node=options.gpus_per_job or None,
+                      mem=f"{options.mem_gb}GB", gpus_per_node=options.gpus_per_job or None,
                       array_parallelism=options.jobs)
     executor.update_parameters(**{k: v for k, v in parameters.items() if v is not None})
     jobs = executor.map_array(run_training, [argv for _, argv in work])
@@ -500,7 +502,8 @@ def summarize(sweep: Sweep, runs: list[Run]) -> Optional[dict]:
                             f"of a sweep needs the same data.data_dir, data.seed and data.valid_pct")
     resamples = {(run.variant, run.seed): run.config.evaluation.bootstrap_resamples for run in finished}
     variants = {}
-    for variant, settings in sweep.variants.items():
+    order = [sweep.reference] + [v for v in sweep.variants if v != sweep.reference]
+    for variant, settings in ((v, sweep.variants[v]) for v in order):
         seeds = [s for s in sweep.seeds if (variant, s) in tests]
         aucs = {s: class_aucs(tests[(variant, s)]) for s in seeds}
         compared = [s for s in seeds if (sweep.reference, s) in tests] if variant != sweep.reference else []
@@ -666,8 +669,6 @@ def main(argv) -> int:
           f"resume, {counts['start']} to start", flush=True)
     failed = []
     if work:
-        if sweep.executor.jobs > 1 and len(work) > 1:
-            prepare_shared_data([run for run, _ in work])
         try:
             failed = EXECUTORS[sweep.executor.name](sweep, work, root)
         except KeyboardInterrupt:
