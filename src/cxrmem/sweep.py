@@ -587,22 +587,27 @@ def plot_summary(summary: dict, path) -> Path:
     axes = figure.add_subplot()
     cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
     width = 0.8 / len(names)
-    lowest = 1.0
+    lowest, unscored = 1.0, []
     for i, name in enumerate(names):
         v = summary["variants"][name]
         stats = [v["mean_auc"]] + [v["per_class"][label] for label in summary["labels"]]
         stars = [v["significant"]["mean_auc"]] + [v["significant"]["per_class"][label] for label in summary["labels"]]
         means = np.array([np.nan if s["mean"] is None else s["mean"] for s in stats])
         sds = np.array([0.0 if s["sd"] is None else s["sd"] for s in stats])
+        sds[np.isnan(means)] = np.nan
         x = np.arange(len(groups)) - 0.4 + width * (i + 0.5)
-        axes.bar(x, np.nan_to_num(means), width, yerr=sds, color=cmap(i % cmap.N), label=name, capsize=2,
+        axes.bar(x, means, width, yerr=sds, color=cmap(i % cmap.N), label=name, capsize=2,
                  error_kw={"linewidth": 0.7})
         for position, mean, sd, star in zip(x, means, sds, stars):
             if star and np.isfinite(mean):
                 axes.text(position, mean + sd + 0.005, "*", ha="center", va="bottom", fontsize=11)
         if np.isfinite(means).any():
             lowest = min(lowest, float(np.nanmin(means - sds)))
-    axes.set_ylim(max(0.0, min(0.5, lowest - 0.05)), 1.02)
+        unscored.extend(position for position, mean in zip(x, means) if np.isnan(mean))
+    bottom = max(0.0, min(0.5, lowest - 0.05))
+    for position in unscored:
+        axes.text(position, bottom + 0.01, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
+    axes.set_ylim(bottom, 1.02)
     axes.set_xticks(np.arange(len(groups)))
     axes.set_xticklabels(groups, rotation=45, ha="right")
     axes.set_ylabel(f"{summary['split']} ROC AUC (mean ± SD over seeds)")
