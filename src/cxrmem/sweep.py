@@ -124,10 +124,15 @@ def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def flow_yaml(value: Any) -> str:
+    """``value`` as one line of YAML (flow style) that reads back as ``value``."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf")).strip()
+    return text.removesuffix("...").strip()  # the end-of-document marker YAML puts after a plain scalar
+
+
 def set_argument(key: str, value: Any) -> str:
-    """``key=value`` that ``--set`` reads back as ``value`` (the value in YAML flow style)."""
-    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf"))
-    return f"{key}={text.removesuffix(chr(10)).removesuffix(chr(10) + '...').strip()}"
+    """``key=value`` that ``--set`` reads back as ``value``."""
+    return f"{key}={flow_yaml(value)}"
 
 
 def _mapping(raw: Any, where: str) -> dict:
@@ -145,7 +150,7 @@ def _check_name(name: Any, where: str) -> str:
 
 
 def _value_text(value: Any) -> str:
-    text = set_argument("k", value)[2:].strip("'\"")
+    text = flow_yaml(value).strip("'\"")
     return re.sub(r"[^A-Za-z0-9_.+-]", "-", text)
 
 
@@ -419,14 +424,14 @@ def patient_id(image_index: str) -> str:
 
 
 @dataclass
-class TestSet:
+class SplitPredictions:
     names: list[str]      # sorted image names
     targets: np.ndarray   # [N, C]
     probs: np.ndarray     # [N, C]
     labels: list[str]
 
 
-def load_test_set(path: Path) -> TestSet:
+def load_test_set(path: Path) -> SplitPredictions:
     """The test split of a predictions file, in image-name order."""
     from .evaluate import load_predictions
 
@@ -437,11 +442,11 @@ def load_test_set(path: Path) -> TestSet:
     names = np.asarray(payload["image_index"])[rows]
     order = np.argsort(names, kind="stable")
     rows = rows[order]
-    return TestSet(names[order].tolist(), payload["targets"].numpy()[rows].astype(np.float64),
+    return SplitPredictions(names[order].tolist(), payload["targets"].numpy()[rows].astype(np.float64),
                    payload["probs"].numpy()[rows].astype(np.float64), list(payload["labels"]))
 
 
-def class_aucs(test: TestSet) -> dict[str, Optional[float]]:
+def class_aucs(test: SplitPredictions) -> dict[str, Optional[float]]:
     """ROC AUC per finding (None without a positive or a negative), by midranks."""
     from .stats_paired import delong_components
 
@@ -465,7 +470,7 @@ def significant(pairs: list[tuple[Optional[float], Optional[float]]]) -> bool:
     return bool(pairs) and 2 * max(up, down) > len(pairs)
 
 
-def compare_to_reference(ref: TestSet, test: TestSet, resamples: int, seed: int) -> dict:
+def compare_to_reference(ref: SplitPredictions, test: SplitPredictions, resamples: int, seed: int) -> dict:
     """One seed: DeLong + Holm per finding, paired patient bootstrap of the mean AUC (variant - reference)."""
     from .stats_paired import delong_per_class, paired_bootstrap
 
@@ -681,18 +686,20 @@ def main(argv) -> int:
             return 130
         if failed is None:
             return 0
-    status = report_summary(sweep, runs, root)
+    return report_summary(sweep, runs, root, failed)
+
+
+def report_summary(sweep: Sweep, runs: list[Run], root: Path, failed=()) -> int:
+    """Write the summary of the finished runs; status 1 if runs failed, a UserError if none finished."""
+    summary = write_summary(sweep, runs, root)
+    if summary is not None:
+        print(f"summary: {root / 'summary.md'} ({root / 'summary.json'}, {root / 'summary.png'})")
     if failed:
         print(f"error: {len(failed)} run(s) failed ({', '.join(failed)}); see their logs in {root / LOG_DIR}, "
               f"then run the same command again", file=sys.stderr)
         return 1
-    return status
-
-
-def report_summary(sweep: Sweep, runs: list[Run], root: Path) -> int:
-    if write_summary(sweep, runs, root) is None:
+    if summary is None:
         raise UserError(f"no finished run of sweep {sweep.name} in {root}; run the sweep first")
-    print(f"summary: {root / 'summary.md'} ({root / 'summary.json'}, {root / 'summary.png'})")
     return 0
 
 
