@@ -383,7 +383,9 @@ def run_local(sweep: Sweep, work: list[tuple[Run, list[str]]], root: Path) -> li
                     print(f"[{finished}/{total}] finished {run.name} in {minutes:.1f} min", flush=True)
                 else:
                     failed.append(run.name)
-                    print(f"[{finished}/{total}] FAILED {run.name} after {minutes:.1f} min; see "
+                    lines = (job.stderr() or "").splitlines()
+                    cause = next((line for line in reversed(lines) if line.startswith("error: ")), "error")
+                    print(f"[{finished}/{total}] FAILED {run.name} after {minutes:.1f} min ({cause}); see "
                           f"{job.paths.stderr}", flush=True)
     except KeyboardInterrupt:
         for _, job, _ in running.values():
