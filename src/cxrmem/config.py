@@ -114,10 +114,16 @@ class DataConfig:
     data_dir: str = opt("data/chestxray14", "ChestX-ray14 root (Data_Entry_2017.csv, lists, images_*/images)",
                         kind="path")
     image_size: int = opt(224, "side of the network input in pixels", lo=16)
+<<<<<<< HEAD
     seed: int = opt(42, "seed for the splits, data order, augmentation and initialisation")
     valid_pct: float = opt(0.1, "fraction of train_val patients held out for validation; 0: train on every "
                            "train_val image, without early stopping, keeping the last epoch",
                            lo=0.0, hi=1.0, hi_open=True)
+=======
+    seed: int = opt(42, "seed of the splits (validation patients, derived test); of training too while seed is null")
+    valid_pct: float = opt(0.1, "fraction of train_val patients held out for validation",
+                           lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+>>>>>>> i-sweep
     num_workers: int | str = opt("auto", "DataLoader worker processes: auto or a number", lo=0, kind="auto_int")
     missing_images: str = opt("error", "images listed in the CSV but absent on disk: error or drop",
                               choices=("error", "drop"))
@@ -178,6 +184,8 @@ class Config:
     description: str = opt("", "free text")
     save_name: str | None = opt(None, "stem of the checkpoint files (default: experiment_name)")
     output_dir: str | None = opt(None, "run folder (default: runs/<experiment_name>)", kind="path")
+    seed: int | None = opt(None, "training seed: initialisation, data order, augmentation and dropout "
+                           "(null: data.seed); never moves the split", lo=0, kind="int_or_null")
     model: ModelConfig = section(ModelConfig, "the network")
     memory: MemoryConfig = section(MemoryConfig, "the memory bank")
     data: DataConfig = section(DataConfig, "the data set and loaders")
@@ -193,6 +201,11 @@ class Config:
     @property
     def checkpoint_stem(self) -> str:
         return self.save_name or self.experiment_name
+
+    @property
+    def train_seed(self) -> int:
+        """Seed of initialisation, data order, augmentation and dropout: ``seed``, else ``data.seed``."""
+        return self.data.seed if self.seed is None else self.seed
 
 
 # --------------------------------------------------------------------------- validation
@@ -213,6 +226,8 @@ def _type_name(f: dataclasses.Field) -> str:
     kind = f.metadata.get("kind")
     if kind == "auto_int":
         return "an integer or 'auto'"
+    if kind == "int_or_null":
+        return "an integer or null"
     if kind == "normalize":
         return "true/false or one of " + ", ".join(NORMALIZE_MODES)
     name = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[_value_type(f)]
@@ -243,7 +258,12 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, source: str = "<config>"
         return None
     if f.name == "channels_last" and isinstance(value, bool):
         value = str(value).lower()
+<<<<<<< HEAD
     expected = _value_type(f)
+=======
+    default = f.default
+    expected = int if kind in ("auto_int", "int_or_null") else (str if default is None else type(default))
+>>>>>>> i-sweep
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if expected is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string

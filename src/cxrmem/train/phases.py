@@ -38,9 +38,9 @@ def train(cfg, frame, device, resume: bool = False) -> Learner:
 
     With ``resume``, finished stages and epochs recorded in the resume file are skipped.
     """
-    set_seed(cfg.data.seed, reproducible=True)
+    set_seed(cfg.train_seed, reproducible=True)
     model = build_model(cfg.model, cfg.memory)
-    distributed.seed_per_rank(cfg.data.seed)  # under torchrun: same weights, own augmentation and dropout
+    distributed.seed_per_rank(cfg.train_seed)  # under torchrun: same weights, own augmentation and dropout
     state = ResumeState(resume_path(cfg), resume)
 
     # Phase 1: abnormal images; LR from the finder; backbone frozen, then all layers
