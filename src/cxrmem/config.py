@@ -114,16 +114,10 @@ class DataConfig:
     data_dir: str = opt("data/chestxray14", "ChestX-ray14 root (Data_Entry_2017.csv, lists, images_*/images)",
                         kind="path")
     image_size: int = opt(224, "side of the network input in pixels", lo=16)
-<<<<<<< HEAD
-    seed: int = opt(42, "seed for the splits, data order, augmentation and initialisation")
+    seed: int = opt(42, "seed of the splits (validation patients, derived test); of training too while seed is null")
     valid_pct: float = opt(0.1, "fraction of train_val patients held out for validation; 0: train on every "
                            "train_val image, without early stopping, keeping the last epoch",
                            lo=0.0, hi=1.0, hi_open=True)
-=======
-    seed: int = opt(42, "seed of the splits (validation patients, derived test); of training too while seed is null")
-    valid_pct: float = opt(0.1, "fraction of train_val patients held out for validation",
-                           lo=0.0, hi=1.0, lo_open=True, hi_open=True)
->>>>>>> i-sweep
     num_workers: int | str = opt("auto", "DataLoader worker processes: auto or a number", lo=0, kind="auto_int")
     missing_images: str = opt("error", "images listed in the CSV but absent on disk: error or drop",
                               choices=("error", "drop"))
@@ -185,7 +179,7 @@ class Config:
     save_name: str | None = opt(None, "stem of the checkpoint files (default: experiment_name)")
     output_dir: str | None = opt(None, "run folder (default: runs/<experiment_name>)", kind="path")
     seed: int | None = opt(None, "training seed: initialisation, data order, augmentation and dropout "
-                           "(null: data.seed); never moves the split", lo=0, kind="int_or_null")
+                           "(null: data.seed); never moves the split", lo=0, nullable=True, value_type=int)
     model: ModelConfig = section(ModelConfig, "the network")
     memory: MemoryConfig = section(MemoryConfig, "the memory bank")
     data: DataConfig = section(DataConfig, "the data set and loaders")
@@ -226,8 +220,6 @@ def _type_name(f: dataclasses.Field) -> str:
     kind = f.metadata.get("kind")
     if kind == "auto_int":
         return "an integer or 'auto'"
-    if kind == "int_or_null":
-        return "an integer or null"
     if kind == "normalize":
         return "true/false or one of " + ", ".join(NORMALIZE_MODES)
     name = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[_value_type(f)]
@@ -258,12 +250,7 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, source: str = "<config>"
         return None
     if f.name == "channels_last" and isinstance(value, bool):
         value = str(value).lower()
-<<<<<<< HEAD
     expected = _value_type(f)
-=======
-    default = f.default
-    expected = int if kind in ("auto_int", "int_or_null") else (str if default is None else type(default))
->>>>>>> i-sweep
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if expected is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string

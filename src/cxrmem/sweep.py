@@ -435,7 +435,7 @@ class SplitPredictions:
 
 def load_test_set(path: Path) -> SplitPredictions:
     """The test split of a predictions file, in image-name order."""
-    from .evaluate import load_predictions
+    from .report import load_predictions
 
     payload = load_predictions(path)
     rows = np.flatnonzero(np.asarray(payload["split"]) == TEST_SPLIT)
@@ -586,7 +586,7 @@ def plot_summary(summary: dict, path) -> Path:
     a star above a bar that differs from the reference by the significance rule."""
     from matplotlib import colormaps
 
-    from .plots import new_figure, save_figure
+    from .report import new_figure, save_figure
 
     groups = ["Mean AUC"] + summary["labels"]
     names = list(summary["variants"])
@@ -626,7 +626,7 @@ def plot_summary(summary: dict, path) -> Path:
 
 def write_summary(sweep: Sweep, runs: list[Run], root: Path) -> Optional[dict]:
     """summary.json, summary.md and summary.png in ``root``; None (nothing written) without a finished run."""
-    from .plots import safe_plot
+    from .report import safe_plot
 
     summary = summarize(sweep, runs)
     if summary is None:
