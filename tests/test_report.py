@@ -17,6 +17,7 @@ from test_metrics import synthetic_split
 from cxrmem import report
 from cxrmem.errors import UserError
 from cxrmem.io import atomic_path
+from cxrmem.metrics import PatientResampler, operating_points
 from cxrmem.report import (
     RunFileError,
     evaluate_split,
@@ -54,8 +55,9 @@ def test_evaluate_split_is_plain_json():
     probs, targets = synthetic_split(300, n_classes=14, prevalence=0.1, seed=9)
     targets[:, 13] = 0.0    # Hernia absent from this split
     result = evaluate_split(torch.tensor(probs), torch.tensor(targets), FINDINGS, n_resamples=100)
-    assert set(result) == {"mean_auc", "mean_auc_ci95", "per_class", "ci95",
-                           "n_images", "n_positive"}
+    assert set(result) == {"mean_auc", "mean_auc_ci95", "per_class", "ci95", "n_images", "n_positive",
+                           "bootstrap_unit", "operating_point", "thresholds", "at_threshold", "at_threshold_ci95",
+                           "auprc", "prevalence", "ece", "subgroups"}
     assert result["n_images"] == 300 and type(result["n_images"]) is int
     assert result["per_class"]["Hernia"] is None and result["ci95"]["Hernia"] is None
     assert type(result["mean_auc"]) is float
@@ -224,21 +226,40 @@ def test_find_predictions_prefers_the_experiment_name(tmp_path):
 
 # ---------------------------------------------------------------- a run's results
 
-def fake_config(run_dir, save_predictions=True):
+def fake_config(run_dir, save_predictions=True, unit="patient", rule="youden"):
     """The settings write_results reads, and nothing else."""
     return SimpleNamespace(run_dir=run_dir, experiment_name="exp", data=SimpleNamespace(seed=4),
-                           evaluation=SimpleNamespace(bootstrap_resamples=30, save_predictions=save_predictions))
+                           evaluation=SimpleNamespace(bootstrap_resamples=30, save_predictions=save_predictions,
+                                                      bootstrap_unit=unit, operating_point=rule))
 
 
-def test_write_results_writes_metrics_predictions_and_the_report(tmp_path, capsys):
+def image_names(split, n, per_patient=3):
+    """ChestX-ray14-style names: ``per_patient`` follow-ups of each patient, patients unique to the split."""
+    offset = {"valid": 0, "test": 50_000}[split]
+    return [f"{offset + i // per_patient:08d}_{i % per_patient:03d}.png" for i in range(n)]
+
+
+def two_splits():
     splits = {}
     for number, (split, n) in enumerate((("valid", 80), ("test", 120))):
         probs, targets = synthetic_split(n, n_classes=14, prevalence=0.2, seed=number)
-        splits[split] = (probs.astype(np.float32), targets, [f"{split}_{i}.png" for i in range(n)])
+        splits[split] = (probs.astype(np.float32), targets, image_names(split, n))
+    return splits
+
+
+def test_write_results_writes_metrics_predictions_and_the_report(tmp_path, capsys):
+    splits = two_splits()
     metrics = report.write_results(fake_config(tmp_path), splits)
 
-    expected = {split: evaluate_split(p, t, FINDINGS, n_resamples=30, seed=4) for split, (p, t, _) in splits.items()}
+    thresholds = operating_points(splits["valid"][0], splits["valid"][1], "youden")
+    point = {"rule": "youden", "split": "valid", "thresholds": dict(zip(FINDINGS, thresholds))}
+    expected = {split: evaluate_split(p, t, FINDINGS, n_resamples=30, seed=4, operating_point=point,
+                                      resampler=PatientResampler.from_ids([n.split("_")[0] for n in names]))
+                for split, (p, t, names) in splits.items()}
     assert metrics == expected
+    assert json.loads((tmp_path / "operating_points.json").read_text()) == point
+    assert report.read_operating_points(tmp_path) == point["thresholds"]
+    assert (tmp_path / "report.md").read_text() == report.format_markdown_report(expected, "exp")
     assert read_metrics(tmp_path) == json.loads(json.dumps(expected))
     printed = capsys.readouterr().out
     assert printed == "".join("\n" + format_report(split, expected[split]) + "\n" for split in ("valid", "test"))
@@ -253,7 +274,7 @@ def test_write_results_writes_metrics_predictions_and_the_report(tmp_path, capsy
 def test_write_results_without_predictions_file(tmp_path, capsys):
     probs, targets = synthetic_split(50, n_classes=14, prevalence=0.3)
     report.write_results(fake_config(tmp_path, save_predictions=False), {"valid": (probs, targets, ["x"] * 50)})
-    assert sorted(os.listdir(tmp_path)) == ["metrics.json"]
+    assert sorted(os.listdir(tmp_path)) == ["metrics.json", "operating_points.json", "report.md"]
     assert "== valid (50 images) ==" in capsys.readouterr().out
 
 
@@ -427,7 +448,7 @@ def test_plot_run_memory_run_with_test_split(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         written = report.plot_run(run)
-    names = {"loss_phase1.png", "loss_phase2.png", "roc_test.png", "memory.png"}
+    names = {"loss_phase1.png", "loss_phase2.png", "roc_test.png", "reliability_test.png", "memory.png"}
     assert {p.name for p in written} == names
     for name in names:
         assert_png(run / name)
@@ -438,7 +459,7 @@ def test_plot_run_memory_run_with_test_split(tmp_path):
 def test_plot_run_without_memory_phase2_or_test(tmp_path):
     run = make_run(tmp_path / "run", memory=False, phase2=False, with_test=False)
     written = report.plot_run(run)
-    assert {p.name for p in written} == {"loss_phase1.png", "roc_valid.png"}
+    assert {p.name for p in written} == {"loss_phase1.png", "roc_valid.png", "reliability_valid.png"}
     assert not (run / "memory.png").exists()
 
 
@@ -454,6 +475,6 @@ def test_plot_run_survives_broken_files(tmp_path):
     with pytest.warns(UserWarning, match="could not draw") as record:
         written = report.plot_run(run)
     messages = " ".join(str(w.message) for w in record)
-    assert "roc_" in messages and "loss_phase2.png" in messages
+    assert "roc_" in messages and "reliability_" in messages and "loss_phase2.png" in messages
     assert "loss_phase1.png" in {p.name for p in written}
     assert_png(run / "loss_phase1.png")
