@@ -20,6 +20,7 @@ from cxrmem import report
 from cxrmem.errors import UserError
 from cxrmem.io import atomic_path
 from cxrmem.config import from_dict
+from cxrmem.data.chestxray14 import load_frame, patient_ids
 from cxrmem.metrics import FIGURES, PatientResampler, operating_points, subgroup_auc
 from cxrmem.report import (
     RunFileError,
@@ -442,6 +443,16 @@ def test_report_keeps_the_guides_block_and_adds_a_compact_table(tmp_path):
                         f"{result['ci95']['Hernia'][1]:.4f}]")
     groups = [line.split("|")[1].strip() for line in table if line.split("|")[1].strip().startswith(("sex", "age", "view"))]
     assert groups == ["sex F", "sex M", "age <40", "age 40-59", "age 60+", "view PA", "view AP"]
+
+
+def test_patient_ids_from_image_names_and_metadata_in_the_frame(tiny_data):
+    assert patient_ids(["00000013_005.png", "00000013_000.png", "00030805_000.png"]).tolist() == \
+        ["00000013", "00000013", "00030805"]
+    frame, _, _ = load_frame(tiny_data, valid_pct=0.25, seed=0)
+    assert set(frame["patient_gender"]) == {"M", "F"} and set(frame["view_position"]) == {"PA", "AP"}
+    assert frame["patient_age"].astype(int).between(0, 120).all()
+    # The patient of an image name is the CSV's Patient ID (there without its leading zeros).
+    assert [p.lstrip("0") or "0" for p in patient_ids(frame["image_index"])] == frame["patient_id"].tolist()
 
 
 @pytest.mark.parametrize("text", ["youden", "sensitivity:0.9", "specificity:1", "Specificity: 0.85"])
