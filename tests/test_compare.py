@@ -281,7 +281,9 @@ def test_reference_comparison_per_finding_and_paired_bootstrap(tmp_path, capsys)
     assert sum(line.startswith(f"| {label} |") for line in printed.splitlines() for label in LABELS) == len(LABELS)
 
 
-def test_reference_outside_the_run_list_is_added_and_image_bootstrap_follows_its_config(tmp_path, capsys):
+def test_reference_outside_the_run_list_is_added_and_image_bootstrap_follows_its_config(tmp_path, capsys,
+                                                                                        monkeypatch):
+    monkeypatch.chdir(tmp_path)                                                  # without --out: ./compare.png
     targets, reference, candidate, names = clustered_scores(seed=2)
     run_a = predictions_run(tmp_path / "ref", reference, targets, names, unit="image", resamples=100, seed=3)
     run_b = predictions_run(tmp_path / "cand", candidate, targets, names)
@@ -292,6 +294,7 @@ def test_reference_outside_the_run_list_is_added_and_image_bootstrap_follows_its
     expected = paired_bootstrap(targets, reference, candidate, 100, 3)
     assert result["runs"][0]["delta_mean_auc_ci95"] == pytest.approx(expected.ci, abs=1e-12)
     assert "| ref |" in capsys.readouterr().out                                # in the table too
+    assert (tmp_path / "compare.png").is_file()
 
 
 @pytest.mark.parametrize("damage, fragment", [
