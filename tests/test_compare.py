@@ -1,4 +1,5 @@
-"""cxrmem.compare: loading, best-value marks, Markdown/CSV output, skipped runs, exit status."""
+"""cxrmem.compare: loading, best-value marks, Markdown/CSV output, skipped runs, exit status, and the
+paired comparison with a reference run (--reference, --json)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,16 @@ import csv
 import io
 import json
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from sklearn.metrics import roc_auc_score
+from test_metrics import direct_delong
 
 from cxrmem import compare
+from cxrmem.metrics import PatientResampler, paired_bootstrap
+from cxrmem.report import predictions_path, save_predictions
 
 LABELS = ["Atelectasis", "Edema", "Fibrosis", "Hernia", "Mass"]
 #                 Atelectasis Edema   Fibrosis Hernia Mass
@@ -196,3 +202,125 @@ def test_main_exits_2_with_one_line_when_no_run_is_usable(tmp_path, capsys):
 def test_main_rejects_csv_as_out(tmp_path, two_runs, capsys):
     assert compare.main([*two_runs, "--out", tmp_path / "r.csv"]) == 2
     assert capsys.readouterr().err.startswith("error: --out")
+
+
+# --------------------------------------------------------------------------- --reference and --json
+
+
+def predictions_run(folder, probs, targets, names, resamples=200, unit="patient", seed=7, name=None):
+    """A finished run with config.yaml, metrics.json and a predictions file of the test split."""
+    write_run(folder, {label: 0.7 for label in LABELS}, name=name)
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config.update(evaluation={"bootstrap_resamples": resamples, "bootstrap_unit": unit}, data={"seed": seed})
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    save_predictions(predictions_path(folder, config["experiment_name"]), probs, targets, LABELS, names, "test")
+    return folder
+
+
+def clustered_scores(seed=0, n_patients=60, per_patient=3):
+    """Targets of patients with several images, a reference score and a better candidate score."""
+    rng = np.random.default_rng(seed)
+    patient = np.repeat(np.arange(n_patients), per_patient)
+    targets = (rng.random((n_patients, len(LABELS))) < 0.3).astype(np.float32)[patient]
+    latent = targets + rng.normal(size=(n_patients, len(LABELS)))[patient]
+    reference = 1 / (1 + np.exp(-(latent + 0.8 * rng.normal(size=targets.shape))))
+    candidate = 1 / (1 + np.exp(-(latent + 0.7 * targets + 0.8 * rng.normal(size=targets.shape))))
+    names = [f"{p:08d}_{i % per_patient:03d}.png" for i, p in enumerate(patient)]
+    return targets, reference.astype(np.float32), candidate.astype(np.float32), names
+
+
+def holm_by_hand(pvalues):
+    """Holm's adjustment written out: the i-th smallest of k times (k - i + 1), running max, capped at 1."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def test_reference_comparison_per_finding_and_paired_bootstrap(tmp_path, capsys):
+    targets, reference, candidate, names = clustered_scores()
+    run_a = predictions_run(tmp_path / "ref", reference, targets, names, name="reference")
+    shuffle = np.random.default_rng(1).permutation(len(names))          # same images in another order
+    run_b = predictions_run(tmp_path / "cand", candidate[shuffle], targets[shuffle], [names[i] for i in shuffle],
+                            name="candidate")
+    out, json_path = tmp_path / "cmp.md", tmp_path / "cmp.json"
+    assert compare.main([run_a, run_b, "--reference", run_a, "--out", out, "--json", json_path]) == 0
+    printed = capsys.readouterr().out
+    assert out.read_text() == printed
+    result = json.loads(json_path.read_text())
+
+    assert result["reference"] == {"run_dir": str(run_a), "name": "reference"}
+    assert (result["split"], result["n_images"], result["n_patients"]) == ("test", 180, 60)
+    assert result["bootstrap"] == {"unit": "patient", "resamples": 200, "seed": 7, "level": 0.95}
+    (run,) = result["runs"]
+    assert run["name"] == "candidate" and run["run_dir"] == str(run_b)
+    deltas = []
+    for c, label in enumerate(LABELS):
+        entry = run["per_class"][label]
+        auc_a, auc_b = roc_auc_score(targets[:, c], reference[:, c]), roc_auc_score(targets[:, c], candidate[:, c])
+        assert entry["auc_reference"] == pytest.approx(auc_a, abs=1e-12)
+        assert entry["auc"] == pytest.approx(auc_b, abs=1e-12)
+        assert entry["delta_auc"] == pytest.approx(auc_b - auc_a, abs=1e-12)
+        _, _, p = direct_delong(targets[:, c], reference[:, c].astype(float), candidate[:, c].astype(float))
+        assert entry["p_delong"] == pytest.approx(p, abs=1e-10)
+        deltas.append(auc_b - auc_a)
+    assert [run["per_class"][f]["p_holm"] for f in LABELS] == pytest.approx(
+        holm_by_hand([run["per_class"][f]["p_delong"] for f in LABELS]), abs=1e-15)
+
+    assert run["delta_mean_auc"] == pytest.approx(np.mean(deltas), abs=1e-12)
+    expected = paired_bootstrap(targets, reference, candidate, 200, 7,
+                                resampler=PatientResampler.from_ids([n[:8] for n in names]))
+    assert run["delta_mean_auc_ci95"] == pytest.approx(expected.ci, abs=1e-12)
+    assert run["p_bootstrap"] == pytest.approx(expected.p) and run["resamples_used"] == expected.n_used
+    assert run["delta_mean_auc"] > 0 and run["delta_mean_auc_ci95"][0] > 0     # the candidate is better
+
+    assert "Against the reference reference on the test split (180 images, 60 patients)" in printed
+    assert f"| candidate | {run['delta_mean_auc']:+.4f} |" in printed
+    assert sum(line.startswith(f"| {label} |") for line in printed.splitlines() for label in LABELS) == len(LABELS)
+
+
+def test_reference_outside_the_run_list_is_added_and_image_bootstrap_follows_its_config(tmp_path, capsys,
+                                                                                        monkeypatch):
+    monkeypatch.chdir(tmp_path)                                                  # without --out: ./compare.png
+    targets, reference, candidate, names = clustered_scores(seed=2)
+    run_a = predictions_run(tmp_path / "ref", reference, targets, names, unit="image", resamples=100, seed=3)
+    run_b = predictions_run(tmp_path / "cand", candidate, targets, names)
+    json_path = tmp_path / "cmp.json"
+    assert compare.main([run_b, "--reference", run_a, "--json", json_path]) == 0
+    result = json.loads(json_path.read_text())
+    assert result["bootstrap"]["unit"] == "image" and [r["name"] for r in result["runs"]] == ["cand"]
+    expected = paired_bootstrap(targets, reference, candidate, 100, 3)
+    assert result["runs"][0]["delta_mean_auc_ci95"] == pytest.approx(expected.ci, abs=1e-12)
+    assert "| ref |" in capsys.readouterr().out                                # in the table too
+    assert (tmp_path / "compare.png").is_file()
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    ("other images", "other test images than the reference"),
+    ("other targets", "other labels or targets"),
+    ("no predictions", "no predictions file"),
+])
+def test_reference_comparison_refuses_runs_it_cannot_pair(tmp_path, capsys, damage, fragment):
+    targets, reference, candidate, names = clustered_scores(seed=3)
+    run_a = predictions_run(tmp_path / "ref", reference, targets, names)
+    if damage == "other images":
+        names = names[:-1] + ["99999999_000.png"]
+    if damage == "other targets":
+        targets = targets.copy()
+        targets[0, 0] = 1 - targets[0, 0]
+    run_b = predictions_run(tmp_path / "cand", candidate, targets, names)
+    if damage == "no predictions":
+        next(run_b.glob("*_predictions.pt")).unlink()
+    json_path = tmp_path / "cmp.json"
+    assert compare.main([run_a, run_b, "--reference", run_a, "--json", json_path]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0]
+    assert captured.out == "" and not json_path.exists()
+
+
+def test_json_needs_a_reference(tmp_path, two_runs, capsys):
+    assert compare.main([*two_runs, "--json", tmp_path / "cmp.json"]) == 2
+    assert capsys.readouterr().err == "error: --json writes the comparison with a reference run; add --reference RUN_DIR\n"

@@ -13,6 +13,7 @@ from PIL import Image
 
 from cxrmem.cli import legacy_main, train_main
 from cxrmem.data.findings import FINDINGS
+from cxrmem.report import read_operating_points
 from cxrmem.train import phases
 
 from conftest import ROOT, run_cli
@@ -109,7 +110,9 @@ def test_every_output_is_written_and_valid(memory_run):
                 assert math.isfinite(auc) and 0.0 <= auc <= 1.0
         defined = [a for a in result["per_class"].values() if a is not None]
         assert result["mean_auc"] == pytest.approx(sum(defined) / len(defined))
-    for png in ("lr_find_phase1.png", "loss_phase1.png", "loss_phase2.png", "roc_test.png", "memory.png"):
+    check_clinical_outputs(run_dir, metrics)
+    for png in ("lr_find_phase1.png", "loss_phase1.png", "loss_phase2.png", "roc_test.png", "reliability_test.png",
+                "memory.png"):
         with Image.open(run_dir / png) as image:
             image.verify()
             assert image.format == "PNG" and image.size[0] > 100, png
@@ -117,6 +120,29 @@ def test_every_output_is_written_and_valid(memory_run):
     assert history["stage"].tolist() == ["frozen", "unfrozen"]
     assert {"train_loss", "valid_loss", "valid_auc", "memory_fill", "memory_moved"} <= set(history.columns)
     assert len(pd.read_csv(run_dir / "history_phase2.csv")) == 1
+
+
+def check_clinical_outputs(run_dir, metrics):
+    """Operating points chosen on valid and stored with the run; the figures at them, AUPRC, prevalence,
+    ECE and subgroups in metrics.json for both splits; report.md with a row per finding."""
+    points = json.loads((run_dir / "operating_points.json").read_text())
+    assert (points["rule"], points["split"], list(points["thresholds"])) == ("youden", "valid", FINDINGS)
+    assert read_operating_points(run_dir) == points["thresholds"]
+    report_md = (run_dir / "report.md").read_text()
+    for split, result in metrics.items():
+        assert result["bootstrap_unit"] == "patient"
+        assert result["operating_point"] == {"rule": "youden", "split": "valid"}
+        assert result["thresholds"] == points["thresholds"]
+        for finding in FINDINGS:
+            figures = result["at_threshold"][finding]
+            assert set(figures) == {"sensitivity", "specificity", "ppv", "npv", "f1"}
+            assert all(v is None or 0.0 <= v <= 1.0 for v in figures.values())
+            assert result["prevalence"][finding] == pytest.approx(result["n_positive"][finding] / result["n_images"])
+            assert f"| {finding} | {result['n_positive'][finding]} |" in report_md
+        assert 0.0 <= result["ece"]["pooled"] <= 1.0
+        assert set(result["subgroups"]) == {"sex", "age", "view"}
+        assert sum(g["n_images"] for g in result["subgroups"]["sex"].values()) == result["n_images"]
+        assert f"## {split} split ({result['n_images']} images)" in report_md
 
 
 def test_phase2_starts_from_the_best_phase1_weights_and_bank(memory_run):

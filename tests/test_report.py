@@ -8,15 +8,20 @@ import warnings
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
 from PIL import Image
+from sklearn.metrics import average_precision_score, confusion_matrix, f1_score, roc_auc_score
 from test_metrics import synthetic_split
 
 from cxrmem import report
 from cxrmem.errors import UserError
 from cxrmem.io import atomic_path
+from cxrmem.config import from_dict
+from cxrmem.data.chestxray14 import load_frame, patient_ids
+from cxrmem.metrics import FIGURES, PatientResampler, operating_points, subgroup_auc
 from cxrmem.report import (
     RunFileError,
     evaluate_split,
@@ -54,8 +59,9 @@ def test_evaluate_split_is_plain_json():
     probs, targets = synthetic_split(300, n_classes=14, prevalence=0.1, seed=9)
     targets[:, 13] = 0.0    # Hernia absent from this split
     result = evaluate_split(torch.tensor(probs), torch.tensor(targets), FINDINGS, n_resamples=100)
-    assert set(result) == {"mean_auc", "mean_auc_ci95", "per_class", "ci95",
-                           "n_images", "n_positive"}
+    assert set(result) == {"mean_auc", "mean_auc_ci95", "per_class", "ci95", "n_images", "n_positive",
+                           "bootstrap_unit", "operating_point", "thresholds", "at_threshold", "at_threshold_ci95",
+                           "auprc", "prevalence", "ece", "subgroups"}
     assert result["n_images"] == 300 and type(result["n_images"]) is int
     assert result["per_class"]["Hernia"] is None and result["ci95"]["Hernia"] is None
     assert type(result["mean_auc"]) is float
@@ -63,6 +69,55 @@ def test_evaluate_split_is_plain_json():
     assert all(type(v) is int for v in result["n_positive"].values())
     text = json.dumps(result, allow_nan=False)
     assert json.loads(text) == result
+
+
+def metadata_frame(names, seed=0):
+    """A data frame as load_frame gives it: image names with sex, age (text, one unreadable) and view."""
+    rng = np.random.default_rng(seed)
+    n = len(names)
+    ages = [str(a) for a in rng.integers(5, 95, size=n)]
+    ages[0] = "412"
+    return pd.DataFrame({"image_index": names, "patient_gender": rng.choice(["M", "F"], size=n),
+                         "patient_age": ages, "view_position": rng.choice(["PA", "AP"], size=n)})
+
+
+def test_evaluate_split_figures_against_sklearn():
+    probs, targets = synthetic_split(400, n_classes=3, prevalence=0.25, seed=5, decimals=2)
+    labels = ["a", "b", "c"]
+    point = {"rule": "youden", "split": "valid", "thresholds": {"a": 0.55, "b": 0.7, "c": None}}
+    meta = metadata_frame([f"{i:08d}_000.png" for i in range(400)]).drop(columns="image_index")
+    result = evaluate_split(probs, targets, labels, n_resamples=40, seed=1, operating_point=point, metadata=meta)
+
+    assert result["operating_point"] == {"rule": "youden", "split": "valid"}
+    assert result["thresholds"] == point["thresholds"] and result["bootstrap_unit"] == "image"
+    for c, label in enumerate(labels):
+        y = targets[:, c] > 0.5
+        assert result["prevalence"][label] == pytest.approx(y.mean())
+        assert result["auprc"][label] == pytest.approx(average_precision_score(y, probs[:, c]))
+        threshold = point["thresholds"][label]
+        if threshold is None:
+            assert set(result["at_threshold"][label].values()) == {None}
+            assert set(result["at_threshold_ci95"][label].values()) == {None}
+            continue
+        tn, fp, fn, tp = confusion_matrix(y, probs[:, c] >= threshold).ravel()
+        expected = {"sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp), "ppv": tp / (tp + fp),
+                    "npv": tn / (tn + fn), "f1": f1_score(y, probs[:, c] >= threshold)}
+        assert result["at_threshold"][label] == pytest.approx(expected)
+        for name, (lo, hi) in result["at_threshold_ci95"][label].items():
+            assert lo <= expected[name] <= hi
+    # ECE by hand: ten equal-width bins of each column, |mean prob - fraction positive| weighted by size.
+    for c, label in enumerate(labels):
+        bins = np.minimum((probs[:, c] * 10).astype(int), 9)
+        gaps = [abs(probs[bins == b, c].mean() - targets[bins == b, c].mean()) * (bins == b).sum()
+                for b in range(10) if (bins == b).any()]
+        assert result["ece"]["per_class"][label] == pytest.approx(sum(gaps) / 400)
+    men = meta["patient_gender"].to_numpy() == "M"
+    entry = result["subgroups"]["sex"]["M"]
+    assert entry["n_images"] == men.sum()
+    assert entry["per_class"] == pytest.approx({label: roc_auc_score(targets[men, c], probs[men, c])
+                                                for c, label in enumerate(labels)})
+    assert sum(group["n_images"] for group in result["subgroups"]["age"].values()) == 399   # age 412 unreadable
+    assert list(result["subgroups"]["view"]) == ["PA", "AP"]
 
 
 # ---------------------------------------------------------------- report
@@ -224,21 +279,40 @@ def test_find_predictions_prefers_the_experiment_name(tmp_path):
 
 # ---------------------------------------------------------------- a run's results
 
-def fake_config(run_dir, save_predictions=True):
+def fake_config(run_dir, save_predictions=True, unit="patient", rule="youden"):
     """The settings write_results reads, and nothing else."""
     return SimpleNamespace(run_dir=run_dir, experiment_name="exp", data=SimpleNamespace(seed=4),
-                           evaluation=SimpleNamespace(bootstrap_resamples=30, save_predictions=save_predictions))
+                           evaluation=SimpleNamespace(bootstrap_resamples=30, save_predictions=save_predictions,
+                                                      bootstrap_unit=unit, operating_point=rule))
 
 
-def test_write_results_writes_metrics_predictions_and_the_report(tmp_path, capsys):
+def image_names(split, n, per_patient=3):
+    """ChestX-ray14-style names: ``per_patient`` follow-ups of each patient, patients unique to the split."""
+    offset = {"valid": 0, "test": 50_000}[split]
+    return [f"{offset + i // per_patient:08d}_{i % per_patient:03d}.png" for i in range(n)]
+
+
+def two_splits():
     splits = {}
     for number, (split, n) in enumerate((("valid", 80), ("test", 120))):
         probs, targets = synthetic_split(n, n_classes=14, prevalence=0.2, seed=number)
-        splits[split] = (probs.astype(np.float32), targets, [f"{split}_{i}.png" for i in range(n)])
+        splits[split] = (probs.astype(np.float32), targets, image_names(split, n))
+    return splits
+
+
+def test_write_results_writes_metrics_predictions_and_the_report(tmp_path, capsys):
+    splits = two_splits()
     metrics = report.write_results(fake_config(tmp_path), splits)
 
-    expected = {split: evaluate_split(p, t, FINDINGS, n_resamples=30, seed=4) for split, (p, t, _) in splits.items()}
+    thresholds = operating_points(splits["valid"][0], splits["valid"][1], "youden")
+    point = {"rule": "youden", "split": "valid", "thresholds": dict(zip(FINDINGS, thresholds))}
+    expected = {split: evaluate_split(p, t, FINDINGS, n_resamples=30, seed=4, operating_point=point,
+                                      resampler=PatientResampler.from_ids([n.split("_")[0] for n in names]))
+                for split, (p, t, names) in splits.items()}
     assert metrics == expected
+    assert json.loads((tmp_path / "operating_points.json").read_text()) == point
+    assert report.read_operating_points(tmp_path) == point["thresholds"]
+    assert (tmp_path / "report.md").read_text() == report.format_markdown_report(expected, "exp")
     assert read_metrics(tmp_path) == json.loads(json.dumps(expected))
     printed = capsys.readouterr().out
     assert printed == "".join("\n" + format_report(split, expected[split]) + "\n" for split in ("valid", "test"))
@@ -253,8 +327,152 @@ def test_write_results_writes_metrics_predictions_and_the_report(tmp_path, capsy
 def test_write_results_without_predictions_file(tmp_path, capsys):
     probs, targets = synthetic_split(50, n_classes=14, prevalence=0.3)
     report.write_results(fake_config(tmp_path, save_predictions=False), {"valid": (probs, targets, ["x"] * 50)})
-    assert sorted(os.listdir(tmp_path)) == ["metrics.json"]
+    assert sorted(os.listdir(tmp_path)) == ["metrics.json", "operating_points.json", "report.md"]
     assert "== valid (50 images) ==" in capsys.readouterr().out
+
+
+def test_patient_intervals_are_wider_with_repeated_patients_and_equal_with_one_image_each(tmp_path, capsys):
+    # Five near-identical images per patient: resampling images treats them as independent.
+    rng = np.random.default_rng(3)
+    n_patients, per_patient = 90, 5
+    truth = (rng.random((n_patients, 14)) < 0.3).astype(np.float32)
+    score = 1 / (1 + np.exp(-(truth + rng.normal(size=truth.shape))))
+    probs = 0.99 * np.repeat(score, per_patient, axis=0) + 0.01 * rng.random((n_patients * per_patient, 14))
+    targets = np.repeat(truth, per_patient, axis=0)
+    names = image_names("test", n_patients * per_patient, per_patient)
+    runs = {unit: report.write_results(fake_config(tmp_path / unit, unit=unit), {"test": (probs, targets, names)})
+            for unit in ("patient", "image")}
+    width = lambda interval: interval[1] - interval[0]  # noqa: E731
+    by_patient, by_image = runs["patient"]["test"], runs["image"]["test"]
+    assert by_patient["bootstrap_unit"] == "patient" and by_image["bootstrap_unit"] == "image"
+    assert width(by_patient["mean_auc_ci95"]) > 1.5 * width(by_image["mean_auc_ci95"])
+    assert all(width(by_patient["ci95"][f]) > width(by_image["ci95"][f]) for f in FINDINGS)
+
+    single = (probs[::per_patient], targets[::per_patient], image_names("test", n_patients, per_patient=1))
+    once = {unit: report.write_results(fake_config(tmp_path / f"{unit}1", unit=unit),
+                                       {"valid": single, "test": single})["test"]
+            for unit in ("patient", "image")}
+    assert once["patient"].pop("bootstrap_unit") == "patient" and once["image"].pop("bootstrap_unit") == "image"
+    assert once["patient"]["at_threshold_ci95"]["Edema"]["sensitivity"] is not None
+    assert once["patient"] == once["image"]
+
+
+def test_write_results_passes_each_images_metadata_to_the_subgroups(tmp_path, capsys):
+    splits = two_splits()
+    names = splits["valid"][2] + splits["test"][2]
+    frame = metadata_frame(names[:-5])                       # five test images unknown to the frame
+    frame = frame.sample(frac=1.0, random_state=0)           # in another order than the predictions
+    metrics = report.write_results(fake_config(tmp_path), splits, frame)
+    probs, targets, test_names = splits["test"]
+    rows = frame.set_index("image_index").reindex(test_names).reset_index(drop=True)
+    expected = subgroup_auc(probs, targets, rows, FINDINGS)
+    assert metrics["test"]["subgroups"] == expected
+    assert sum(g["n_images"] for g in expected["sex"].values()) == len(test_names) - 5
+    printed = capsys.readouterr().out
+    assert "Mean AUC by sex : F " in printed and "Mean AUC by view: PA " in printed
+    assert "### AUC by subgroup" in (tmp_path / "report.md").read_text()
+    # A frame without the subgroup columns (a CSV without them): no subgroups, no error.
+    plain = report.write_results(fake_config(tmp_path), splits, frame[["image_index"]])
+    assert plain["test"]["subgroups"] == {}
+
+
+def test_without_a_validation_split_there_are_no_operating_points(tmp_path, capsys):
+    (tmp_path / "operating_points.json").write_text("{}")          # left by an earlier evaluation
+    probs, targets, names = two_splits()["test"]
+    metrics = report.write_results(fake_config(tmp_path, rule="sensitivity:0.9"), {"test": (probs, targets, names)})
+    assert not (tmp_path / "operating_points.json").exists()
+    assert report.read_operating_points(tmp_path) is None
+    test = metrics["test"]
+    assert test["operating_point"] is None and set(test["thresholds"].values()) == {None}
+    assert all(set(figures.values()) == {None} for figures in test["at_threshold"].values())
+    assert "no operating points (no valid split" in capsys.readouterr().out
+
+
+def test_operating_points_follow_the_configured_rule(tmp_path, capsys):
+    splits = two_splits()
+    report.write_results(fake_config(tmp_path, rule="specificity:0.8"), splits)
+    chosen = report.read_operating_points(tmp_path)
+    valid_probs, valid_targets, _ = splits["valid"]
+    assert list(chosen) == FINDINGS
+    for c, finding in enumerate(FINDINGS):
+        negatives = valid_probs[valid_targets[:, c] < 0.5, c]
+        assert (negatives < chosen[finding]).mean() >= 0.8              # specificity reached on valid
+    saved = json.loads((tmp_path / "operating_points.json").read_text())
+    assert (saved["rule"], saved["split"]) == ("specificity:0.8", "valid")
+
+
+def test_read_operating_points_errors(tmp_path):
+    assert report.read_operating_points(tmp_path) is None
+    (tmp_path / "operating_points.json").write_text('{"rule": "youden"}')
+    with pytest.raises(RunFileError, match="thresholds"):
+        report.read_operating_points(tmp_path)
+    (tmp_path / "operating_points.json").write_text('{"thresholds": {"Edema": 0.25, "Hernia": null}}')
+    assert report.read_operating_points(tmp_path) == {"Edema": 0.25, "Hernia": None}
+
+
+def test_report_keeps_the_guides_block_and_adds_a_compact_table(tmp_path):
+    probs, targets = synthetic_split(150, n_classes=14, prevalence=0.2, seed=2)
+    thresholds = dict(zip(FINDINGS, operating_points(probs, targets, "youden")))
+    result = evaluate_split(probs, targets, FINDINGS, n_resamples=20,
+                            operating_point={"rule": "youden", "split": "valid", "thresholds": thresholds},
+                            metadata=metadata_frame(image_names("test", 150)))
+    base = {key: result[key] for key in ("mean_auc", "mean_auc_ci95", "per_class", "ci95", "n_images", "n_positive")}
+    lines = format_report("test", result).splitlines()
+    assert lines[:18] == format_report("test", base).splitlines()      # ROC AUC Labels: ... Mean AUC Score:
+    assert lines[18] == ""
+    assert lines[19] == "At the operating points (youden, chosen on the valid split; intervals in report.md):"
+    assert lines[20].split() == ["threshold", "sens", "spec", "PPV", "NPV", "F1", "AUPRC", "prev", "ECE"]
+    for finding, line in zip(FINDINGS, lines[21:35]):
+        name, cells = line.split(":")
+        figures = result["at_threshold"][finding]
+        assert name.strip() == finding
+        assert cells.split() == [f"{thresholds[finding]:.4f}", *(f"{figures[k]:.3f}" for k in FIGURES),
+                                 f"{result['auprc'][finding]:.3f}", f"{result['prevalence'][finding]:.3f}",
+                                 f"{result['ece']['per_class'][finding]:.3f}"]
+    assert lines[35] == f"ECE (all findings pooled, 10 bins): {result['ece']['pooled']:.4f}"
+    assert [line.split(":")[0] for line in lines[36:]] == ["Mean AUC by sex ", "Mean AUC by age ", "Mean AUC by view"]
+
+    markdown = report.format_markdown_report({"test": result}, "exp")
+    table = [line for line in markdown.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| finding | positives | prevalence | AUC | AUPRC | threshold | sens | spec |")
+    hernia = next(line for line in table if line.startswith("| Hernia |"))
+    cells = [cell.strip() for cell in hernia.strip("|").split("|")]
+    lo, hi = result["at_threshold_ci95"]["Hernia"]["sensitivity"]
+    assert cells[6] == f"{result['at_threshold']['Hernia']['sensitivity']:.3f} [{lo:.3f}, {hi:.3f}]"
+    assert cells[3] == (f"{result['per_class']['Hernia']:.4f} [{result['ci95']['Hernia'][0]:.4f}, "
+                        f"{result['ci95']['Hernia'][1]:.4f}]")
+    groups = [line.split("|")[1].strip() for line in table if line.split("|")[1].strip().startswith(("sex", "age", "view"))]
+    assert groups == ["sex F", "sex M", "age <40", "age 40-59", "age 60+", "view PA", "view AP"]
+
+
+def test_patient_ids_from_image_names_and_metadata_in_the_frame(tiny_data):
+    assert patient_ids(["00000013_005.png", "00000013_000.png", "00030805_000.png"]).tolist() == \
+        ["00000013", "00000013", "00030805"]
+    frame, _, _ = load_frame(tiny_data, valid_pct=0.25, seed=0)
+    assert set(frame["patient_gender"]) == {"M", "F"} and set(frame["view_position"]) == {"PA", "AP"}
+    assert frame["patient_age"].astype(int).between(0, 120).all()
+    # The patient of an image name is the CSV's Patient ID (there without its leading zeros).
+    assert [p.lstrip("0") or "0" for p in patient_ids(frame["image_index"])] == frame["patient_id"].tolist()
+
+
+@pytest.mark.parametrize("text", ["youden", "sensitivity:0.9", "specificity:1", "Specificity: 0.85"])
+def test_config_accepts_operating_point_forms(text):
+    assert from_dict({"evaluation": {"operating_point": text}}).evaluation.operating_point == text
+
+
+@pytest.mark.parametrize("text", ["youdn", "sensitivity", "sensitivity:1.5", "ppv:0.9", "specificity:0"])
+def test_config_refuses_other_operating_points_in_one_line(text):
+    with pytest.raises(UserError) as caught:
+        from_dict({"evaluation": {"operating_point": text}})
+    message = str(caught.value)
+    assert message.startswith("evaluation.operating_point: ") and "\n" not in message
+    assert all(form in message for form in ("youden", "sensitivity:X", "specificity:X"))
+
+
+def test_config_bootstrap_unit_is_patient_by_default():
+    assert from_dict({}).evaluation.bootstrap_unit == "patient"
+    with pytest.raises(UserError, match="bootstrap_unit"):
+        from_dict({"evaluation": {"bootstrap_unit": "study"}})
 
 
 # ---------------------------------------------------------------- figures
@@ -363,6 +581,16 @@ def test_roc_writes_png_and_skips_one_label_classes(tmp_path):
     assert_png(report.plot_roc(payload["probs"], payload["targets"], LABELS, tmp_path / "roc.png", "fake"))
 
 
+def test_reliability_writes_png(tmp_path):
+    preds = fake_predictions(n=60)
+    path = report.plot_reliability(preds["probs"], preds["targets"], LABELS, tmp_path / "reliability.png", "t")
+    assert path == tmp_path / "reliability.png"
+    assert_png(path)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        report.plot_reliability(preds["probs"] + 2, preds["targets"], LABELS, tmp_path / "bad.png", "t")
+    assert not (tmp_path / "bad.png").exists() and no_temp_files(tmp_path)
+
+
 def test_roc_rejects_label_count(tmp_path):
     payload = fake_predictions()
     with pytest.raises(ValueError):
@@ -427,7 +655,7 @@ def test_plot_run_memory_run_with_test_split(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         written = report.plot_run(run)
-    names = {"loss_phase1.png", "loss_phase2.png", "roc_test.png", "memory.png"}
+    names = {"loss_phase1.png", "loss_phase2.png", "roc_test.png", "reliability_test.png", "memory.png"}
     assert {p.name for p in written} == names
     for name in names:
         assert_png(run / name)
@@ -438,7 +666,7 @@ def test_plot_run_memory_run_with_test_split(tmp_path):
 def test_plot_run_without_memory_phase2_or_test(tmp_path):
     run = make_run(tmp_path / "run", memory=False, phase2=False, with_test=False)
     written = report.plot_run(run)
-    assert {p.name for p in written} == {"loss_phase1.png", "roc_valid.png"}
+    assert {p.name for p in written} == {"loss_phase1.png", "roc_valid.png", "reliability_valid.png"}
     assert not (run / "memory.png").exists()
 
 
@@ -454,6 +682,6 @@ def test_plot_run_survives_broken_files(tmp_path):
     with pytest.warns(UserWarning, match="could not draw") as record:
         written = report.plot_run(run)
     messages = " ".join(str(w.message) for w in record)
-    assert "roc_" in messages and "loss_phase2.png" in messages
+    assert "roc_" in messages and "reliability_" in messages and "loss_phase2.png" in messages
     assert "loss_phase1.png" in {p.name for p in written}
     assert_png(run / "loss_phase1.png")

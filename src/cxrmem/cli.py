@@ -161,7 +161,7 @@ def run_pipeline(cfg, args, distributed) -> int:
         model = train(cfg, data.frame, device, resume=args.resume).model
     predictions = predict_splits(cfg, model, data.frame, device)  # every rank predicts its share
     if distributed.is_main_process():
-        write_results(cfg, predictions)
+        write_results(cfg, predictions, data.frame)
         plot_run(cfg.run_dir)
     print(f"\nrun folder: {cfg.run_dir}")
     return 0

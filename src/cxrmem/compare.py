@@ -1,6 +1,8 @@
-"""Compare finished runs: one table row per run, the best value of each column marked.
+"""Compare finished runs: one table row per run, the best value of each column marked, and
+with a reference run, paired tests of every other run against it.
 
     python -m cxrmem.compare RUN_DIR... [--split test|valid] [--out FILE.md]
+                             [--reference RUN_DIR [--json FILE.json]]
 
 Reads each run folder's ``config.yaml`` and ``metrics.json`` (through
 :mod:`cxrmem.report`). The table has
@@ -19,6 +21,20 @@ the columns experiment, backbone, strategy, bank size, top_k, mean AUC,
   When no run is usable the command prints one line ``error: ...`` on stderr
   and exits with status 2.
 
+With ``--reference RUN_DIR`` (one of the runs, or added to them) every other usable run is
+compared with it on the same images of the split, read from the runs' predictions files:
+
+* per finding, delta AUC = AUC(run) - AUC(reference), DeLong's p and Holm's adjusted p over
+  the findings (:func:`cxrmem.metrics.delong_per_class`);
+* the mean-AUC difference with a paired bootstrap (:func:`cxrmem.metrics.paired_bootstrap`):
+  its 95% interval and two-sided p. Resamples, unit (patients by default) and seed are the
+  reference run's ``evaluation.bootstrap_resamples``, ``evaluation.bootstrap_unit`` and
+  ``data.seed``.
+
+The tables follow the comparison table on stdout and in FILE.md; ``--json FILE.json`` writes
+the same figures as JSON. Runs evaluated on other images of the split (or with other targets)
+than the reference are an error (one line, exit status 2), as is a run without predictions file.
+
 The loading, ranking and formatting functions are pure (no printing) so that
 tests and notebooks can call them.
 """
@@ -35,10 +51,14 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
+from .cli import RERUN_TO_RESUME, guarded
+from .config import DataConfig, EvaluationConfig
+from .data.chestxray14 import patient_ids
 from .errors import UserError
-from .io import write_text
-from .report import (RunFileError, format_auc, new_figure, palette, read_config, read_metrics, safe_plot,
-                     save_figure)
+from .io import write_json, write_text
+from .metrics import to_numpy
+from .report import (RunFileError, find_predictions, format_auc, load_predictions, new_figure, palette, read_config,
+                     read_metrics, safe_plot, save_figure)
 
 SPLITS = ("test", "valid")
 FIXED_COLUMNS = ("experiment", "backbone", "strategy", "bank size", "top_k", "mean AUC", "95% CI")
@@ -299,6 +319,138 @@ def error_bars(heights: np.ndarray, intervals) -> Optional[np.ndarray]:
     return errors
 
 
+# --------------------------------------------------------------------------- paired comparison
+
+
+class Evaluated(NamedTuple):
+    """One run's predictions on one split, in image-name order."""
+
+    run_dir: Path
+    names: List[str]
+    targets: np.ndarray   # [N, C]
+    probs: np.ndarray     # [N, C]
+    labels: List[str]
+
+
+class Bootstrap(NamedTuple):
+    """How the paired bootstrap resamples: the reference run's settings."""
+
+    unit: str
+    resamples: int
+    seed: int
+
+
+def load_evaluated(run_dir: Path, split: str) -> Evaluated:
+    """The ``split`` rows of a run's predictions file; UserError when there are none."""
+    source = find_predictions(run_dir)
+    if source is None:
+        raise UserError(f"{run_dir} has no predictions file (*_predictions.pt) to compare; evaluate it with "
+                        f"evaluation.save_predictions: true")
+    payload = load_predictions(source)
+    rows = np.flatnonzero(np.asarray(payload["split"]) == split)
+    if rows.size == 0:
+        raise UserError(f"{source} holds no {split} predictions; compare on a split the runs were evaluated on")
+    names = np.asarray(payload["image_index"])[rows]
+    order = np.argsort(names, kind="stable")
+    rows, names = rows[order], names[order]
+    return Evaluated(Path(run_dir), [str(n) for n in names], to_numpy(payload["targets"])[rows],
+                     to_numpy(payload["probs"])[rows], [str(label) for label in payload["labels"]])
+
+
+def check_same_images(reference: Evaluated, other: Evaluated, split: str) -> None:
+    """UserError unless ``other`` was evaluated on the reference's images, labels and targets."""
+    if other.names != reference.names:
+        missing = len(set(reference.names) - set(other.names))
+        extra = len(set(other.names) - set(reference.names))
+        raise UserError(f"{other.run_dir} was evaluated on other {split} images than the reference "
+                        f"{reference.run_dir} ({missing} missing, {extra} extra); compare runs evaluated on the "
+                        f"same data and split")
+    if other.labels != reference.labels or not np.array_equal(other.targets, reference.targets):
+        raise UserError(f"{other.run_dir} has other labels or targets than the reference {reference.run_dir} on the "
+                        f"same {split} images; compare runs of the same data set")
+
+
+def bootstrap_settings(run_dir: Path) -> Bootstrap:
+    """The reference run's bootstrap settings from its config.yaml (the schema's defaults where absent)."""
+    config = read_config(run_dir)
+    evaluation, data = config.get("evaluation") or {}, config.get("data") or {}
+    defaults = EvaluationConfig()
+    return Bootstrap(str(evaluation.get("bootstrap_unit", defaults.bootstrap_unit)),
+                     int(evaluation.get("bootstrap_resamples", defaults.bootstrap_resamples)),
+                     int(data.get("seed", DataConfig().seed)))
+
+
+def compare_pair(reference: Evaluated, other: Evaluated, bootstrap: Bootstrap) -> dict:
+    """``other`` against ``reference`` (differences other - reference): per finding DeLong with Holm,
+    the mean AUC with a paired bootstrap."""
+    from .metrics import delong_per_class, make_resampler, paired_bootstrap
+
+    per_class = delong_per_class(reference.targets, reference.probs, other.probs, reference.labels)
+    resampler = make_resampler(bootstrap.unit, patient_ids(reference.names))
+    paired = paired_bootstrap(reference.targets, reference.probs, other.probs, bootstrap.resamples, bootstrap.seed,
+                              resampler=resampler)
+    return {
+        "delta_mean_auc": paired.delta,
+        "delta_mean_auc_ci95": paired.ci,
+        "p_bootstrap": paired.p,
+        "resamples_used": paired.n_used,
+        "per_class": {label: {"auc_reference": r["auc_a"], "auc": r["auc_b"], "delta_auc": r["delta"],
+                              "p_delong": r["p"], "p_holm": r["p_holm"]} for label, r in per_class.items()},
+    }
+
+
+def paired_comparison(runs: Sequence[RunResult], reference_dir: Path, split: str) -> dict:
+    """Every run of ``runs`` but the reference against the reference (the --json content)."""
+    names = dict(zip((run.run_dir.resolve() for run in runs), run_names(runs)))
+    reference = load_evaluated(reference_dir, split)
+    bootstrap = bootstrap_settings(reference_dir)
+    compared = []
+    for run in runs:
+        if run.run_dir.resolve() == reference_dir.resolve():
+            continue
+        other = load_evaluated(run.run_dir, split)
+        check_same_images(reference, other, split)
+        compared.append({"run_dir": str(run.run_dir), "name": names[run.run_dir.resolve()],
+                         **compare_pair(reference, other, bootstrap)})
+    return {
+        "split": split,
+        "reference": {"run_dir": str(reference_dir), "name": names[reference_dir.resolve()]},
+        "n_images": len(reference.names),
+        "n_patients": len(set(patient_ids(reference.names))),
+        "bootstrap": {**bootstrap._asdict(), "level": 0.95},
+        "runs": compared,
+    }
+
+
+def format_p(p: Optional[float]) -> str:
+    if p is None:
+        return NOT_AVAILABLE
+    return "<0.0001" if p < 1e-4 else f"{p:.4f}"
+
+
+def format_delta(value: Optional[float]) -> str:
+    return NOT_AVAILABLE if value is None else f"{value:+.{DECIMALS}f}"
+
+
+def format_comparison(comparison: dict) -> str:
+    """The --reference tables as Markdown: the mean-AUC differences, then one table per run."""
+    boot = comparison["bootstrap"]
+    reference = comparison["reference"]["name"]
+    lines = [f"Against the reference {reference} on the {comparison['split']} split ({comparison['n_images']} images, "
+             f"{comparison['n_patients']} patients): differences run - reference; paired bootstrap over "
+             f"{boot['unit']}s ({boot['resamples']} resamples); DeLong per finding, Holm over the findings", "",
+             "| run | Δ mean AUC | 95% CI | p (bootstrap) |", "|---|---:|---:|---:|"]
+    lines += [f"| {markdown_cell(run['name'])} | {format_delta(run['delta_mean_auc'])} | "
+              f"{format_interval(run['delta_mean_auc_ci95'])} | {format_p(run['p_bootstrap'])} |"
+              for run in comparison["runs"]]
+    for run in comparison["runs"]:
+        lines += ["", f"{markdown_cell(run['name'])} - {markdown_cell(reference)} per finding", "",
+                  "| finding | AUC reference | AUC | Δ AUC | p DeLong | p Holm |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {label} | {format_auc(r['auc_reference'])} | {format_auc(r['auc'])} | {format_delta(r['delta_auc'])}"
+                  f" | {format_p(r['p_delong'])} | {format_p(r['p_holm'])} |" for label, r in run["per_class"].items()]
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -309,38 +461,54 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="FILE.md",
                         help="write the table to FILE.md and FILE.csv, the chart to FILE.png "
                              "(default: print only, chart to ./compare.png)")
+    parser.add_argument("--reference", metavar="RUN_DIR",
+                        help="compare every other run with this one on the same images: DeLong and Holm per finding, "
+                             "paired bootstrap of the mean AUC (reads the runs' predictions files)")
+    parser.add_argument("--json", metavar="FILE.json", help="with --reference: write the comparison as JSON")
     return parser
 
 
-def compare(run_dirs: Sequence, split: str, out: Optional[str]) -> int:
-    """Load, report skips on stderr, print and write the outputs. Raises UserError if no run is usable."""
+def compare(run_dirs: Sequence, split: str, out: Optional[str], reference: Optional[str] = None,
+            json_path: Optional[str] = None) -> int:
+    """Load, report skips on stderr, print and write the outputs. Raises UserError if no run is usable,
+    or if the reference is not."""
     markdown_path, csv_path, png_path = output_paths(out)
+    if json_path is not None and reference is None:
+        raise UserError("--json writes the comparison with a reference run; add --reference RUN_DIR")
+    if reference is not None and Path(reference).resolve() not in {Path(d).resolve() for d in run_dirs}:
+        run_dirs = [reference, *run_dirs]
     runs, skipped = load_runs(run_dirs, split)
     if not runs:
         reasons = "; ".join(f"{path}: {reason}" for path, reason in skipped)
         raise UserError(f"no usable run for the {split} split ({reasons}); pass finished run folders")
+    if reference is not None and Path(reference).resolve() not in {run.run_dir.resolve() for run in runs}:
+        reason = dict((path.resolve(), why) for path, why in skipped).get(Path(reference).resolve(), "unusable")
+        raise UserError(f"the reference {reference} cannot be compared ({reason}); pass a finished run as --reference")
+    comparison = None if reference is None else paired_comparison(runs, Path(reference), split)
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     table = build_table(runs)
     markdown = format_markdown(table, split)
+    if comparison is not None:
+        markdown += "\n" + format_comparison(comparison)
     print(markdown, end="")
     if markdown_path is not None:
         write_text(markdown_path, markdown)
         write_text(csv_path, format_csv(table))
         print(f"wrote {markdown_path} and {csv_path}", file=sys.stderr)
+    if json_path is not None:
+        write_json(Path(json_path), comparison)
+        print(f"wrote {json_path}", file=sys.stderr)
     if draw_chart(runs, split, png_path) is not None:
         print(f"wrote {png_path}", file=sys.stderr)
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+@guarded(interrupted=RERUN_TO_RESUME)
+def main(argv) -> int:
     """Entry point of ``cxrmem-compare``: exit status 0, or 2 with ``error: ...`` on stderr."""
-    args = build_parser().parse_args(None if argv is None else [str(a) for a in argv])
-    try:
-        return compare(args.run_dirs, args.split, args.out)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
+    args = build_parser().parse_args([str(a) for a in argv])
+    return compare(args.run_dirs, args.split, args.out, args.reference, args.json)
 
 
 if __name__ == "__main__":

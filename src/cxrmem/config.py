@@ -169,7 +169,21 @@ class Phase2Config:
 @dataclass
 class EvaluationConfig:
     bootstrap_resamples: int = opt(1000, "bootstrap resamples for the 95% intervals (0: none)", lo=0)
+    bootstrap_unit: str = opt("patient", "what a bootstrap resample draws: patient (all images of each drawn "
+                              "patient; the id is the image name before its first '_') or image",
+                              choices=("patient", "image"))
+    operating_point: str = opt("youden", "per-finding threshold chosen on the validation split: youden, "
+                               "sensitivity:X or specificity:X (0 < X <= 1: the highest threshold reaching that "
+                               "sensitivity, the lowest reaching that specificity)")
     save_predictions: bool = opt(True, "write <experiment_name>_predictions.pt")
+
+    def __post_init__(self):
+        from .metrics import parse_operating_point  # the rules' one home; numpy only, no torch
+
+        try:
+            parse_operating_point(self.operating_point)
+        except ValueError as error:
+            raise UserError(f"evaluation.operating_point: {error}") from None
 
 
 @dataclass

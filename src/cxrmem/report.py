@@ -2,11 +2,15 @@
 
 The files of a run folder that come from here::
 
-    metrics.json                        per split: mean_auc, mean_auc_ci95, per_class, ci95,
-                                        n_images, n_positive (plain JSON, null for undefined)
+    metrics.json                        per split: AUC with intervals, figures at the operating
+                                        points, AUPRC, calibration, AUC by subgroup (plain JSON,
+                                        null for undefined; keys in :func:`evaluate_split`)
+    operating_points.json               {rule, split, thresholds}: one threshold per finding
+    report.md                           the long tables of every split
     <experiment_name>_predictions.pt    {probs, targets, labels, image_index, split}
     loss_phase1.png, loss_phase2.png    loss and valid AUC per epoch, from the history CSVs
     roc_test.png (else roc_valid.png)   one ROC curve per finding, from the predictions
+    reliability_test.png (else _valid)  reliability diagram, from the predictions
     memory.png                          bank fill and movement per epoch (runs with memory)
     lr_find_phase1.png                  drawn during training with :func:`plot_lr_find`
 
@@ -20,7 +24,7 @@ Contract shared by every ``plot_*`` function here:
 * it raises on bad input. Wrap a call in :func:`safe_plot` where a drawing
   must never fail the caller: :func:`plot_run` does so for every figure.
 
-The mathematics (AUC, bootstrap) is :mod:`cxrmem.metrics`.
+The mathematics (AUC, bootstrap, operating points, calibration, subgroups) is :mod:`cxrmem.metrics`.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -43,7 +47,10 @@ from matplotlib.ticker import MaxNLocator
 from . import io
 from .data.findings import FINDINGS
 from .errors import UserError
-from .metrics import bootstrap_ci, check_inputs, mean_auc, per_class_auc, to_numpy
+from .data.chestxray14 import patient_ids
+from .metrics import (FIGURES, SUBGROUPS, ImageResampler, at_threshold, auprc, bootstrap_at_threshold, bootstrap_ci,
+                      calibration_bins, check_inputs, expected_calibration_error, make_resampler, mean_auc,
+                      operating_points, per_class_auc, prevalence, subgroup_auc, to_numpy)
 
 __all__ = [
     "RunFileError",
@@ -60,6 +67,10 @@ __all__ = [
     "load_predictions",
     "PREDICTION_KEYS",
     "write_results",
+    "write_operating_points",
+    "read_operating_points",
+    "format_markdown_report",
+    "plot_reliability",
     "plot_lr_find",
     "plot_history",
     "plot_roc",
@@ -70,6 +81,10 @@ __all__ = [
 
 PREDICTION_KEYS = ("probs", "targets", "labels", "image_index", "split")
 METRICS_FILE = "metrics.json"
+OPERATING_POINTS_FILE = "operating_points.json"
+REPORT_FILE = "report.md"
+THRESHOLD_SPLIT = "valid"   # where the operating points are chosen
+CALIBRATION_BINS = 10       # equal-width bins of the ECE and the reliability diagram
 CONFIG_FILE = "config.yaml"
 PREDICTIONS_SUFFIX = "_predictions.pt"
 DPI = 110
@@ -126,6 +141,25 @@ def experiment_name(run_dir) -> Optional[str]:
     return None if name is None else str(name)
 
 
+def write_operating_points(run_dir, operating_point: dict) -> Path:
+    """Write {rule, split, thresholds {finding: t or null}} to the run's operating_points.json."""
+    path = Path(run_dir) / OPERATING_POINTS_FILE
+    io.write_json(path, operating_point)
+    return path
+
+
+def read_operating_points(run_dir) -> Optional[Dict[str, Optional[float]]]:
+    """{finding: threshold or None} from the run's operating_points.json; None when the file is
+    absent (the caller then calls at 0.5 and says so). RunFileError when it is unreadable."""
+    path = Path(run_dir) / OPERATING_POINTS_FILE
+    if not path.is_file():
+        return None
+    thresholds = read_mapping(path, json.loads).get("thresholds")
+    if not isinstance(thresholds, dict):
+        raise RunFileError(f"{OPERATING_POINTS_FILE} has no thresholds mapping")
+    return {str(k): None if v is None else float(v) for k, v in thresholds.items()}
+
+
 def predictions_path(run_dir, experiment: str) -> Path:
     """Where a run named ``experiment`` keeps its predictions: <experiment>_predictions.pt."""
     return Path(run_dir) / f"{experiment}{PREDICTIONS_SUFFIX}"
@@ -144,16 +178,32 @@ def find_predictions(run_dir) -> Optional[Path]:
 # --------------------------------------------------------------------------- metrics and report
 
 
-def evaluate_split(probs, targets, labels: Sequence[str], n_resamples: int = 1000,
-                   seed: int = 0) -> dict:
+def evaluate_split(probs, targets, labels: Sequence[str], n_resamples: int = 1000, seed: int = 0,
+                   resampler=None, operating_point: Optional[dict] = None, metadata: Optional[pd.DataFrame] = None,
+                   ) -> dict:
     """Everything metrics.json records for one split (plain, JSON-serialisable values).
 
-    Keys: mean_auc, mean_auc_ci95, per_class, ci95 (95% percentile bootstrap over
-    images, ``n_resamples`` resamples seeded with ``seed``), n_images, n_positive.
+    ``resampler``: the bootstrap unit (:mod:`cxrmem.metrics`; default the image bootstrap);
+    ``operating_point``: the content of operating_points.json, or None (no thresholds);
+    ``metadata``: one row per image with the columns of :data:`cxrmem.metrics.SUBGROUPS`, or None.
+    Keys (95% percentile intervals over ``n_resamples`` resamples seeded with ``seed``, the same
+    resamples for every interval):
+
+    * mean_auc, mean_auc_ci95, per_class, ci95, n_images, n_positive;
+    * bootstrap_unit ("patient" or "image");
+    * operating_point {rule, split} or None; thresholds {label: t or None};
+      at_threshold {label: {sensitivity, specificity, ppv, npv, f1}} and at_threshold_ci95
+      {label: {figure: [lo, hi]}} at those thresholds (None without a threshold);
+    * auprc {label}, prevalence {label};
+    * ece {"pooled", "per_class": {label}} over CALIBRATION_BINS equal-width bins;
+    * subgroups {"sex" | "age" | "view": {group: {n_images, mean_auc, per_class}}} ({} without metadata).
     """
     scores, positive, labels = check_inputs(probs, targets, labels)
+    resampler = resampler or ImageResampler(scores.shape[0])
     per_class = per_class_auc(scores, positive, labels)
-    ci95, mean_ci95 = bootstrap_ci(scores, positive, labels, n_resamples, seed, level=0.95)
+    ci95, mean_ci95 = bootstrap_ci(scores, positive, labels, n_resamples, seed, level=0.95, resampler=resampler)
+    chosen = (operating_point or {}).get("thresholds") or {}
+    thresholds = [chosen.get(label) for label in labels]
     return {
         "mean_auc": mean_auc(per_class),
         "mean_auc_ci95": mean_ci95,
@@ -161,6 +211,17 @@ def evaluate_split(probs, targets, labels: Sequence[str], n_resamples: int = 100
         "ci95": ci95,
         "n_images": int(scores.shape[0]),
         "n_positive": {label: int(positive[:, c].sum()) for c, label in enumerate(labels)},
+        "bootstrap_unit": resampler.unit,
+        "operating_point": None if operating_point is None else
+        {"rule": operating_point["rule"], "split": operating_point["split"]},
+        "thresholds": dict(zip(labels, thresholds)),
+        "at_threshold": at_threshold(scores, positive, thresholds, labels),
+        "at_threshold_ci95": bootstrap_at_threshold(scores, positive, thresholds, n_resamples, seed, 0.95, labels,
+                                                    resampler),
+        "auprc": auprc(scores, positive, labels),
+        "prevalence": prevalence(positive, labels),
+        "ece": expected_calibration_error(scores, positive, CALIBRATION_BINS, labels),
+        "subgroups": {} if metadata is None else subgroup_auc(scores, positive, metadata, labels),
     }
 
 
@@ -191,7 +252,53 @@ def format_report(split_name: str, result: dict) -> str:
     if result["mean_auc"] is not None and interval is not None:
         mean_line += f"  (95% CI {interval[0]:.4f}-{interval[1]:.4f})"
     lines += ["", mean_line]
+    if "at_threshold" in result:
+        lines += ["", *clinical_lines(result)]
     return "\n".join(lines)
+
+
+# Short names of the figures at a threshold, for table headers.
+FIGURE_HEADERS = {"sensitivity": "sens", "specificity": "spec", "ppv": "PPV", "npv": "NPV", "f1": "F1"}
+
+# The compact table's columns: header -> value of one finding in a split's result.
+COMPACT_COLUMNS = {
+    "threshold": lambda r, f: r["thresholds"][f],
+    **{FIGURE_HEADERS[name]: (lambda r, f, name=name: r["at_threshold"][f][name]) for name in FIGURES},
+    "AUPRC": lambda r, f: r["auprc"][f],
+    "prev": lambda r, f: r["prevalence"][f],
+    "ECE": lambda r, f: r["ece"]["per_class"][f],
+}
+
+
+def format_number(value: Optional[float], decimals: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{decimals}f}"
+
+
+def operating_point_text(result: dict) -> str:
+    """'youden, chosen on the valid split', or why there are no thresholds."""
+    point = result.get("operating_point")
+    if point is None:
+        return f"no operating points (no {THRESHOLD_SPLIT} split to choose them on)"
+    return f"{point['rule']}, chosen on the {point['split']} split"
+
+
+def clinical_lines(result: dict) -> List[str]:
+    """The compact part of the terminal report: figures at the operating points, AUPRC next to
+    the prevalence, calibration, and the mean AUC by subgroup (intervals are in report.md)."""
+    findings = list(result["per_class"])
+    width = max((len(f) for f in findings), default=0) + 1
+    lines = [f"At the operating points ({operating_point_text(result)}; intervals in {REPORT_FILE}):",
+             f"  {'':<{width}}  " + " ".join(f"{h:>9}" if h == "threshold" else f"{h:>6}" for h in COMPACT_COLUMNS)]
+    for finding in findings:
+        cells = [format_number(value(result, finding), 4 if header == "threshold" else 3)
+                 for header, value in COMPACT_COLUMNS.items()]
+        lines.append(f"  {finding:<{width}}: " + " ".join(f"{c:>9}" if i == 0 else f"{c:>6}"
+                                                          for i, c in enumerate(cells)))
+    lines.append(f"ECE (all findings pooled, {CALIBRATION_BINS} bins): {format_number(result['ece']['pooled'], 4)}")
+    for grouping, groups in result["subgroups"].items():
+        parts = [f"{group} {format_auc(entry['mean_auc'])} ({entry['n_images']})" for group, entry in groups.items()]
+        lines.append(f"Mean AUC by {grouping:<4}: " + (", ".join(parts) or "n/a"))
+    return lines
 
 
 # --------------------------------------------------------------------------- predictions file
@@ -252,16 +359,48 @@ def load_predictions(path: Union[str, Path]) -> dict:
 # --------------------------------------------------------------------------- a run's results
 
 
-def write_results(cfg, predictions: dict) -> dict:
-    """metrics.json, <experiment>_predictions.pt and the terminal report. Returns the metrics.
+def choose_operating_points(predictions: dict, rule: str) -> Optional[dict]:
+    """operating_points.json's content: ``rule``'s threshold per finding on the validation split's
+    predictions; None when there is no validation split."""
+    if THRESHOLD_SPLIT not in predictions:
+        return None
+    probs, targets, _ = predictions[THRESHOLD_SPLIT]
+    thresholds = operating_points(probs, targets, rule)
+    return {"rule": rule, "split": THRESHOLD_SPLIT, "thresholds": dict(zip(FINDINGS, thresholds))}
 
-    ``predictions`` is {split: (probs [N, C], targets [N, C], image names)}, splits in report order.
+
+def metadata_rows(metadata: Optional[pd.DataFrame], image_names: Sequence[str]) -> Optional[pd.DataFrame]:
+    """The subgroup columns of ``metadata`` (a frame with ``image_index``) for these images, in
+    their order (empty cells for unknown images); None when the frame lacks the columns."""
+    columns = [grouping.column for grouping in SUBGROUPS.values()]
+    if metadata is None or not {"image_index", *columns} <= set(metadata.columns):
+        return None
+    by_name = metadata.drop_duplicates("image_index").set_index("image_index")[columns]
+    return by_name.reindex([str(name) for name in image_names]).reset_index(drop=True)
+
+
+def write_results(cfg, predictions: dict, metadata: Optional[pd.DataFrame] = None) -> dict:
+    """metrics.json, operating_points.json, report.md, <experiment>_predictions.pt and the terminal
+    report. Returns the metrics.
+
+    ``predictions`` is {split: (probs [N, C], targets [N, C], image names)}, splits in report order;
+    ``metadata`` the data set's frame (``image_index`` and the subgroup columns), or None.
+    Operating points are chosen on the validation split by ``evaluation.operating_point``; the
+    bootstrap draws ``evaluation.bootstrap_unit`` (patients from the image names).
     """
-    n_resamples = cfg.evaluation.bootstrap_resamples
-    metrics = {split: evaluate_split(probs, targets, FINDINGS, n_resamples=n_resamples, seed=cfg.data.seed)
-               for split, (probs, targets, _) in predictions.items()}
+    evaluation = cfg.evaluation
+    point = choose_operating_points(predictions, evaluation.operating_point)
+    if point is None:
+        (Path(cfg.run_dir) / OPERATING_POINTS_FILE).unlink(missing_ok=True)  # none chosen: no stale file
+    else:
+        write_operating_points(cfg.run_dir, point)
+    metrics = {split: evaluate_split(probs, targets, FINDINGS, evaluation.bootstrap_resamples, cfg.data.seed,
+                                     resampler=make_resampler(evaluation.bootstrap_unit, patient_ids(names)),
+                                     operating_point=point, metadata=metadata_rows(metadata, names))
+               for split, (probs, targets, names) in predictions.items()}
     write_metrics(cfg.run_dir, metrics)
-    if cfg.evaluation.save_predictions:
+    io.write_text(Path(cfg.run_dir) / REPORT_FILE, format_markdown_report(metrics, cfg.experiment_name))
+    if evaluation.save_predictions:
         splits = list(predictions)
         save_predictions(
             predictions_path(cfg.run_dir, cfg.experiment_name),
@@ -274,6 +413,65 @@ def write_results(cfg, predictions: dict) -> dict:
     for split, result in metrics.items():
         print("\n" + format_report(split, result))
     return metrics
+
+
+# --------------------------------------------------------------------------- report.md
+
+
+def with_interval(value: Optional[float], interval: Optional[Sequence[float]], decimals: int = 3) -> str:
+    """'0.712 [0.650, 0.770]', the value alone without interval, 'n/a' without value."""
+    if value is None:
+        return "n/a"
+    if interval is None:
+        return f"{value:.{decimals}f}"
+    return f"{value:.{decimals}f} [{interval[0]:.{decimals}f}, {interval[1]:.{decimals}f}]"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
+    """A GitHub Markdown table, the first column left-aligned and the others right-aligned."""
+    return ["| " + " | ".join(header) + " |",
+            "|---|" + "---:|" * (len(header) - 1),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def split_markdown(split: str, result: dict) -> List[str]:
+    """One split's section of report.md."""
+    findings = list(result["per_class"])
+    unit = {"patient": "patients", "image": "images"}.get(result.get("bootstrap_unit"), "images")
+    lines = [f"## {split} split ({result['n_images']} images)", "",
+             f"Mean AUC {with_interval(result['mean_auc'], result['mean_auc_ci95'], 4)}; "
+             f"ECE over all findings {format_number(result['ece']['pooled'], 4)} ({CALIBRATION_BINS} bins). "
+             f"Operating points: {operating_point_text(result)}. "
+             f"Brackets: 95% percentile bootstrap intervals, resampling {unit}.", ""]
+    header = ["finding", "positives", "prevalence", "AUC", "AUPRC", "threshold",
+              *(FIGURE_HEADERS[name] for name in FIGURES), "ECE"]
+    rows = []
+    for f in findings:
+        figures, intervals = result["at_threshold"][f], result["at_threshold_ci95"][f]
+        rows.append([f, str(result["n_positive"][f]), format_number(result["prevalence"][f]),
+                     with_interval(result["per_class"][f], result["ci95"].get(f), 4),
+                     format_number(result["auprc"][f]), format_number(result["thresholds"][f], 4),
+                     *(with_interval(figures[name], intervals[name]) for name in FIGURES),
+                     format_number(result["ece"]["per_class"][f])])
+    lines += markdown_table(header, rows)
+    groups = [(f"{grouping} {group}", entry) for grouping, entries in result["subgroups"].items()
+              for group, entry in entries.items()]
+    if groups:
+        lines += ["", "### AUC by subgroup", ""]
+        lines += markdown_table(["subgroup", "images", "mean AUC", *findings],
+                                [[name, str(entry["n_images"]), format_auc(entry["mean_auc"]),
+                                  *(format_auc(entry["per_class"][f]) for f in findings)]
+                                 for name, entry in groups])
+    return lines
+
+
+def format_markdown_report(metrics: dict, title: str) -> str:
+    """report.md: per split, one row per finding (AUC, AUPRC, prevalence, threshold, the five
+    figures at it with intervals, ECE), then the AUC of every finding by subgroup."""
+    lines = [f"# {title}: evaluation", ""]
+    for split, result in metrics.items():
+        lines += split_markdown(split, result) + [""]
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- figure helpers
@@ -446,6 +644,40 @@ def plot_roc(probs, targets, labels: Sequence[str], path, title: str) -> Path:
     return save_figure(figure, path)
 
 
+def plot_reliability(probs, targets, labels: Sequence[str], path, title: str,
+                     n_bins: int = CALIBRATION_BINS) -> Path:
+    """Reliability diagram: observed frequency of positives against mean predicted probability
+    in ``n_bins`` equal-width bins, all findings pooled (bold, ECE in the legend) and each finding
+    alone (thin); the diagonal is perfect calibration. Below, the pooled bin counts (log scale).
+    Empty bins leave gaps.
+    """
+    scores, positive, labels = check_inputs(probs, targets, labels)
+    figure = new_figure(9, 7)
+    grid = figure.add_gridspec(2, 1, height_ratios=(3, 1))
+    axes = figure.add_subplot(grid[0])
+    counts_axes = figure.add_subplot(grid[1], sharex=axes)
+    axes.plot([0, 1], [0, 1], color="black", linestyle=":", linewidth=0.8, label="perfect calibration")
+    for column, (label, colour) in enumerate(zip(labels, palette(len(labels)))):
+        bins = calibration_bins(scores[:, column], positive[:, column], n_bins)
+        axes.plot(bins.mean_predicted, bins.observed, ".-", color=colour, linewidth=0.8, alpha=0.6, label=label)
+    pooled = calibration_bins(scores, positive, n_bins)
+    axes.plot(pooled.mean_predicted, pooled.observed, "o-", color="black", linewidth=2,
+              label=f"all findings (ECE {pooled.ece:.3f})")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(-0.02, 1.02)
+    axes.set_ylabel("observed frequency of positives")
+    axes.set_title(title)
+    axes.grid(True, alpha=0.3)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    counts_axes.bar(pooled.centres, pooled.counts, width=1.0 / n_bins, color="grey", edgecolor="white")
+    if pooled.counts.any():
+        counts_axes.set_yscale("log")
+    counts_axes.set_xlabel("mean predicted probability")
+    counts_axes.set_ylabel("pairs per bin")
+    counts_axes.grid(True, alpha=0.3)
+    return save_figure(figure, path)
+
+
 def plot_memory(history_csvs: Iterable, path) -> Optional[Path]:
     """Bank fill fraction and relative movement per epoch, phase after phase.
 
@@ -529,11 +761,10 @@ def _target_of(fn: Callable, args, kwargs) -> str:
 def plot_run(run_dir) -> List[Path]:
     """Draw what a finished run folder allows; return the PNGs written.
 
-    loss_phase1.png / loss_phase2.png from the history CSVs present,
-    roc_test.png (roc_valid.png when the predictions hold no test split) from
-    the predictions file, memory.png when the histories have memory columns.
-    Each figure goes through :func:`safe_plot`: a failure is a warning, never
-    an exception.
+    loss_phase1.png / loss_phase2.png from the history CSVs present; roc_test.png and
+    reliability_test.png (roc_valid.png and reliability_valid.png when the predictions hold no
+    test split) from the predictions file; memory.png when the histories have memory columns.
+    Each figure goes through :func:`safe_plot`: a failure is a warning, never an exception.
     """
     run_dir = Path(run_dir)
     title = experiment_name(run_dir) or run_dir.name
@@ -543,14 +774,22 @@ def plot_run(run_dir) -> List[Path]:
         if history.is_file():
             written.append(safe_plot(plot_history, history, run_dir / f"loss_phase{phase}.png",
                                      f"{title}: phase {phase}"))
-    written.append(_plot_run_roc(run_dir, title))
+    evaluated = _evaluated_split(run_dir)
+    if evaluated is not None:
+        split, probs, targets, labels = evaluated
+        caption = f"on the {split} split ({probs.shape[0]} images)"
+        written.append(safe_plot(plot_roc, probs, targets, labels, run_dir / f"roc_{split}.png",
+                                 f"{title}: ROC {caption}"))
+        written.append(safe_plot(plot_reliability, probs, targets, labels, run_dir / f"reliability_{split}.png",
+                                 f"{title}: calibration {caption}"))
     histories = [run_dir / f"history_phase{phase}.csv" for phase in (1, 2)]
     written.append(safe_plot(plot_memory, histories, run_dir / "memory.png"))
     return [path for path in written if path is not None]
 
 
-def _plot_run_roc(run_dir: Path, title: str) -> Optional[Path]:
-    """ROC of the test split (else valid) from the run's predictions; None if there are none."""
+def _evaluated_split(run_dir: Path) -> Optional[tuple]:
+    """(split, probs, targets, labels) of the test split (else valid) in the run's predictions;
+    None when there is no predictions file, or (with a warning) when it cannot be used."""
     source = find_predictions(run_dir)
     if source is None:
         return None
@@ -561,10 +800,7 @@ def _plot_run_roc(run_dir: Path, title: str) -> Optional[Path]:
         rows = splits == split
         if not rows.any():
             raise ValueError(f"{source.name} holds neither a test nor a valid split")
-    except Exception as error:  # noqa: BLE001 - a broken file costs its figure, never the run
-        warn_not_drawn(run_dir / "roc_*.png", error)
+    except Exception as error:  # noqa: BLE001 - a broken file costs its figures, never the run
+        warn_not_drawn(f"{run_dir / 'roc_*.png'} and reliability_*.png", error)
         return None
-    probs = as_array(payload["probs"])[rows]
-    targets = as_array(payload["targets"])[rows]
-    return safe_plot(plot_roc, probs, targets, payload["labels"], run_dir / f"roc_{split}.png",
-                     f"{title}: ROC on the {split} split ({int(rows.sum())} images)")
+    return split, as_array(payload["probs"])[rows], as_array(payload["targets"])[rows], payload["labels"]

@@ -5,8 +5,9 @@ lists, images under ``images_*/images`` or ``images``. Which image goes to which
 decided by :mod:`cxrmem.data.split`; nothing here imports fastai.
 
 The frame every function passes along has one row per image with the columns
-``image_index`` (file name), ``patient_id``, ``path`` (absolute, once located),
-one 0/1 column per finding (in :data:`FINDINGS` order) and, once split,
+``image_index`` (file name), ``patient_id``, ``patient_age``, ``patient_gender``,
+``view_position`` (the CSV's cells as text, empty where it lacks the column), ``path``
+(absolute, once located), one 0/1 column per finding (in :data:`FINDINGS` order) and, once split,
 ``split`` in {"train", "valid", "test"}.
 """
 
@@ -26,6 +27,8 @@ from .split import TEST_LIST, TRAIN_VAL_LIST, OfficialLists, assign_splits, phas
 CSV_NAME = "Data_Entry_2017.csv"  # the 2017 file; the 2020 revision is also accepted under its own name
 METADATA_FILES = (CSV_NAME, "Data_Entry_2017_v2020.csv")
 REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
+# CSV column -> frame column of the image metadata kept for reporting (empty where the CSV lacks it).
+METADATA_COLUMNS = {"Patient Age": "patient_age", "Patient Gender": "patient_gender", "View Position": "view_position"}
 
 
 # --------------------------------------------------------------------------- metadata
@@ -58,9 +61,13 @@ def read_entries(csv_path: Path) -> pd.DataFrame:
     frame = pd.DataFrame({
         "image_index": raw["Image Index"].str.strip(),
         "patient_id": raw["Patient ID"].str.strip().str.lstrip("0").replace("", "0"),
+        **{name: raw[column].str.strip() if column in raw else "" for column, name in METADATA_COLUMNS.items()},
     })
     labels = encode_labels(raw["Finding Labels"], csv_path)
     return pd.concat([frame, labels], axis=1)
+
+
+def patient_ids(image_index): return np.array([str(name).split("_", 1)[0] for name in image_index])
 
 
 def encode_labels(finding_labels: pd.Series, source) -> pd.DataFrame:
