@@ -19,11 +19,11 @@ from sklearn.metrics import roc_auc_score
 import cxrmem
 from cxrmem.cli import train_parser
 from cxrmem.config import apply_override, dump_yaml, from_dict, load_config
-from cxrmem.data.chestxray14 import FINDINGS
+from cxrmem.data.chestxray14 import FINDINGS, patient_ids
 from cxrmem.data.prepare import prepare_data
 from cxrmem.errors import UserError
 from cxrmem.sweep import (
-    ALPHA, gpu_groups, grid_variants, load_sweep, main, patient_id, plan_runs, predictions_path, run_state,
+    ALPHA, gpu_groups, grid_variants, load_sweep, main, plan_runs, predictions_path, run_state,
     set_argument, significant,
 )
 from cxrmem.train.phases import resume_path
@@ -404,7 +404,7 @@ def test_significance_rule_and_patient_ids():
     assert not significant([(0.1, p), (-0.1, p), (0.1, 0.5)])  # opposite signs
     assert not significant([(0.1, p), (0.1, 0.5)])  # half is not more than half
     assert not significant([])
-    assert patient_id("00000013_005.png") == "00000013" and patient_id("images/00000013_000.png") == "00000013"
+    assert list(patient_ids(["00000013_005.png", "images/00000013_000.png"])) == ["00000013", "00000013"]
 
 
 # --------------------------------------------------------------------------- a real sweep

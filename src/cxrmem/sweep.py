@@ -420,11 +420,6 @@ EXECUTORS = {"local": run_local, "slurm": submit_slurm}
 # --------------------------------------------------------------------------- the summary
 
 
-def patient_id(image_index: str) -> str:
-    """ChestX-ray14 image names are <patient>_<follow-up>.png: the patient is the part before '_'."""
-    return Path(image_index).name.split("_", 1)[0]
-
-
 @dataclass
 class SplitPredictions:
     names: list[str]      # sorted image names
@@ -450,7 +445,7 @@ def load_test_set(path: Path) -> SplitPredictions:
 
 def class_aucs(test: SplitPredictions) -> dict[str, Optional[float]]:
     """ROC AUC per finding (None without a positive or a negative), by midranks."""
-    from .stats_paired import delong_components
+    from .metrics import delong_components
 
     aucs = {}
     for c, label in enumerate(test.labels):
@@ -474,7 +469,8 @@ def significant(pairs: list[tuple[Optional[float], Optional[float]]]) -> bool:
 
 def compare_to_reference(ref: SplitPredictions, test: SplitPredictions, resamples: int, seed: int) -> dict:
     """One seed: DeLong + Holm per finding, paired patient bootstrap of the mean AUC (variant - reference)."""
-    from .stats_paired import delong_per_class, paired_bootstrap
+    from .data.chestxray14 import patient_ids
+    from .metrics import PatientResampler, delong_per_class, paired_bootstrap
 
     per_class = delong_per_class(ref.targets, ref.probs, test.probs, ref.labels)
     delta = mean_of(r["delta"] for r in per_class.values())
@@ -482,14 +478,15 @@ def compare_to_reference(ref: SplitPredictions, test: SplitPredictions, resample
               "per_class": {label: {"delta_auc": r["delta"], "p_delong": r["p"], "p_holm": r["p_holm"]}
                             for label, r in per_class.items()}}
     if resamples > 0:
-        boot = paired_bootstrap(ref.targets, ref.probs, test.probs, groups=[patient_id(n) for n in ref.names],
-                                unit="patient", n_resamples=resamples, seed=seed)
+        patients = PatientResampler.from_ids(patient_ids(ref.names))
+        boot = paired_bootstrap(ref.targets, ref.probs, test.probs, n_resamples=resamples, seed=seed,
+                                resampler=patients)
         result["bootstrap"] = {"p": boot.p, "ci95": boot.ci, "resamples": boot.n_used}
     return result
 
 
 def _mean_sd(values) -> dict:
-    from .stats_paired import mean_sd
+    from .metrics import mean_sd
 
     result = mean_sd(list(values))
     return {"mean": result.mean, "sd": result.sd}
@@ -497,6 +494,8 @@ def _mean_sd(values) -> dict:
 
 def summarize(sweep: Sweep, runs: list[Run]) -> Optional[dict]:
     """The summary.json contract (None when no run has finished)."""
+    from .data.chestxray14 import patient_ids
+
     finished = [run for run in runs if run_state(run) == "done"]
     if not finished:
         return None
@@ -535,7 +534,7 @@ def summarize(sweep: Sweep, runs: list[Run]) -> Optional[dict]:
     return {
         "sweep": sweep.name, "base": sweep.base, "split": TEST_SPLIT, "reference": sweep.reference,
         "seeds": sweep.seeds, "labels": first.labels,
-        "test_images": len(first.names), "test_patients": len({patient_id(n) for n in first.names}),
+        "test_images": len(first.names), "test_patients": len(set(patient_ids(first.names))),
         "alpha": ALPHA, "significance_rule": SIGNIFICANCE_RULE,
         "missing": [run.name for run in runs if (run.variant, run.seed) not in tests],
         "variants": variants,

@@ -67,7 +67,9 @@ def read_entries(csv_path: Path) -> pd.DataFrame:
     return pd.concat([frame, labels], axis=1)
 
 
-def patient_ids(image_index): return np.array([str(name).split("_", 1)[0] for name in image_index])
+def patient_ids(image_index) -> np.ndarray:
+    """Patient of every image: ChestX-ray14 names images ``<patient>_<follow-up>.png`` (folders ignored)."""
+    return np.array([Path(str(name)).name.split("_", 1)[0] for name in image_index])
 
 
 def encode_labels(finding_labels: pd.Series, source) -> pd.DataFrame:
