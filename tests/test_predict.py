@@ -56,11 +56,13 @@ def read_points_as_contracted(run_dir):
     return json.loads(path.read_text())["thresholds"] if path.is_file() else None
 
 
-@pytest.fixture(autouse=True)
-def operating_points_reader(monkeypatch):
+@pytest.fixture(scope="module", autouse=True)
+def operating_points_reader():
     """cxrmem.report.read_operating_points as the contract defines it, where report does not provide it."""
-    if not hasattr(report, "read_operating_points"):
-        monkeypatch.setattr(report, "read_operating_points", read_points_as_contracted, raising=False)
+    with pytest.MonkeyPatch.context() as patch:
+        if not hasattr(report, "read_operating_points"):
+            patch.setattr(report, "read_operating_points", read_points_as_contracted, raising=False)
+        yield
 
 
 def write_points(run_dir, thresholds: dict) -> None:
@@ -317,3 +319,86 @@ def test_heatmaps_without_grad_cam_name_the_extra(fake_run, pngs, tmp_path, caps
     status, _, _, err = predict(capsys, tmp_path, "--run", fake_run[0], "--heatmaps", tmp_path / "maps", pngs[0])
     assert status == 2
     assert err.strip() == "error: --heatmaps needs the grad-cam package; pip install 'cxrmem[explain]'"
+
+
+# --------------------------------------------------------------------------- a trained run (slow)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_data):
+    """The tiny end-to-end experiment trained once, then evaluated with --evaluate: (run_dir, predictions)."""
+    from test_end_to_end import TINY
+
+    from cxrmem.cli import train_main
+
+    folder = tmp_path_factory.mktemp("trained")
+    config = folder / "tiny.yaml"
+    config.write_text(TINY % {"memory": "true", "finder": "false"})
+    run_dir = folder / "run"
+    common = ["--config", str(config), "--data_dir", str(tiny_data), "--output_dir", str(run_dir)]
+    assert train_main(common) == 0
+    (run_dir / "tiny_predictions.pt").unlink()
+    assert train_main([*common, "--evaluate"]) == 0
+    predictions = torch.load(run_dir / "tiny_predictions.pt", weights_only=True)
+    return run_dir, predictions
+
+
+def evaluated(predictions, split: str = "test") -> pd.DataFrame:
+    """The probabilities of ``split`` in a run's predictions file, by image name."""
+    rows = [i for i, s in enumerate(predictions["split"]) if s == split]
+    return pd.DataFrame(predictions["probs"][rows].numpy(), columns=predictions["labels"],
+                        index=[predictions["image_index"][i] for i in rows])
+
+
+def data_set_paths(tiny_data, names) -> list[Path]:
+    from cxrmem.data.chestxray14 import locate_images
+
+    found = locate_images(tiny_data)
+    return [found[name] for name in names]
+
+
+@pytest.mark.slow
+def test_predict_gives_the_probabilities_of_evaluate(trained_run, tiny_data, tmp_path, capsys):
+    run_dir, predictions = trained_run
+    expected = evaluated(predictions)
+    assert len(expected) > 10
+    status, table, _, err = predict(capsys, tmp_path, "--run", run_dir, *data_set_paths(tiny_data, expected.index))
+    assert status == 0, err
+    got = probs_by_name(table)
+    assert sorted(got.index) == sorted(expected.index)
+    np.testing.assert_allclose(got.loc[expected.index].to_numpy(), expected.to_numpy(), atol=1e-5)
+    assert expected.to_numpy().std() > 1e-3  # a trained network, not a constant
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_an_export_of_the_trained_run_gives_the_probabilities_of_evaluate(trained_run, tiny_data, tmp_path,
+                                                                         capsys, fmt):
+    from cxrmem.export import main as export_main
+
+    run_dir, predictions = trained_run
+    expected = evaluated(predictions)
+    model = tmp_path / f"tiny.{fmt}"
+    status, _, err = run_cli(export_main, ["--run", run_dir, "--format", fmt, "--out", model], capsys)
+    if fmt == "torchscript" and status == 2 and "custom autograd step" in err:
+        pytest.skip("this memory bank's retrieval is a custom autograd Function; TorchScript cannot hold it")
+    assert status == 0, err
+    status, table, _, err = predict(capsys, tmp_path, "--model", model, *data_set_paths(tiny_data, expected.index))
+    assert status == 0, err
+    np.testing.assert_allclose(probs_by_name(table).loc[expected.index].to_numpy(), expected.to_numpy(), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_real_heatmaps_of_the_trained_run(trained_run, tiny_data, tmp_path, capsys):
+    pytest.importorskip("pytorch_grad_cam")
+    pytest.importorskip("cxrmem.explain")
+    run_dir, predictions = trained_run
+    names = list(evaluated(predictions).index[:2])
+    status, _, _, err = predict(capsys, tmp_path, "--run", run_dir, "--heatmaps", tmp_path / "maps",
+                                *data_set_paths(tiny_data, names), "--heatmap-findings", "Cardiomegaly")
+    assert status == 0, err
+    written = sorted((tmp_path / "maps").iterdir())
+    assert [p.name for p in written] == sorted(f"{Path(n).stem}_Cardiomegaly.png" for n in names)
+    for path in written:
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size == (SIZE, SIZE)

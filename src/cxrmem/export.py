@@ -63,7 +63,14 @@ def write_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Non
 
 
 def write_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    traced_quietly(lambda: torch.jit.trace(model, example, check_trace=False).save(str(path)))
+    traced = traced_quietly(lambda: torch.jit.trace(model, example, check_trace=False))
+    try:
+        traced.save(str(path))
+    except RuntimeError as exc:  # a torch.autograd.Function in the forward pass is recorded as a Python call
+        if "Python function" not in str(exc):
+            raise
+        raise UserError("TorchScript cannot hold this network's custom autograd step (a Python function); "
+                        "export with --format onnx instead") from None
 
 
 def onnx_runtime():
@@ -88,7 +95,7 @@ class OnnxNetwork:
 
 def torchscript_network(path, device=None):
     device = device or torch.device("cpu")
-    return TorchNetwork(torch.jit.load(str(path), map_location=device), device)
+    return TorchNetwork(traced_quietly(lambda: torch.jit.load(str(path), map_location=device)), device)
 
 
 @dataclass(frozen=True)
