@@ -26,7 +26,8 @@ from test_predict import operating_points_reader  # noqa: F401 - autouse fixture
 ort = pytest.importorskip("onnxruntime")
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*has no operating points:UserWarning"),
-              pytest.mark.filterwarnings("ignore:no operating point for Hernia:UserWarning")]
+              pytest.mark.filterwarnings("ignore:no operating point for Hernia:UserWarning"),
+              pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")]
 TORCHSCRIPT_REFUSED = "TorchScript cannot hold this network's custom autograd step"
 
 

@@ -35,14 +35,14 @@ import numpy as np
 import pandas as pd
 import torch
 from fastai.torch_core import default_device
-from fastai.vision.all import IntToFloatTensor, Normalize, Pipeline, TensorImage
+from fastai.vision.all import Normalize, Pipeline, TensorImage
 from fastprogress.fastprogress import progress_bar
 
 from . import io, report
 from .cli import guarded
 from .data.findings import FINDINGS
 from .data.images import IMAGE_SUFFIXES, READ_ERRORS, open_image
-from .data.loaders import batch_transforms, default_num_workers, read_xray
+from .data.loaders import ResizedXrayBlock, batch_transforms, default_num_workers, read_xray
 from .errors import UserError
 
 DEFAULT_THRESHOLD = 0.5  # the call where a run has no operating point
@@ -118,12 +118,13 @@ def collate_readable(items):
     return [i for i, _ in read], images, [(i, error) for i, _, error in items if error is not None]
 
 
-def eval_transforms() -> Pipeline:
-    """The validation DataLoader's batch transforms: uint8 -> float / 255 -> ImageNet normalisation.
+def eval_transforms(image_size: int) -> Pipeline:
+    """The validation DataLoader's batch transforms: the image block's (uint8 -> float / 255), then
+    ``batch_transforms(augment=False)`` (ImageNet normalisation).
 
     ``Normalize.from_stats`` keeps its statistics on fastai's ``default_device()``, the device batches go to.
     """
-    return Pipeline([IntToFloatTensor(), *batch_transforms(augment=False)])
+    return Pipeline([*ResizedXrayBlock(image_size).batch_tfms, *batch_transforms(augment=False)])
 
 
 def normalisation() -> tuple[list[float], list[float]]:
@@ -277,7 +278,7 @@ def predict_images(predictor: Predictor, paths: Sequence[Path], device: torch.de
     thresholds = call_thresholds(predictor.thresholds, predictor.labels, predictor.source)
     loader = torch.utils.data.DataLoader(ImageFiles(paths, predictor.image_size), batch_size=predictor.batch_size,
                                          num_workers=predictor.num_workers, collate_fn=collate_readable)
-    transforms = eval_transforms()
+    transforms = eval_transforms(predictor.image_size)
     kept, probs = [], []
     for indexes, images, failures in progress_bar(loader, display=sys.stdout.isatty(), leave=False):
         for i, error in failures:
