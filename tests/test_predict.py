@@ -141,11 +141,14 @@ def test_paths_folders_and_lists_are_collected_in_order(tmp_path):
     (lists / "l.txt").write_text("# comment\n\nrel/one.png\n  /abs/two.dcm  \n")
     (lists / "with_col.csv").write_text("id,path\n1,p/three.png\n2,/abs/four.png\n")
     (lists / "first_col.csv").write_text("file,label\nfive.png,x\n")
+    (lists / "headless.csv").write_text("six.dcm,1\nseven.png,0\n")
+    (lists / "empty.csv").write_text("")
     got = collect_images([str(tmp_path / "d"), str(lists / "l.txt"), str(lists / "with_col.csv"),
-                          str(lists / "first_col.csv"), "single.png"])
+                          str(lists / "first_col.csv"), str(lists / "headless.csv"), str(lists / "empty.csv"),
+                          "single.png"])
     assert got == [tmp_path / "d/a.JPG", tmp_path / "d/b.png", tmp_path / "d/sub/c.dcm", tmp_path / "d/x.jpeg",
                    lists / "rel/one.png", Path("/abs/two.dcm"), lists / "p/three.png", Path("/abs/four.png"),
-                   lists / "five.png", Path("single.png")]
+                   lists / "five.png", lists / "six.dcm", lists / "seven.png", Path("single.png")]
 
 
 def test_nothing_to_predict_is_one_line(tmp_path, fake_run, capsys):

@@ -59,12 +59,16 @@ def read_text_list(path: Path) -> list[str]:
 
 
 def read_csv_list(path: Path) -> list[str]:
-    """The ``path`` column, else the first column."""
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if table.columns.empty:
+    """The ``path`` column, else the first column (whose header counts as an entry when it names an image:
+    a list without a header line)."""
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
         return []
     column = "path" if "path" in table.columns else table.columns[0]
-    return [entry.strip() for entry in table[column] if entry.strip()]
+    entries = [entry.strip() for entry in table[column] if entry.strip()]
+    headless = column != "path" and Path(column.strip()).suffix.lower() in IMAGE_SUFFIXES
+    return [column.strip(), *entries] if headless else entries
 
 
 LIST_READERS: dict[str, Callable[[Path], list[str]]] = {".txt": read_text_list, ".csv": read_csv_list}
