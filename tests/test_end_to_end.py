@@ -1,9 +1,10 @@
-"""End to end on a tiny synthetic set: both phases, outputs, --evaluate, legacy entry, determinism."""
+"""End to end on a tiny synthetic set: both phases, outputs, the epoch log, --evaluate, legacy entry, determinism."""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pandas as pd
 import pytest
@@ -117,6 +118,58 @@ def test_every_output_is_written_and_valid(memory_run):
     assert history["stage"].tolist() == ["frozen", "unfrozen"]
     assert {"train_loss", "valid_loss", "valid_auc", "memory_fill", "memory_moved"} <= set(history.columns)
     assert len(pd.read_csv(run_dir / "history_phase2.csv")) == 1
+
+
+class ScriptedValidLoss(Callback):
+    """Replaces each epoch's valid_loss by the next of ``losses`` before the trackers read it."""
+
+    order = 55  # after the Recorder (50), before the best checkpoint (61) and the epoch log (62)
+
+    def __init__(self, losses):
+        self.losses = list(losses)
+
+    def after_epoch(self):
+        column = self.recorder.metric_names.index("valid_loss")
+        value = self.losses.pop(0)
+        self.recorder.log[column] = value
+        self.recorder.values[-1][column - 1] = value
+
+
+def test_epoch_log_one_line_per_epoch_numbered_through_the_phase(tmp_path, tiny_data, capsys, monkeypatch):
+    scripted = {1: [0.9, 0.95, 0.8], 2: [0.7, 0.75]}  # phase 1: frozen, unfrozen, unfrozen; phase 2: two epochs
+    make_learner = phases.make_learner
+
+    def spied(cfg, model, frame, phase_cfg, phase, device):
+        learn = make_learner(cfg, model, frame, phase_cfg, phase, device)
+        learn.add_cb(ScriptedValidLoss(scripted[phase]))
+        return learn
+
+    monkeypatch.setattr(phases, "make_learner", spied)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # a terminal: fastai's progress bars stay
+    run_dir, out = train_tiny(tmp_path, tiny_data, capsys, "log", extra=[
+        "--set", "phase1.use_lr_finder=false", "--set", "phase1.total_epochs=2", "--set", "phase2.epochs=2"])
+    lines = [line.strip() for line in out.replace("\r", "\n").splitlines()]
+    assert "Better model found" not in out and "No improvement since" not in out  # fastai's own lines
+    header = [line.split() for line in lines if line.startswith("phase  stage")]
+    assert len(header) == 2 and header[0] == header[1]
+    assert header[0][:4] == ["phase", "stage", "epoch", "train_loss"] and header[0][-2:] == ["time", "best"]
+    assert not [line for line in lines if line.split()[:1] == ["epoch"]]  # no fastai table on a terminal
+    rows = [line.split() for line in lines if line.split()[1:2] in (["frozen"], ["unfrozen"], ["one_cycle"])]
+    assert [row[:3] for row in rows] == [["1", "frozen", "1"], ["1", "unfrozen", "2"], ["1", "unfrozen", "3"],
+                                         ["2", "one_cycle", "1"], ["2", "one_cycle", "2"]]
+    column = header[0].index("valid_loss")
+    assert [float(row[column]) for row in rows] == scripted[1] + scripted[2]
+    assert [row[-1] == "*" for row in rows] == improvements(scripted[1]) + improvements(scripted[2])
+    for phase, shown in ((1, rows[:3]), (2, rows[3:])):
+        history = pd.read_csv(run_dir / f"history_phase{phase}.csv")
+        assert history["epoch"].tolist() == [int(row[2]) for row in shown]
+        assert history["stage"].tolist() == [row[1] for row in shown]
+        assert history["train_loss"].round(4).tolist() == [float(row[3]) for row in shown]
+
+
+def improvements(losses):
+    """Whether each loss is below every earlier one of its phase (the first always is)."""
+    return [loss < min(losses[:i], default=math.inf) for i, loss in enumerate(losses)]
 
 
 def test_phase2_starts_from_the_best_phase1_weights_and_bank(memory_run):

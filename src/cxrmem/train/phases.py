@@ -16,9 +16,9 @@ import torch
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import valley
+from fastai.imports import noop  # fastai tells "no logger" by this very function (not fastcore's noop)
 from fastai.learner import Learner
 from fastai.torch_core import set_seed
-from fastcore.basics import noop
 
 from .. import io
 from ..data.chestxray14 import FINDINGS, phase_frame
