@@ -47,7 +47,8 @@ def train_tiny(tmp_path, tiny_data, capsys, name, memory=True, extra=()):
 
 
 class Spy(Callback):
-    """Records, per phase, the bank momentum seen by training batches and the weights at the start."""
+    """Records, per phase, the bank momentum seen by training batches and the weights at the start
+    (the LR finder's mock training left out)."""
 
     order = 100
 
@@ -60,7 +61,7 @@ class Spy(Callback):
                                                        for k, v in self.learn.model.state_dict().items()})
 
     def before_batch(self):
-        if self.training:
+        if self.training and not hasattr(self.learn, "lr_finder"):  # the finder trains without the bank
             self.log.setdefault(f"momentum{self.phase}", set()).add(self.learn.model.bank.momentum)
 
 
@@ -180,6 +181,23 @@ def test_phase2_starts_from_the_best_phase1_weights_and_bank(memory_run):
     for key, value in phase1.items():
         assert torch.equal(value, start2[key]), key
     assert int(phase1["bank.filled"]) > 0
+
+
+def test_the_lr_finder_leaves_the_weights_and_the_empty_bank_as_they_were(memory_run, tiny_data):
+    from fastai.torch_core import set_seed
+
+    from cxrmem.config import load_config
+    from cxrmem.models.net import build_model
+
+    _, log, tmp_path = memory_run
+    cfg = load_config(write_config(tmp_path), data_dir=str(tiny_data))
+    assert cfg.phase1.use_lr_finder
+    set_seed(cfg.data.seed, reproducible=True)  # as training starts
+    fresh = build_model(cfg.model, cfg.memory).state_dict()
+    start1 = log["start1"]  # phase 1's first fit, after the finder
+    assert set(start1) == set(fresh) and int(start1["bank.filled"]) == 0
+    for key, value in fresh.items():
+        assert torch.equal(value, start1[key]), key
 
 
 def test_bank_momentum_is_0_9_in_phase1_and_0_9999_in_phase2(memory_run):
