@@ -55,7 +55,8 @@ def train(cfg, frame, device, resume: bool = False) -> Learner:
     # Phase 2: all images; a new Learner from the best phase-1 weights and bank; unfrozen; one cycle.
     if cfg.phase2 is not None:
         p2 = cfg.phase2
-        learn = distributed.make_distributed(make_learner(cfg, model, frame, p2, phase=2, device=device))
+        learn = make_learner(cfg, model, frame, p2, phase=2, device=device)
+        distributed.make_distributed(learn)
         distributed.load_on_main(learn.model, lambda: load_checkpoint(learn.model, checkpoint_path(cfg, phase=1)))
         fit_stage(learn, state, 2, "one_cycle", p2.epochs, slice(p2.lr_min, p2.lr_max))
     if distributed.is_main_process():
@@ -74,6 +75,7 @@ def choose_lr(learn: Learner, phase_cfg) -> float:
 
 
 def find_lr(learn: Learner) -> float:
+    """The LR finder's valley on this process's plain Learner; weights as before; the curve plotted."""
     model, bank = learn.model, learn.model.bank
     model.bank = None  # bank updates are collective under torchrun; it is empty and would keep only mock features
     try:
