@@ -47,8 +47,7 @@ def train_tiny(tmp_path, tiny_data, capsys, name, memory=True, extra=()):
 
 
 class Spy(Callback):
-    """Records, per phase, the bank momentum seen by training batches and the weights at the start
-    (the LR finder's mock training left out)."""
+    """Records, per phase, the bank momentum seen by training batches and the weights at the start."""
 
     order = 100
 
@@ -61,7 +60,7 @@ class Spy(Callback):
                                                        for k, v in self.learn.model.state_dict().items()})
 
     def before_batch(self):
-        if self.training and not hasattr(self.learn, "lr_finder"):  # the finder trains without the bank
+        if self.training:
             self.log.setdefault(f"momentum{self.phase}", set()).add(self.learn.model.bank.momentum)
 
 

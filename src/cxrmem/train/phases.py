@@ -77,7 +77,8 @@ def choose_lr(learn: Learner, phase_cfg) -> float:
 def find_lr(learn: Learner) -> float:
     """The LR finder's valley on this process's plain Learner; weights as before; the curve plotted."""
     model, bank = learn.model, learn.model.bank
-    model.bank = None  # bank updates are collective under torchrun; it is empty and would keep only mock features
+    if distributed.is_distributed():
+        model.bank = None  # its updates are collective, and rank 0 runs the finder alone; it is still empty
     try:
         lr = float(learn.lr_find(suggest_funcs=(valley,), show_plot=False).valley)
     finally:
