@@ -1,19 +1,21 @@
 """torchrun with two CPU processes (gloo) on a tiny synthetic set, both phases, LR finder included.
 
-Checks: one run folder, written by rank 0 only, and one report; the per-process batch
+Checks: one run folder, written by rank 0 only, and one report and epoch log; the LR
+finder runs on rank 0 alone, on the plain model; the per-process batch
 is the configured one halved; the ranks train on different images yet, after every
 epoch's training batches, hold the same weights (DDP) and the same memory bank (its
 all-gathered updates), they log the same losses and metrics every epoch, and they end
 with the final checkpoint's weights and bank; the predictions file
 holds every validation and test image exactly once, with its own labels; metrics.json's
-AUCs are those of that file.
+AUCs are those of that file. Without torchrun: a private name distributed training
+relies on, if missing, is a one-line error naming it and the installed version.
 
 This file doubles as the script torchrun launches: run as ``__main__`` it is
 ``train.py`` plus spies, which write into ``$CXRMEM_TEST_DUMP`` what each rank
 replaced on disk (every atomic write ends with ``os.replace``), the batch size of
-its DataLoaders, a fingerprint of each training batch, its parameters and bank at
-the end of each epoch's training part, each epoch's logged values, and its final
-model state.
+its DataLoaders, the model class each LR finder run saw, a fingerprint of each
+training batch, its parameters and bank at the end of each epoch's training part,
+each epoch's logged values, and its final model state.
 """
 
 from __future__ import annotations
@@ -83,8 +85,9 @@ def spy_and_train(argv: list[str]) -> int:
     from cxrmem.train.distributed import unwrap
 
     dump, rank = Path(os.environ[DUMP_ENV]), int(os.environ["RANK"])
-    replaced, batch_sizes, batches, epochs, values = [], [], [], [], []
+    replaced, batch_sizes, finders, batches, epochs, values = [], [], [], [], [], []
     real_replace, real_make_learner, real_train = os.replace, phases.make_learner, phases.train
+    real_find_lr = phases.find_lr
 
     def logged_replace(src, dst, *args, **kwargs):
         replaced.append(os.fspath(dst))
@@ -96,23 +99,28 @@ def spy_and_train(argv: list[str]) -> int:
         learn.add_cb(epoch_spy(batches, epochs, values))
         return learn
 
+    def find_lr(learn):
+        finders.append(type(learn.model).__name__)
+        return real_find_lr(learn)
+
     def train(*args, **kwargs):
         learn = real_train(*args, **kwargs)
         torch.save(unwrap(learn.model).state_dict(), dump / f"state_rank{rank}.pt")
         return learn
 
-    os.replace, phases.make_learner, phases.train = logged_replace, make_learner, train
+    os.replace, phases.make_learner, phases.train, phases.find_lr = logged_replace, make_learner, train, find_lr
     try:
         return train_main(argv)
     finally:
-        record = {"replaced": replaced, "batch_sizes": batch_sizes, "batches": batches, "values": values}
+        record = {"replaced": replaced, "batch_sizes": batch_sizes, "finders": finders, "batches": batches,
+                  "values": values}
         (dump / f"rank{rank}.json").write_text(json.dumps(record))
         torch.save(epochs, dump / f"epochs_rank{rank}.pt")
 
 
 # --------------------------------------------------------------------------- the tests
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
 
 
 def free_port() -> int:
@@ -153,6 +161,7 @@ def evaluation_frame(run):
     return frame[frame["split"].isin(["valid", "test"])]
 
 
+@slow
 def test_one_run_folder_written_by_rank_0_only_and_one_report(ddp_run):
     run_dir = ddp_run.run_dir
     expected = {"config.yaml", "metrics.json", "tiny_predictions.pt", "history_phase1.csv", "history_phase2.csv",
@@ -168,13 +177,23 @@ def test_one_run_folder_written_by_rank_0_only_and_one_report(ddp_run):
     assert ddp_run.stdout.count("resolved configuration") == 1
     assert ddp_run.stdout.count("Mean AUC Score") == 2  # valid and test, printed once
     assert ddp_run.stdout.count("phase 1: LR finder") == 1
+    epoch_lines = [line.split()[:3] for line in ddp_run.stdout.splitlines()
+                   if line.split()[1:2] in (["frozen"], ["unfrozen"], ["one_cycle"])]
+    assert epoch_lines == [["1", "frozen", "1"], ["1", "unfrozen", "2"], ["2", "one_cycle", "1"]]
 
 
+@slow
+def test_the_lr_finder_runs_on_rank_0_alone_on_the_plain_model(ddp_run):
+    assert [record["finders"] for record in ddp_run.records] == [["CXRNet"], []]
+
+
+@slow
 def test_each_process_gets_the_configured_batch_divided_by_the_world_size(ddp_run):
     for record in ddp_run.records:
         assert record["batch_sizes"] == [8 // WORLD, 16 // WORLD]
 
 
+@slow
 def test_ranks_train_on_different_images_in_step_with_one_bank(ddp_run):
     first, second = (record["batches"] for record in ddp_run.records)
     assert len(first) == len(second) > 0
@@ -188,12 +207,14 @@ def test_ranks_train_on_different_images_in_step_with_one_bank(ddp_run):
         assert int(mine["bank"]["filled"]) > 0
 
 
+@slow
 def test_every_rank_sees_the_same_epoch_losses_and_metrics(ddp_run):
     first, second = ([[repr(v) for v in row] for row in record["values"]] for record in ddp_run.records)
     assert len(first) == 3
     assert first == second  # bit for bit (NaN included), so all ranks save, stop early and reload together
 
 
+@slow
 def test_every_rank_ends_with_the_same_weights_and_bank(ddp_run):
     first, second = ddp_run.states
     assert set(first) == set(second) and "bank.memory" in first
@@ -205,6 +226,7 @@ def test_every_rank_ends_with_the_same_weights_and_bank(ddp_run):
         assert torch.equal(final[key], first[key]), key
 
 
+@slow
 def test_predictions_hold_every_evaluation_image_once_with_its_labels(ddp_run):
     from cxrmem.data.findings import FINDINGS
 
@@ -218,6 +240,7 @@ def test_predictions_hold_every_evaluation_image_once_with_its_labels(ddp_run):
     assert preds["probs"].shape == (len(frame), len(FINDINGS))
 
 
+@slow
 def test_reported_aucs_are_those_of_the_predictions_file(ddp_run):
     from cxrmem.data.findings import FINDINGS
     from cxrmem.report import evaluate_split
@@ -232,6 +255,25 @@ def test_reported_aucs_are_those_of_the_predictions_file(ddp_run):
         assert reported["n_images"] == len(rows)
         assert reported["per_class"] == pytest.approx(again["per_class"], abs=1e-12)
         assert reported["mean_auc"] == pytest.approx(again["mean_auc"], abs=1e-12)
+
+
+def test_a_missing_private_name_is_one_line_naming_it_and_the_installed_version(monkeypatch):
+    from importlib.metadata import version
+
+    from fastai.distributed import DistributedDL
+
+    from cxrmem.errors import UserError
+    from cxrmem.train import distributed
+
+    assert ("fastai", "fastai.distributed", "DistributedDL._broadcast") in distributed.RELIED_ON
+    distributed.check_private_apis()  # the installed versions have every name
+    monkeypatch.delattr(DistributedDL, "_broadcast")
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    with pytest.raises(UserError) as caught:
+        distributed.make_distributed(learn=None)  # checks before it touches the Learner
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "fastai.distributed.DistributedDL._broadcast" in message and f"fastai {version('fastai')}" in message
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""End to end on a tiny synthetic set: both phases, outputs, --evaluate, legacy entry, determinism."""
+"""End to end on a tiny synthetic set: both phases, outputs, the epoch log, --evaluate, legacy entry, determinism."""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pandas as pd
 import pytest
@@ -145,6 +146,58 @@ def check_clinical_outputs(run_dir, metrics):
         assert f"## {split} split ({result['n_images']} images)" in report_md
 
 
+class ScriptedValidLoss(Callback):
+    """Replaces each epoch's valid_loss by the next of ``losses`` before the trackers read it."""
+
+    order = 55  # after the Recorder (50), before the best checkpoint (61) and the epoch log (62)
+
+    def __init__(self, losses):
+        self.losses = list(losses)
+
+    def after_epoch(self):
+        column = self.recorder.metric_names.index("valid_loss")
+        value = self.losses.pop(0)
+        self.recorder.log[column] = value
+        self.recorder.values[-1][column - 1] = value
+
+
+def test_epoch_log_one_line_per_epoch_numbered_through_the_phase(tmp_path, tiny_data, capsys, monkeypatch):
+    scripted = {1: [0.9, 0.95, 0.8], 2: [0.7, 0.75]}  # phase 1: frozen, unfrozen, unfrozen; phase 2: two epochs
+    make_learner = phases.make_learner
+
+    def spied(cfg, model, frame, phase_cfg, phase, device):
+        learn = make_learner(cfg, model, frame, phase_cfg, phase, device)
+        learn.add_cb(ScriptedValidLoss(scripted[phase]))
+        return learn
+
+    monkeypatch.setattr(phases, "make_learner", spied)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # a terminal: fastai's progress bars stay
+    run_dir, out = train_tiny(tmp_path, tiny_data, capsys, "log", extra=[
+        "--set", "phase1.use_lr_finder=false", "--set", "phase1.total_epochs=2", "--set", "phase2.epochs=2"])
+    lines = [line.strip() for line in out.replace("\r", "\n").splitlines()]
+    assert "Better model found" not in out and "No improvement since" not in out  # fastai's own lines
+    header = [line.split() for line in lines if line.startswith("phase  stage")]
+    assert len(header) == 2 and header[0] == header[1]
+    assert header[0][:4] == ["phase", "stage", "epoch", "train_loss"] and header[0][-2:] == ["time", "best"]
+    assert not [line for line in lines if line.split()[:1] == ["epoch"]]  # no fastai table on a terminal
+    rows = [line.split() for line in lines if line.split()[1:2] in (["frozen"], ["unfrozen"], ["one_cycle"])]
+    assert [row[:3] for row in rows] == [["1", "frozen", "1"], ["1", "unfrozen", "2"], ["1", "unfrozen", "3"],
+                                         ["2", "one_cycle", "1"], ["2", "one_cycle", "2"]]
+    column = header[0].index("valid_loss")
+    assert [float(row[column]) for row in rows] == scripted[1] + scripted[2]
+    assert [row[-1] == "*" for row in rows] == improvements(scripted[1]) + improvements(scripted[2])
+    for phase, shown in ((1, rows[:3]), (2, rows[3:])):
+        history = pd.read_csv(run_dir / f"history_phase{phase}.csv")
+        assert history["epoch"].tolist() == [int(row[2]) for row in shown]
+        assert history["stage"].tolist() == [row[1] for row in shown]
+        assert history["train_loss"].round(4).tolist() == [float(row[3]) for row in shown]
+
+
+def improvements(losses):
+    """Whether each loss is below every earlier one of its phase (the first always is)."""
+    return [loss < min(losses[:i], default=math.inf) for i, loss in enumerate(losses)]
+
+
 def test_phase2_starts_from_the_best_phase1_weights_and_bank(memory_run):
     run_dir, log, _ = memory_run
     phase1 = torch.load(run_dir / "models/tiny_phase1.pth", weights_only=True)
@@ -153,6 +206,23 @@ def test_phase2_starts_from_the_best_phase1_weights_and_bank(memory_run):
     for key, value in phase1.items():
         assert torch.equal(value, start2[key]), key
     assert int(phase1["bank.filled"]) > 0
+
+
+def test_the_lr_finder_leaves_the_weights_and_the_empty_bank_as_they_were(memory_run, tiny_data):
+    from fastai.torch_core import set_seed
+
+    from cxrmem.config import load_config
+    from cxrmem.models.net import build_model
+
+    _, log, tmp_path = memory_run
+    cfg = load_config(write_config(tmp_path), data_dir=str(tiny_data))
+    assert cfg.phase1.use_lr_finder
+    set_seed(cfg.data.seed, reproducible=True)  # as training starts
+    fresh = build_model(cfg.model, cfg.memory).state_dict()
+    start1 = log["start1"]  # phase 1's first fit, after the finder
+    assert set(start1) == set(fresh) and int(start1["bank.filled"]) == 0
+    for key, value in fresh.items():
+        assert torch.equal(value, start1[key]), key
 
 
 def test_bank_momentum_is_0_9_in_phase1_and_0_9999_in_phase2(memory_run):

@@ -219,7 +219,7 @@ def test_non_finite_loss_stops_with_phase_epoch_batch_and_keeps_the_best(capsys,
     status, _, err = run_cli(train_main, ["--config", tiny_config(tmp_path, freeze=1, total=2), "--data_dir",
                                           tiny_data, "--output_dir", run_dir], capsys)
     assert status == 2 and err.count("\n") == 1
-    assert "non-finite in phase 1, epoch 1, batch 1" in err
+    assert "non-finite in phase 1, epoch 3, batch 2" in err  # as the epoch log counts: frozen 1, unfrozen 2, 3
     best = run_dir / "models/tiny_phase1.pth"
     state = io.torch_load(best)  # written in epoch 0, intact and loadable
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())

@@ -1,4 +1,5 @@
-"""fastai callbacks: per-phase memory momentum and monitoring, atomic checkpoints, CSV history.
+"""fastai callbacks: per-phase memory momentum and monitoring, the best checkpoint, early stopping,
+the epoch log (printed and kept as CSV), and the non-finite-loss stop.
 
 Each is a small hook on fastai's training loop; the loop itself is fastai's.
 """
@@ -8,8 +9,8 @@ from __future__ import annotations
 import math
 
 import torch
-from fastai.callback.core import Callback
-from fastai.callback.tracker import SaveModelCallback
+from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.tracker import TrackerCallback
 from fastai.learner import Metric
 
 from .. import io
@@ -101,49 +102,99 @@ class MemoryValue(Metric):
         return f"memory_{self.attribute}"
 
 
-class AtomicSaveModel(SaveModelCallback):
-    """SaveModelCallback whose checkpoint files are written atomically and reloaded weights-only."""
+class SaveBest(TrackerCallback):
+    """Keeps the weights (bank included) of the phase's best epoch by ``monitor`` in ``path``.
 
-    def _save(self, name):
-        path = self.learn.path / self.learn.model_dir / f"{name}.pth"
-        if is_main_process():  # under torchrun rank 0 writes; every rank holds the same weights
-            io.torch_save(unwrap(self.learn.model).state_dict(), path)
-        self.last_saved_path = path
+    Written atomically by rank 0 whenever the epoch improves on the best of the
+    phase so far (``new_best``), reloaded by every rank when a fit ends.
+    """
 
-    def after_fit(self, **kwargs):
-        path = self.learn.path / self.learn.model_dir / f"{self.fname}.pth"
+    order = TrackerCallback.order + 1  # 61: after the Recorder (50) has the epoch's values
+
+    def __init__(self, path, monitor: str = "valid_loss"):
+        super().__init__(monitor=monitor, reset_on_fit=False)  # the best of the phase, over all its fits
+        self.path, self.new_best = path, False
+
+    def after_epoch(self):
+        super().after_epoch()
+        if self.new_best and is_main_process():  # under torchrun every rank holds the same weights
+            io.torch_save(unwrap(self.learn.model).state_dict(), self.path)
+
+    def after_fit(self):
+        super().after_fit()
         model = unwrap(self.learn.model)
 
         def load():
-            if path.exists():
-                model.load_state_dict(io.torch_load(path, map_location=self.learn.dls.device))
+            if self.path.exists():
+                model.load_state_dict(io.torch_load(self.path, map_location=self.learn.dls.device))
 
         load_on_main(model, load)  # under torchrun: rank 0 reads the file and sends the weights to the others
 
 
-class HistoryCSV(Callback):
-    """One line per epoch (all fits of the phase), rewritten atomically after every epoch."""
+class EarlyStop(TrackerCallback):
+    """Ends a fit once ``monitor`` has not improved on the fit's best for ``patience`` epochs."""
 
-    order = 60  # after the Recorder has composed the epoch's log
+    order = TrackerCallback.order + 3  # after the epoch log (62) has printed the epoch
 
-    def __init__(self, path):
-        self.path, self.rows, self.header = path, [], None
+    def __init__(self, patience: int, monitor: str = "valid_loss"):
+        super().__init__(monitor=monitor)
+        self.patience, self.wait = patience, 0
+
+    def before_fit(self):
+        self.wait = 0
+        super().before_fit()
+
+    def after_epoch(self):
+        super().after_epoch()
+        self.wait = 0 if self.new_best else self.wait + 1
+        if self.wait >= self.patience:
+            print(f"no improvement of {self.monitor} in {self.wait} epochs: stopping early")
+            raise CancelFitException()
+
+
+class EpochLog(Callback):
+    """One line per epoch of a phase, printed and kept in a CSV file (rewritten atomically by rank 0)::
+
+        phase  stage     epoch  train_loss  valid_loss  valid_auc  ...   time  best
+            1  frozen        1      0.7133      0.6902     0.5350  ...  00:01  *
+            1  unfrozen      2      0.6921      0.6955     0.5871  ...  00:02
+
+    ``stage`` is set by the driver before each fit (frozen, unfrozen, one_cycle); ``epoch``
+    counts on over the stages of the phase (1, 2, 3, ...); ``*`` marks the epochs that
+    became the best checkpoint. The CSV has the same rows without phase and mark.
+    Replaces fastai's own epoch table: the Learner's ``logger`` is fastcore's ``noop``.
+    """
+
+    order = TrackerCallback.order + 2  # after SaveBest (61) decided new_best, before EarlyStop (63) may end the fit
+
+    def __init__(self, path, phase: int, checkpoint: SaveBest):
+        self.path, self.phase, self.checkpoint = path, phase, checkpoint
+        self.stage, self.rows, self.header = "", [], None
+
+    @property
+    def epoch_number(self) -> int:
+        """The number of the epoch under way (or the next one), as the log shows it."""
+        return len(self.rows) + 1
 
     def before_fit(self):
         self.run = not hasattr(self.learn, "lr_finder")  # the LR finder's mock epochs are not history
 
     def after_epoch(self):
-        names = ["stage", *self.recorder.metric_names]
-        self.header = self.header or names
-        stage = "frozen" if _is_frozen(self.learn) else "unfrozen"
-        self.rows.append([stage, len(self.rows), *self.recorder.log[1:]])
-        lines = [",".join(self.header)] + [",".join(map(_cell, row)) for row in self.rows]
+        if self.header is None:
+            self.header = ["stage", *self.recorder.metric_names]  # metric_names: epoch, train_loss, ..., time
+            self._print("phase", "stage", "epoch", self.header[2:], "best")
+        epoch, values = self.epoch_number, list(self.recorder.log[1:])
+        self.rows.append([self.stage, epoch, *values])
+        self._print(self.phase, self.stage, epoch, values, "*" if self.checkpoint.new_best else "")
         if is_main_process():
+            lines = [",".join(self.header)] + [",".join(map(_cell, r)) for r in self.rows]
             io.write_text(self.path, "\n".join(lines) + "\n")
 
-
-def _is_frozen(learn) -> bool:
-    return learn.opt is not None and learn.opt.frozen_idx > 0
+    def _print(self, phase, stage, epoch, values, mark):
+        widths = [max(10, len(name)) for name in self.header[2:]]
+        cells = [f"{phase:>5}", f"{stage:<9}", f"{epoch:>5}"]
+        cells += [f"{v:>{w}.4f}" if isinstance(v, float) else f"{v!s:>{w}}" for v, w in zip(values, widths)]
+        print("  ".join([*cells, mark]).rstrip(), flush=True)
 
 
 def _cell(value) -> str:
@@ -153,7 +204,8 @@ def _cell(value) -> str:
 
 
 class StopOnNonFiniteLoss(Callback):
-    """Stops the run when the training loss is NaN or infinite, naming phase, epoch and batch.
+    """Stops the run when the training loss is NaN or infinite, naming phase, epoch (as the epoch
+    log numbers them) and batch (1 is the epoch's first).
 
     Raised before the backward pass, so no non-finite step is taken; the best
     checkpoint already on disk is left as it is.
@@ -161,13 +213,17 @@ class StopOnNonFiniteLoss(Callback):
 
     order = -10
 
-    def __init__(self, phase: int):
-        self.phase = phase
+    def __init__(self, log: EpochLog):
+        self.log = log
+
+    def before_fit(self):
+        self.run = not hasattr(self.learn, "lr_finder")  # the finder's own stop_div ends its divergence
 
     def after_loss(self):
         if self.training and not torch.isfinite(self.loss).all():
-            raise UserError(f"loss became non-finite in phase {self.phase}, epoch {self.epoch}, batch {self.iter}; "
-                            f"lower the learning rate of phase{self.phase} or check the data")
+            phase = self.log.phase
+            raise UserError(f"loss became non-finite in phase {phase}, epoch {self.log.epoch_number}, "
+                            f"batch {self.iter + 1}; lower the learning rate of phase{phase} or check the data")
 
 
-__all__ = ["MemoryMomentum", "MeanAUC", "MemoryValue", "AtomicSaveModel", "HistoryCSV", "StopOnNonFiniteLoss"]
+__all__ = ["MemoryMomentum", "MeanAUC", "MemoryValue", "SaveBest", "EarlyStop", "EpochLog", "StopOnNonFiniteLoss"]

@@ -9,41 +9,48 @@ run (see docs/distributed.md):
   CUDA is available, gloo and the CPU otherwise) and silences the standard
   output of every rank but 0, so the configuration, the epoch lines and the
   report are printed once;
-* :func:`make_distributed` adds fastai's ``DistributedTrainer`` (model in
-  DistributedDataParallel, every DataLoader in a ``DistributedDL`` giving each
-  rank its own shard), adapted so that it also runs on gloo;
+* :func:`make_distributed` makes a Learner train on every rank at once: each
+  DataLoader gives each rank its own shard of every epoch (fastai's
+  ``DistributedDL``) and every fit trains the model inside torch's
+  ``DistributedDataParallel`` (:class:`DistributedFit`);
 * :func:`per_rank_batch_size`: the configured batch is the global batch, split
   over the processes;
-* :func:`on_main` / :func:`load_on_main` / :func:`share_main_state`: work that
-  touches the disk (data preparation, checkpoints) is done by rank 0 and its
-  result, or its error, is sent to the other ranks, so only rank 0 writes the
-  run folder and no rank reads a file before it is written;
+* :func:`on_main` / :func:`load_on_main` / :func:`share_main_state`: work done
+  by rank 0 alone (data preparation, checkpoints, the LR finder) and its result,
+  or its error, sent to the other ranks, so only rank 0 writes the run folder and
+  no rank reads a file before it is written;
 * :func:`shard_rows` / :func:`gather_predictions`: evaluation splits a split
-  over the ranks and gathers every image's prediction exactly once.
+  over the ranks and gathers every image's prediction on rank 0, exactly once.
 
 With a single process (no torchrun, or ``WORLD_SIZE=1``) every function here is
 a no-op that returns its input, so the single-process behaviour is unchanged.
+The one private name of another library relied on is listed in
+:data:`RELIED_ON` and checked by :func:`check_private_apis` when distributed
+training starts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
+import importlib
 import os
-import tempfile
-from functools import lru_cache
-from pathlib import Path
+from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from fastai.callback.core import Callback
+from fastai.callback.progress import ProgressCallback
+from fastai.distributed import DistributedDL
 
 from ..errors import UserError
 
 __all__ = [
     "rank", "world_size", "local_rank", "is_main_process", "is_distributed", "session", "device", "barrier",
     "unwrap", "seed_per_rank", "per_rank_batch_size", "on_main", "share_main_state", "load_on_main",
-    "make_distributed", "lr_find_restoring", "shard_rows", "without_gathering", "gather_predictions",
+    "make_distributed", "DistributedFit", "check_private_apis", "RELIED_ON", "shard_rows", "gather_predictions",
 ]
 
 
@@ -171,19 +178,23 @@ def per_rank_batch_size(batch_size: int, key: str = "batch_size") -> int:
 
 
 def on_main(work):
-    """Run ``work()`` on rank 0 only and return its result on every rank.
+    """Run ``work()`` on rank 0 alone and return its result on every rank.
 
-    The result must be picklable. If ``work`` raises a UserError on rank 0, every
-    rank raises the same UserError; any other exception is re-raised on rank 0
-    and reported as a RuntimeError on the others. With one process it simply
-    returns ``work()``.
+    While ``work`` runs, fastai is told that this is the only process
+    (``WORLD_SIZE=1``: fastai reads the number of processes from it, and would
+    otherwise gather losses from, and wait at barriers for, ranks that are not
+    taking part). The result must be picklable. If ``work`` raises a UserError
+    on rank 0, every rank raises the same UserError; any other exception is
+    re-raised on rank 0 and reported as a RuntimeError on the others. With one
+    process it simply returns ``work()``.
     """
     if not is_distributed():
         return work()
     outcome = [None]
     if is_main_process():
         try:
-            outcome[0] = ("ok", work())
+            with _fastai_sees_one_process():
+                outcome[0] = ("ok", work())
         except UserError as exc:
             outcome[0] = ("user_error", (str(exc), exc.exit_code))
             dist.broadcast_object_list(outcome, src=0)
@@ -201,6 +212,19 @@ def on_main(work):
     if kind == "failure" and not is_main_process():
         raise RuntimeError(f"rank 0 failed: {value}")
     return value
+
+
+@contextlib.contextmanager
+def _fastai_sees_one_process():
+    world = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = "1"  # fastai.torch_core.num_distrib() reads it
+    try:
+        yield
+    finally:
+        if world is None:
+            del os.environ["WORLD_SIZE"]
+        else:
+            os.environ["WORLD_SIZE"] = world
 
 
 def _communication_device() -> torch.device:
@@ -236,70 +260,90 @@ def load_on_main(module, load) -> None:
     share_main_state(module)
 
 
-# --------------------------------------------------------------------------- fastai's DistributedTrainer
-
-
-@lru_cache(maxsize=None)
-def _fastai_classes():
-    """fastai's DistributedDL and DistributedTrainer, adapted to gloo (imported on first use: they need
-    HF accelerate)."""
-    from fastai import distributed as fd
-
-    class DistributedDL(fd.DistributedDL):
-        """fastai's DistributedDL whose index broadcast also works on gloo (fastai's uses a CUDA tensor)."""
-
-        def _broadcast(self, t, rank):
-            tensor = torch.tensor(list(t), dtype=torch.long, device=_communication_device())
-            dist.broadcast(tensor, rank)
-            return tensor.cpu().tolist()
-
-    class DistributedTrainer(fd.DistributedTrainer):
-        """fastai's DistributedTrainer with the DistributedDL above, which also lets go of each fit's DDP
-        wrapper when the fit ends (accelerate keeps a reference to every model it prepared: their
-        gradient buckets would pile up, and the process group would outlive destroy_process_group)."""
-
-        def _wrap_dl(self, dl):
-            return dl if isinstance(dl, fd.DistributedDL) else DistributedDL(dl, device=self.learn.dls.device)
-
-        def after_fit(self):
-            super().after_fit()
-            self.accelerator.free_memory()
-
-    return DistributedDL, DistributedTrainer
+# --------------------------------------------------------------------------- training on every rank
 
 
 def make_distributed(learn):
-    """Under torchrun, train ``learn`` with DistributedDataParallel through fastai's DistributedTrainer.
+    """Under torchrun, make ``learn`` train on every rank at once. Returns ``learn``; no-op with one process.
 
-    * every DataLoader becomes a DistributedDL: each rank gets its own shard of
-      every epoch (one shuffle, made on rank 0), padded to equal length;
-      fastai gathers (and un-pads) predictions and losses for the metrics;
-    * the model is wrapped in DDP for each fit; batch norm becomes SyncBatchNorm
-      on CUDA (statistics over the global batch; timm's conversion, which keeps
-      timm's fused norm+activation layers whole, where torch's would drop the
-      activation), and stays per-rank on gloo (SyncBatchNorm needs a GPU), where
-      DDP broadcasts rank 0's running statistics at every step instead;
-    * the memory bank's buffers are left out of DDP's broadcasts: the bank
-      all-gathers its updates, so every rank already holds the same bank;
-    * ranks other than 0 log nothing.
+    * every DataLoader becomes a ``DistributedDL``: each rank gets its own shard
+      of every epoch (one shuffle, made on rank 0), padded to equal length;
+      fastai gathers (and un-pads) predictions and losses for the metrics, so
+      every rank sees the same epoch values;
+    * every fit trains ``DistributedDataParallel(model)`` (:class:`DistributedFit`):
+      gradients are averaged over the ranks in the backward pass, and rank 0's
+      buffers are copied to the others before every forward pass;
+    * batch norm becomes SyncBatchNorm on CUDA (statistics over the global
+      batch; timm's conversion, which keeps timm's fused norm+activation layers
+      whole, where torch's would drop the activation), and stays per-rank on gloo
+      (SyncBatchNorm needs a GPU), where the buffer copy keeps the running
+      statistics identical;
+    * the memory bank needs nothing: it all-gathers its updates, so every rank
+      applies the same ones (DDP's copy of its buffers changes nothing);
+    * ranks other than 0 show no progress bars.
 
-    Returns ``learn``; no-op with one process.
+    Call it after the LR finder, which rank 0 runs alone on the plain Learner.
     """
     if not is_distributed():
         return learn
-    from accelerate.utils import DistributedDataParallelKwargs
-    from fastai.callback.progress import ProgressCallback
-
-    _, DistributedTrainer = _fastai_classes()
-    on_cuda = dist.get_backend() == "nccl"
-    if on_cuda:
+    check_private_apis()
+    if dist.get_backend() == "nccl":
         learn.model = synchronised_batch_norm(learn.model)
-    ignore_bank_buffers(unwrap(learn.model))
-    learn.add_cb(DistributedTrainer(sync_bn=False, cpu=not on_cuda,
-                                    kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True)]))
+    learn.dls.loaders = [dl if isinstance(dl, DistributedDL) else _ShardedDL(dl) for dl in learn.dls.loaders]
+    learn.add_cb(DistributedFit())
     if not is_main_process():
         learn.remove_cbs(learn.cbs.filter(lambda cb: isinstance(cb, ProgressCallback)))
     return learn
+
+
+class DistributedFit(Callback):
+    """Each fit trains ``DistributedDataParallel(model)``, then leaves the plain model in ``learn.model``.
+
+    Wrapped per fit (as fastai's own DistributedTrainer does) because DDP
+    registers the parameters that require gradients when it is built, and the
+    stages of phase 1 freeze and unfreeze the backbone between fits.
+    """
+
+    order = 11  # after the model is on its device (TrainEvalCallback, -10) and mixed precision is set up (10)
+
+    def before_fit(self):
+        on_cuda = next(self.learn.model.parameters()).is_cuda
+        self.learn.model = torch.nn.parallel.DistributedDataParallel(
+            self.learn.model, device_ids=[torch.cuda.current_device()] if on_cuda else None)
+
+    def after_fit(self):
+        self.learn.model = unwrap(self.learn.model)
+
+
+class _ShardedDL(DistributedDL):
+    """fastai's DistributedDL, whose shuffled indices are broadcast on the backend's device."""
+
+    def _broadcast(self, t, rank):  # private in fastai: its version moves the indices to CUDA, which gloo cannot send
+        indices = torch.tensor(list(t), dtype=torch.long, device=_communication_device())
+        dist.broadcast(indices, rank)
+        return indices.cpu().tolist()
+
+
+RELIED_ON = [("fastai", "fastai.distributed", "DistributedDL._broadcast")]
+"""(library, module, attribute) for every private name of another library that distributed training uses."""
+
+
+def check_private_apis() -> None:
+    """Raise a one-line UserError naming the first name of :data:`RELIED_ON` the installed libraries lack."""
+    for library, module, name in RELIED_ON:
+        try:
+            functools.reduce(getattr, name.split("."), importlib.import_module(module))
+        except AttributeError:
+            raise UserError(f"distributed training needs {module}.{name}, which the installed {library} "
+                            f"{_installed_version(library)} does not have; install the {library} version "
+                            f"pyproject.toml allows (pip install -e .)") from None
+
+
+def _installed_version(library: str) -> str:
+    try:
+        return version(library)
+    except PackageNotFoundError:
+        return "(version unknown)"
 
 
 def synchronised_batch_norm(model):
@@ -312,50 +356,6 @@ def synchronised_batch_norm(model):
     return convert_sync_batchnorm(model)
 
 
-def ignore_bank_buffers(model) -> None:
-    """Tell DDP to leave the memory bank's buffers alone (no broadcast from rank 0)."""
-    bank = getattr(model, "bank", None)
-    if bank is None:
-        return
-    prefix = next(name for name, module in model.named_modules() if module is bank)
-    names = [f"{prefix}.{name}" for name, _ in bank.named_buffers()]
-    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
-
-
-@contextlib.contextmanager
-def lr_find_restoring(learn):
-    """Around ``learn.lr_find()``: afterwards every rank holds the weights (bank included) it had
-    before and no optimizer (the next fit creates a fresh one, as after fastai's own restore).
-
-    fastai's LR finder saves the model to a file before and reloads it after,
-    but under torchrun only rank 0 writes that file, and only rank 0 then
-    enters the barrier inside ``Learner.load``: the ranks would diverge, then
-    hang. So under torchrun the finder's file saving is switched off (and the
-    empty temporary folder it makes goes to the system's temporary folder, not
-    the run folder), and every rank restores an in-memory copy instead. No-op
-    with one process.
-    """
-    if not is_distributed():
-        yield
-        return
-    model = unwrap(learn.model)
-    saved = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-    model_dir = learn.model_dir
-    learn.model_dir = Path(tempfile.gettempdir())  # absolute: learn.path / model_dir is this folder
-    learn.save = _save_nothing  # instance attribute: hides Learner.save for the finder only
-    try:
-        yield
-    finally:
-        del learn.save
-        learn.model_dir = model_dir
-    unwrap(learn.model).load_state_dict(saved)
-    learn.opt = None
-
-
-def _save_nothing(*args, **kwargs):
-    return None
-
-
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -366,42 +366,26 @@ def shard_rows(rows):
     return rows.iloc[rank()::world_size()]
 
 
-def _local_to_detach(b, cpu=True, gather=True):
-    from fastai.torch_core import to_detach
-
-    return to_detach(b, cpu=cpu, gather=False)
-
-
-def without_gathering(learn):
-    """Make ``learn`` keep its predictions and losses on this rank: under torchrun fastai's
-    ``Learner.to_detach`` all-gathers them, which a rank predicting its own share must not do.
-    Returns ``learn``; no-op with one process."""
-    if is_distributed():
-        learn.to_detach = _local_to_detach  # instance attribute: fastai's callbacks call learn.to_detach
-    return learn
-
-
 def gather_predictions(probs: np.ndarray, targets: np.ndarray, names: list, expected: list):
-    """Every rank's ``(probs, targets, names)`` joined into the order of ``expected`` (image names).
+    """Every rank's ``(probs, targets, names)`` joined on rank 0 into the order of ``expected`` (image names).
 
-    Each image of ``expected`` appears exactly once in the result; an image two
-    ranks both predicted is kept once (their rows agree: the same weights), one
-    no rank predicted is an error. Returns ``(probs, targets, names)``;
-    with one process, the input unchanged.
+    Each image of ``expected`` appears exactly once in the result; an image no
+    rank predicted is an error. Returns ``(probs, targets, names)`` on rank 0 and
+    None on the other ranks; with one process, the input unchanged.
     """
     if not is_distributed():
         return probs, targets, names
     if not len(probs) == len(targets) == len(names):
         raise RuntimeError(f"{len(probs)} predictions and {len(targets)} targets for {len(names)} images")
-    parts = [None] * world_size()
-    dist.all_gather_object(parts, (np.asarray(probs), np.asarray(targets), list(names)))
-    row_of = {}
-    all_probs = np.concatenate([p for p, _, _ in parts])
-    all_targets = np.concatenate([t for _, t, _ in parts])
-    for row, name in enumerate(n for _, _, part_names in parts for n in part_names):
-        row_of.setdefault(name, row)
+    parts = [None] * world_size() if is_main_process() else None
+    dist.gather_object((np.asarray(probs), np.asarray(targets), list(names)), parts, dst=0)
+    if not is_main_process():
+        return None
+    row_of = {name: row for row, name in enumerate(n for _, _, part_names in parts for n in part_names)}
     missing = [name for name in expected if name not in row_of]
     if missing:
         raise RuntimeError(f"{len(missing)} images have no prediction from any rank (e.g. {missing[0]})")
     rows = [row_of[name] for name in expected]
+    all_probs = np.concatenate([p for p, _, _ in parts])
+    all_targets = np.concatenate([t for _, t, _ in parts])
     return all_probs[rows], all_targets[rows], list(expected)

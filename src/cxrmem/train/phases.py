@@ -16,7 +16,7 @@ import torch
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import valley
-from fastai.callback.tracker import EarlyStoppingCallback
+from fastai.imports import noop  # fastai tells "no logger" by this very function (not fastcore's noop)
 from fastai.learner import Learner
 from fastai.torch_core import set_seed
 
@@ -28,7 +28,7 @@ from ..errors import UserError
 from ..models.net import build_model, splitter
 from ..report import plot_lr_find, safe_plot
 from . import distributed
-from .callbacks import AtomicSaveModel, HistoryCSV, MeanAUC, MemoryMomentum, MemoryValue, StopOnNonFiniteLoss
+from .callbacks import EarlyStop, EpochLog, MeanAUC, MemoryMomentum, MemoryValue, SaveBest, StopOnNonFiniteLoss
 from .losses import build_loss
 from .resume import ResumeState, SaveProgress, SkipFinishedEpochs
 
@@ -49,6 +49,7 @@ def train(cfg, frame, device, resume: bool = False) -> Learner:
     learn = make_learner(cfg, model, frame, p1, phase=1, device=device)
     lr = state.progress.lr or choose_lr(learn, p1)
     state.progress.lr = lr
+    distributed.make_distributed(learn)  # under torchrun: DDP from here on (rank 0 ran the finder alone)
     fit_stage(learn, state, 1, "frozen", p1.freeze_epochs, slice(lr), pct_start=0.99)
     fit_stage(learn, state, 1, "unfrozen", p1.total_epochs, slice(lr / 200, lr / 2), pct_start=0.3, div=5.0)
 
@@ -56,6 +57,7 @@ def train(cfg, frame, device, resume: bool = False) -> Learner:
     if cfg.phase2 is not None:
         p2 = cfg.phase2
         learn = make_learner(cfg, model, frame, p2, phase=2, device=device)
+        distributed.make_distributed(learn)
         distributed.load_on_main(learn.model, lambda: load_checkpoint(learn.model, checkpoint_path(cfg, phase=1)))
         fit_stage(learn, state, 2, "one_cycle", p2.epochs, slice(p2.lr_min, p2.lr_max))
     if distributed.is_main_process():
@@ -64,14 +66,27 @@ def train(cfg, frame, device, resume: bool = False) -> Learner:
 
 
 def choose_lr(learn: Learner, phase_cfg) -> float:
+    """fastai's LR finder (``valley``) when ``use_lr_finder``, else ``base_lr``. Under torchrun rank 0
+    runs the finder alone, before the model is wrapped for DDP, and the other ranks get its result."""
     if not phase_cfg.use_lr_finder:
         return phase_cfg.base_lr
-    with distributed.lr_find_restoring(learn):
-        lr = float(learn.lr_find(suggest_funcs=(valley,), show_plot=False).valley)
+    lr = distributed.on_main(lambda: find_lr(learn))
     print(f"phase 1: LR finder (valley) -> {lr:.3g}")
-    if distributed.is_main_process():
-        safe_plot(plot_lr_find, learn.recorder.lrs, learn.recorder.losses, lr,
-                  learn.cfg.run_dir / "lr_find_phase1.png")
+    return lr
+
+
+def find_lr(learn: Learner) -> float:
+    """The LR finder's valley on this process's plain Learner; weights as before; the curve plotted."""
+    model, bank = learn.model, learn.model.bank
+    if distributed.is_distributed():
+        model.bank = None  # its updates are collective, and rank 0 runs the finder alone; it is still empty
+    try:
+        lr = float(learn.lr_find(suggest_funcs=(valley,), show_plot=False).valley)
+    finally:
+        model.bank = bank
+    learn.opt = None  # the first fit makes a fresh optimizer, as on ranks that did not run the finder,
+    model.zero_grad()  # and no gradients: fastai's optimizer decays frozen weights that hold a (zero) gradient
+    safe_plot(plot_lr_find, learn.recorder.lrs, learn.recorder.losses, lr, learn.cfg.run_dir / "lr_find_phase1.png")
     return lr
 
 
@@ -80,16 +95,18 @@ def fit_stage(learn: Learner, state: ResumeState, phase: int, stage: str, epochs
     if epochs == 0 or state.stage_done(phase, stage):
         return
     learn.freeze() if stage == "frozen" else learn.unfreeze()
-    save_cb, history_cb = learn.cbs.filter(lambda c: isinstance(c, AtomicSaveModel))[0], learn.history
-    skip = state.restore(learn, phase, stage, save_cb, history_cb)
+    log = learn.epoch_log
+    skip = state.restore(learn, phase, stage, log)
     progress = state.progress
     progress.phase, progress.stage, progress.stage_complete = phase, stage, False
-    callbacks = [SaveProgress(resume_path(learn.cfg), progress, save_cb, history_cb), SkipFinishedEpochs(skip)]
+    log.stage = stage
+    callbacks = [SaveProgress(resume_path(learn.cfg), progress, log), SkipFinishedEpochs(skip)]
     learn.fit_one_cycle(epochs, lr, cbs=callbacks, **one_cycle)
 
 
 def make_learner(cfg, model, frame, phase_cfg, phase: int, device) -> Learner:
-    """A fastai Learner for one phase: its data, loss, weight decay and callbacks."""
+    """A fastai Learner for one phase: its data, loss, weight decay and callbacks; our epoch log
+    instead of fastai's table (fastai's progress bars stay on a terminal)."""
     rows = phase_frame(frame, phase_cfg.filter_normal)
     n_train = int((~rows["is_valid"]).sum())
     if n_train < phase_cfg.batch_size:
@@ -101,22 +118,16 @@ def make_learner(cfg, model, frame, phase_cfg, phase: int, device) -> Learner:
     metrics = [MeanAUC(FINDINGS)]
     if getattr(model, "bank", None) is not None:
         metrics += [MemoryValue(monitor, "fill"), MemoryValue(monitor, "moved")]
-    history = HistoryCSV(cfg.run_dir / f"history_phase{phase}.csv")
-    callbacks = [
-        monitor,
-        StopOnNonFiniteLoss(phase),
-        AtomicSaveModel(monitor="valid_loss", fname=checkpoint_path(cfg, phase).stem, reset_on_fit=False),
-        EarlyStoppingCallback(monitor="valid_loss", patience=phase_cfg.early_stopping_patience),
-        history,
-    ]
+    best = SaveBest(checkpoint_path(cfg, phase), monitor="valid_loss")
+    log = EpochLog(cfg.run_dir / f"history_phase{phase}.csv", phase, best)
+    callbacks = [monitor, StopOnNonFiniteLoss(log), best, log,
+                 EarlyStop(phase_cfg.early_stopping_patience, monitor="valid_loss")]
     learn = Learner(dls, model.to(device), loss_func=build_loss(phase_cfg.loss), wd=phase_cfg.weight_decay,
                     metrics=metrics, splitter=splitter, path=cfg.run_dir, model_dir="models", cbs=callbacks)
-    learn.cfg, learn.history = cfg, history
+    learn.cfg, learn.epoch_log, learn.logger = cfg, log, noop  # the epoch table is the log's
     apply_cuda_fast_paths(learn, cfg.model, device)
-    distributed.make_distributed(learn)  # DDP under torchrun; nothing otherwise
     if not sys.stdout.isatty():
         learn.remove_cb(ProgressCallback)
-        learn.logger = print_epoch_line(learn, phase)
     return learn
 
 
@@ -134,21 +145,6 @@ def apply_cuda_fast_paths(learn: Learner, model_cfg, device) -> None:
     if model_cfg.channels_last in ("auto", "true"):
         learn.model.to(memory_format=torch.channels_last)
         learn.add_cb(ChannelsLast())
-
-
-def print_epoch_line(learn: Learner, phase: int):
-    """A plain epoch logger for non-terminals (logs, CI): one aligned line per epoch."""
-    state = {"header": False}
-
-    def log(values):
-        names = learn.recorder.metric_names
-        if not state["header"]:
-            print(f"phase {phase}  " + "  ".join(f"{n:>12}" for n in names), flush=True)
-            state["header"] = True
-        cells = [f"{v:>12.4f}" if isinstance(v, float) else f"{v!s:>12}" for v in values]
-        print(f"phase {phase}  " + "  ".join(cells), flush=True)
-
-    return log
 
 
 def checkpoint_path(cfg, phase: int):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from fastai.learner import Learner
 
 from ..data.loaders import build_dataloaders
 from ..data.split import phase_frame
@@ -18,31 +17,36 @@ def predict_splits(cfg, model, frame, device) -> dict:
 
     Evaluation sees every image of a split (normal ones included), without augmentation,
     with the network in eval mode, so the memory bank is read but never written.
-    Under torchrun each rank predicts its share of a split and every rank gets all
-    of them back, in the split's order, each image exactly once.
+    Under torchrun each rank predicts its share of a split and rank 0 gets all of
+    them back, in the split's order, each image exactly once; the other ranks get {}.
     """
     batch_size = distributed.per_rank_batch_size((cfg.phase2 or cfg.phase1).batch_size)
     dls = build_dataloaders(phase_frame(frame, filter_normal=False), cfg.data, batch_size, device)
-    learn = Learner(dls, model.to(device), loss_func=torch.nn.BCEWithLogitsLoss())
-    distributed.without_gathering(learn)  # under torchrun each rank predicts its share; gathered below
-    learn.remove_cbs(learn.cbs.filter(lambda cb: type(cb).__name__ == "ProgressCallback"))
+    model = distributed.unwrap(model).to(device)
     out = {}
     for split in EVAL_SPLITS:
         rows = frame[frame["split"] == split]
         if rows.empty:
             continue
         mine = distributed.shard_rows(rows)
-        probs, targets = predict_rows(learn, dls, mine, batch_size, cfg.model.num_classes)
-        out[split] = distributed.gather_predictions(probs, targets, mine["image_index"].tolist(),
-                                                    rows["image_index"].tolist())
+        probs, targets = predict_rows(model, dls, mine, batch_size, cfg.model.num_classes)
+        gathered = distributed.gather_predictions(probs, targets, mine["image_index"].tolist(),
+                                                  rows["image_index"].tolist())
+        if gathered is not None:  # None on the ranks other than 0
+            out[split] = gathered
     return out
 
 
-def predict_rows(learn, dls, rows, batch_size, num_classes) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities and targets ``[len(rows), num_classes]`` for the rows of a frame, on this process only."""
+@torch.no_grad()
+def predict_rows(model, dls, rows, batch_size, num_classes) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and targets ``[len(rows), num_classes]`` for the rows of a frame, on this process only:
+    ``sigmoid(model(x))`` over the rows in order, with the validation pipeline (no augmentation)."""
     if rows.empty:  # a rank's share of a tiny split
         return np.zeros((0, num_classes), np.float32), np.zeros((0, num_classes), np.float32)
-    dl = dls.test_dl(rows, with_labels=True, bs=batch_size)
-    probs, targets = learn.get_preds(dl=dl, act=torch.sigmoid)
-    return probs.float().numpy(), targets.float().numpy()
+    model.eval()
+    probs, targets = [], []
+    for images, labels in dls.test_dl(rows, with_labels=True, bs=batch_size):
+        probs.append(torch.sigmoid(model(images).float()).cpu())
+        targets.append(labels.float().cpu())
+    return torch.cat(probs).numpy(), torch.cat(targets).numpy()
 

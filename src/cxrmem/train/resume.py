@@ -59,9 +59,9 @@ class ResumeState:
         here, p = STAGES.index((phase, stage)), self.progress
         return here < p.position or (here == p.position and p.stage_complete)
 
-    def restore(self, learn, phase: int, stage: str, save_cb, history_cb) -> int:
+    def restore(self, learn, phase: int, stage: str, log) -> int:
         """At the first unfinished stage: load weights (and, within the phase, optimizer,
-        best value and history). Returns the number of epochs of this stage to skip."""
+        best value and the epoch log's rows). Returns the number of epochs of this stage to skip."""
         if self.saved is None:
             return 0
         saved, p = self.saved, self.progress
@@ -72,8 +72,8 @@ class ResumeState:
         if learn.opt is None:
             learn.create_opt()
         learn.opt.load_state_dict({"state": saved["opt"]["state"], "hypers": L(saved["opt"]["hypers"])})
-        save_cb.best = p.best if p.best is not None else save_cb.best
-        history_cb.rows = [list(row) for row in p.history]
+        log.checkpoint.best = p.best if p.best is not None else log.checkpoint.best
+        log.rows = [list(row) for row in p.history]
         return p.epochs_done if p.stage == stage and not p.stage_complete else 0
 
 
@@ -94,11 +94,10 @@ def _load(path):
 class SaveProgress(Callback):
     """Writes the resume file after each finished epoch and when the stage ends."""
 
-    order = 80  # after the best checkpoint (61) and the history (60) of the epoch are on disk
+    order = 80  # after the best checkpoint (61) and the epoch log (62) of the epoch are on disk
 
-    def __init__(self, path, progress: Progress, save_cb, history_cb):
-        self.path, self.progress = path, progress
-        self.save_cb, self.history_cb = save_cb, history_cb
+    def __init__(self, path, progress: Progress, log):
+        self.path, self.progress, self.log = path, progress, log
 
     def before_fit(self):
         self.run = not hasattr(self.learn, "lr_finder")
@@ -113,8 +112,9 @@ class SaveProgress(Callback):
 
     def _write(self):
         p = self.progress
-        p.best = float(self.save_cb.best) if self.save_cb.best is not None else None
-        p.history = [[_plain(cell) for cell in row] for row in self.history_cb.rows]
+        best = self.log.checkpoint.best
+        p.best = float(best) if best is not None else None
+        p.history = [[_plain(cell) for cell in row] for row in self.log.rows]
         if not is_main_process():  # under torchrun rank 0 writes; the ranks are in the same state
             return
         opt = self.learn.opt.state_dict()
