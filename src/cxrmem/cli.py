@@ -119,6 +119,7 @@ def run_pipeline(cfg, args, distributed) -> int:
         print(f"\nwrote {cfg.run_dir / 'data_summary.json'}")
         return 0
 
+    from .train import tracking
     from .train.phases import checkpoint_path, load_checkpoint, train
     from .plots import plot_run
     from .train.predict import predict_splits, write_results
@@ -143,6 +144,7 @@ def run_pipeline(cfg, args, distributed) -> int:
     if distributed.is_main_process():
         write_results(cfg, predictions)
         plot_run(cfg.run_dir)
+        tracking.finish(cfg)  # final AUCs and files to the MLflow run, if any
     print(f"\nrun folder: {cfg.run_dir}")
     return 0
 

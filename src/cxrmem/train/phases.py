@@ -30,6 +30,7 @@ from . import distributed
 from .callbacks import AtomicSaveModel, HistoryCSV, MeanAUC, MemoryMomentum, MemoryValue, StopOnNonFiniteLoss
 from .losses import build_loss
 from .resume import ResumeState, SaveProgress, SkipFinishedEpochs
+from .tracking import callbacks as tracking_callbacks
 
 
 def train(cfg, frame, device, resume: bool = False) -> Learner:
@@ -108,6 +109,7 @@ def make_learner(cfg, model, frame, phase_cfg, phase: int, device) -> Learner:
         EarlyStoppingCallback(monitor="valid_loss", patience=phase_cfg.early_stopping_patience),
         history,
     ]
+    callbacks += tracking_callbacks(cfg, phase, history)  # TensorBoard / MLflow when the config asks
     learn = Learner(dls, model.to(device), loss_func=build_loss(phase_cfg.loss), wd=phase_cfg.weight_decay,
                     metrics=metrics, splitter=splitter, path=cfg.run_dir, model_dir="models", cbs=callbacks)
     learn.cfg, learn.history = cfg, history
