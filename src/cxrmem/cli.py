@@ -139,6 +139,7 @@ def run_pipeline(cfg, args, distributed) -> int:
         print(f"\nwrote {cfg.run_dir / 'data_summary.json'}")
         return 0
 
+    from .train import tracking
     from .train.phases import checkpoint_path, load_checkpoint, train
     from .report import plot_run, write_results
     from .train.predict import predict_splits
@@ -163,6 +164,7 @@ def run_pipeline(cfg, args, distributed) -> int:
     if distributed.is_main_process():
         write_results(cfg, predictions, data.frame)
         plot_run(cfg.run_dir)
+        tracking.finish(cfg)  # final AUCs and files to the MLflow run, if any
     print(f"\nrun folder: {cfg.run_dir}")
     return 0
 

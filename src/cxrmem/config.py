@@ -187,6 +187,17 @@ class EvaluationConfig:
 
 
 @dataclass
+class TrackingConfig:
+    tensorboard: bool = opt(False, "write TensorBoard event files (losses, metrics, learning rates) under "
+                            "<run folder>/tensorboard/phase<N>/")
+    mlflow: str | None = opt(None, "MLflow tracking: null (off), true or default (sqlite:///<runs root>/mlflow.db, "
+                             "the runs root being the run folder's parent) or a tracking URI used as is",
+                             kind="uri_or_bool")
+    experiment: str | None = opt(None, "MLflow experiment that groups the runs (default: experiment_name; a sweep "
+                                 "sets its own name)")
+
+
+@dataclass
 class Config:
     experiment_name: str = opt("experiment", "name of the experiment; names the run folder and files")
     description: str = opt("", "free text")
@@ -201,6 +212,7 @@ class Config:
     phase2: Phase2Config | None = section(Phase2Config, "phase 2: all images, one cycle (absent: one phase)",
                                           optional=True)
     evaluation: EvaluationConfig = section(EvaluationConfig, "reporting")
+    tracking: TrackingConfig = section(TrackingConfig, "experiment tracking: TensorBoard and MLflow (both off)")
 
     @property
     def run_dir(self) -> Path:
@@ -258,6 +270,8 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, source: str = "<config>"
     kind = m.get("kind")
     if kind == "normalize":
         value = {True: "both", False: "none", None: "none"}.get(value, value) if not isinstance(value, str) else value
+    if kind == "uri_or_bool" and isinstance(value, bool):  # true: the default store, false: off
+        value = "default" if value else None
     if kind == "auto_int" and value == "auto":
         return value
     if value is None and (f.default is None or kind == "path" or m.get("nullable")):

@@ -31,6 +31,7 @@ from . import distributed
 from .callbacks import EarlyStop, EpochLog, MeanAUC, MemoryMomentum, MemoryValue, SaveBest, StopOnNonFiniteLoss
 from .losses import build_loss
 from .resume import ResumeState, SaveProgress, SkipFinishedEpochs
+from .tracking import callbacks as tracking_callbacks
 
 
 def train(cfg, frame, device, resume: bool = False) -> Learner:
@@ -122,6 +123,7 @@ def make_learner(cfg, model, frame, phase_cfg, phase: int, device) -> Learner:
     log = EpochLog(cfg.run_dir / f"history_phase{phase}.csv", phase, best)
     callbacks = [monitor, StopOnNonFiniteLoss(log), best, log,
                  EarlyStop(phase_cfg.early_stopping_patience, monitor="valid_loss")]
+    callbacks += tracking_callbacks(cfg, phase, log)  # TensorBoard / MLflow when the config asks
     learn = Learner(dls, model.to(device), loss_func=build_loss(phase_cfg.loss), wd=phase_cfg.weight_decay,
                     metrics=metrics, splitter=splitter, path=cfg.run_dir, model_dir="models", cbs=callbacks)
     learn.cfg, learn.epoch_log, learn.logger = cfg, log, noop  # the epoch table is the log's
