@@ -136,6 +136,7 @@ def measure(args, use_memory: bool, precision: str, frame, device) -> float:
     model = build_model(cfg.model, cfg.memory)
     rows = one_epoch_frame(frame, (args.warmup + args.steps + 2) * args.batch)
     learn = make_learner(cfg, model, rows, cfg.phase2, phase=2, device=device)
+    distributed.make_distributed(learn)  # DDP under torchrun, as training does after the LR finder
     learn.remove_cbs(learn.cbs.filter(lambda cb: isinstance(cb, ProgressCallback)))
     learn.logger = lambda *_: None
     timer = timer_callback(args.warmup, args.steps, device)
