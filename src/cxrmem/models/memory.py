@@ -230,7 +230,8 @@ class MemoryBank(nn.Module):
 
     def relative_change(self, before: Tensor) -> float:
         """``||memory - before||_F / ||before||_F`` (inf if ``before`` is zero and memory is not)."""
-        change, reference = torch.linalg.norm(self.memory - before.to(self.memory)), torch.linalg.norm(before)
+        before = before.to(self.memory)
+        change, reference = torch.linalg.norm(self.memory - before), torch.linalg.norm(before)
         return float(change / reference) if reference > 0 else (0.0 if change == 0 else math.inf)
 
     def extra_repr(self) -> str:
@@ -244,7 +245,7 @@ class MemoryBank(nn.Module):
     @torch.no_grad()
     def closest_slots(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """``(max_j cos(z_i, m_j), argmax_j)`` over the valid slots for every feature ``[B, D]`` (0, 0 if none)."""
-        cosine = F.normalize(features, dim=1, eps=1e-12) @ F.normalize(self.memory, dim=1, eps=1e-12).T
+        cosine = (features @ self.memory.T).mul_(_inverse_norms(self.memory)).mul_(_inverse_norms(features)[:, None])
         best, slot = cosine.masked_fill_(self._free_slots(), float("-inf")).max(dim=1)
         return torch.where(best > float("-inf"), best, torch.zeros_like(best)), slot
 
@@ -257,21 +258,19 @@ class MemoryBank(nn.Module):
             query = query.float()
             with torch.no_grad():
                 slot_scale = _inverse_norms(self.memory)  # [S]
-                query_scale = _inverse_norms(query).unsqueeze(1)  # [B, 1]
-                dots = query @ self.memory.T
-                cosine = dots * query_scale * slot_scale
-                scores = dots * (query_scale if self.normalise_query else 1.0) * (
-                    slot_scale if self.normalise_slots else 1.0)
+                dots = query @ self.memory.T  # [B, S]
+                scores = dots * slot_scale if self.normalise_slots else dots  # the query's norm changes no ranking
+                cosine = (dots * slot_scale).mul_(_inverse_norms(query)[:, None])
                 excluded = (cosine >= self.self_match_threshold) | self._free_slots()
                 best, slots = scores.masked_fill_(excluded, float("-inf")).topk(min(self.top_k, self.bank_size))
                 valid = best > float("-inf")  # False where fewer than k slots remain
-            neighbours = self.memory[slots]  # [B, k, D]
+            neighbours = self.memory.index_select(0, slots.flatten()).view(*slots.shape, self.dim)  # [B, k, D]
             query_side = F.normalize(query, dim=1, eps=1e-12) if self.normalise_query else query
-            similarities = torch.einsum("bd,bkd->bk", query_side, neighbours)
+            similarities = (query_side.unsqueeze(1) @ neighbours.transpose(1, 2)).squeeze(1)  # [B, k]
             if self.normalise_slots:
                 similarities = similarities * slot_scale[slots]
             weights = _softmax_over_valid(similarities, valid)
-            return torch.einsum("bk,bkd->bd", weights, neighbours)
+            return (weights.unsqueeze(1) @ neighbours).squeeze(1)
 
     @torch.no_grad()
     def update(self, features: Tensor, probs: Tensor | None = None) -> None:
