@@ -259,8 +259,9 @@ class MemoryBank(nn.Module):
             with torch.no_grad():
                 slot_scale = _inverse_norms(self.memory)  # [S]
                 dots = query @ self.memory.T  # [B, S]
-                scores = dots * slot_scale if self.normalise_slots else dots  # the query's norm changes no ranking
-                cosine = (dots * slot_scale).mul_(_inverse_norms(query)[:, None])
+                by_slot_norm = dots * slot_scale  # q.m_j / |m_j|
+                cosine = by_slot_norm * _inverse_norms(query)[:, None]
+                scores = by_slot_norm if self.normalise_slots else dots  # the query's norm changes no ranking
                 excluded = (cosine >= self.self_match_threshold) | self._free_slots()
                 best, slots = scores.masked_fill_(excluded, float("-inf")).topk(min(self.top_k, self.bank_size))
                 valid = best > float("-inf")  # False where fewer than k slots remain
