@@ -47,7 +47,6 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cxrmem.config import MemoryConfig
@@ -256,18 +255,20 @@ class MemoryBank(nn.Module):
         """
         with torch.autocast(device_type=query.device.type, enabled=False):
             query = query.float()
+            query_scale = _inverse_norms(query).unsqueeze(1)  # [B, 1], with autograd
             with torch.no_grad():
                 slot_scale = _inverse_norms(self.memory)  # [S]
                 dots = query @ self.memory.T  # [B, S]
                 by_slot_norm = dots * slot_scale  # q.m_j / |m_j|
-                cosine = by_slot_norm * _inverse_norms(query)[:, None]
+                cosine = by_slot_norm * query_scale
                 scores = by_slot_norm if self.normalise_slots else dots  # the query's norm changes no ranking
                 excluded = (cosine >= self.self_match_threshold) | self._free_slots()
                 best, slots = scores.masked_fill_(excluded, float("-inf")).topk(min(self.top_k, self.bank_size))
                 valid = best > float("-inf")  # False where fewer than k slots remain
             neighbours = self.memory.index_select(0, slots.flatten()).view(*slots.shape, self.dim)  # [B, k, D]
-            query_side = F.normalize(query, dim=1, eps=1e-12) if self.normalise_query else query
-            similarities = (query_side.unsqueeze(1) @ neighbours.transpose(1, 2)).squeeze(1)  # [B, k]
+            similarities = (query.unsqueeze(1) @ neighbours.transpose(1, 2)).squeeze(1)  # q.n, [B, k]
+            if self.normalise_query:
+                similarities = similarities * query_scale
             if self.normalise_slots:
                 similarities = similarities * slot_scale[slots]
             weights = _softmax_over_valid(similarities, valid)
