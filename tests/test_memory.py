@@ -1,11 +1,13 @@
 """MemoryBank: retrieval against a plain per-sample loop, every strategy, momentum, persistence."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from cxrmem.config import MemoryConfig, from_dict
 from cxrmem.errors import UserError
 from cxrmem.models.memory import NORMALIZE_MODES, STRATEGIES, MemoryBank
 
@@ -39,8 +41,13 @@ def reference_retrieve(memory, filled, query, mode, top_k, self_match_threshold)
     return torch.stack(rows)
 
 
+def make_bank(dim, seed=0, **settings):
+    """A bank from a ``memory`` config section: the schema's defaults except ``settings``."""
+    return MemoryBank(dim, MemoryConfig(**settings), seed=seed)
+
+
 def bank_with(memory, filled, **kwargs):
-    bank = MemoryBank(memory.shape[1], bank_size=memory.shape[0], **kwargs)
+    bank = make_bank(memory.shape[1], bank_size=memory.shape[0], **kwargs)
     bank.memory.copy_(memory)
     bank.filled.fill_(filled)
     return bank
@@ -84,7 +91,7 @@ def test_retrieval_equals_per_sample_loop(mode, filled, top_k):
 
 
 def test_empty_bank_retrieves_zeros():
-    bank = MemoryBank(8, bank_size=4)
+    bank = make_bank(8, bank_size=4)
     query = torch.randn(3, 8, requires_grad=True)
     out = bank.retrieve(query)
     assert torch.equal(out, torch.zeros(3, 8))
@@ -133,7 +140,7 @@ def test_rarity_stores_the_outliers_not_the_common_ones():
     common = unit_vectors(8, 16)  # norm 1
     outliers = 4.0 * unit_vectors(2, 16, seed=1)  # norm 4: r = 2.4 / 1.6 = 1.5 > 0.5
     batch = torch.cat([common[:3], outliers[:1], common[3:], outliers[1:]])
-    bank = MemoryBank(16, bank_size=8, update_strategy="rarity", rarity_threshold=0.5)
+    bank = make_bank(16, bank_size=8, update_strategy="rarity", rarity_threshold=0.5)
     bank.update(batch)
     assert int(bank.filled) == 2
     torch.testing.assert_close(bank.memory[:2], outliers)
@@ -141,8 +148,8 @@ def test_rarity_stores_the_outliers_not_the_common_ones():
 
 
 def test_statistical_scores_against_the_running_mean_norm():
-    statistical = MemoryBank(16, bank_size=8, update_strategy="statistical", memory_momentum=0.9)
-    rarity = MemoryBank(16, bank_size=8, update_strategy="rarity")
+    statistical = make_bank(16, bank_size=8, update_strategy="statistical", memory_momentum=0.9)
+    rarity = make_bank(16, bank_size=8, update_strategy="rarity")
     first = unit_vectors(6, 16)  # norm 1: nothing rare, sets the running mean to 1
     second = 3.0 * unit_vectors(4, 16, seed=2)  # norm 3: rare for the history, not within the batch
     for bank in (statistical, rarity):
@@ -165,7 +172,7 @@ def test_diversity_stores_the_features_far_from_the_bank():
 
 
 def test_top_fraction_keeps_at_least_one():
-    bank = MemoryBank(8, bank_size=4, update_strategy="diversity", rarity_threshold=0.01)
+    bank = make_bank(8, bank_size=4, update_strategy="diversity", rarity_threshold=0.01)
     bank.update(torch.randn(5, 8))
     assert int(bank.filled) == 1
 
@@ -190,7 +197,7 @@ def test_hybrid_weight_moves_from_rarity_to_diversity():
 
 
 def test_entropy_stores_the_uncertain_predictions():
-    bank = MemoryBank(4, bank_size=8, update_strategy="entropy", rarity_threshold=0.5)
+    bank = make_bank(4, bank_size=8, update_strategy="entropy", rarity_threshold=0.5)
     features = torch.arange(16.0).view(4, 4)
     probs = torch.tensor([[0.01, 0.99, 0.02], [0.5, 0.45, 0.6], [0.98, 0.01, 0.03], [0.4, 0.5, 0.55]])
     assert bank.needs_probs
@@ -213,7 +220,7 @@ def fifo_reference(items, bank_size):
 
 
 def test_fifo_stores_everything_in_order_and_replaces_the_oldest():
-    bank = MemoryBank(2, bank_size=5, update_strategy="fifo")
+    bank = make_bank(2, bank_size=5, update_strategy="fifo")
     stream = torch.stack([torch.arange(40.0), torch.ones(40)], dim=1)
     start = 0
     for size in [3, 1, 4, 2, 12, 3, 6, 9]:  # includes a batch larger than the bank
@@ -230,7 +237,7 @@ def test_reservoir_keeps_each_item_with_probability_size_over_t():
     stream = torch.stack([torch.arange(float(stream_length)), torch.ones(stream_length)], dim=1)
     inclusion = torch.zeros(stream_length)
     for seed in range(runs):
-        bank = MemoryBank(2, bank_size=bank_size, update_strategy="reservoir", seed=seed)
+        bank = make_bank(2, bank_size=bank_size, update_strategy="reservoir", seed=seed)
         for start in range(0, stream_length, 16):
             bank.update(stream[start : start + 16])
         kept = bank.memory[:, 0].long()
@@ -246,7 +253,7 @@ def test_reservoir_keeps_each_item_with_probability_size_over_t():
 
 def test_reservoir_is_reproducible_with_the_seed():
     stream = torch.randn(100, 4)
-    banks = [MemoryBank(4, bank_size=8, update_strategy="reservoir", seed=7) for _ in range(2)]
+    banks = [make_bank(4, bank_size=8, update_strategy="reservoir", seed=7) for _ in range(2)]
     for bank in banks:
         for chunk in stream.split(9):
             bank.update(chunk)
@@ -301,7 +308,7 @@ def test_momentum_is_a_plain_attribute_the_loop_can_set():
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_a_wrapped_bank_keeps_every_slot_valid(strategy):
-    bank = MemoryBank(6, bank_size=8, update_strategy=strategy, rarity_threshold=0.3)
+    bank = make_bank(6, bank_size=8, update_strategy=strategy, rarity_threshold=0.3)
     g = torch.Generator().manual_seed(3)
     for _ in range(40):
         features = torch.randn(5, 6, generator=g) * torch.rand(5, 1, generator=g) * 4
@@ -311,12 +318,12 @@ def test_a_wrapped_bank_keeps_every_slot_valid(strategy):
 
 
 def test_state_dict_round_trip_gives_identical_retrieval():
-    bank = MemoryBank(16, bank_size=10, update_strategy="fifo")
+    bank = make_bank(16, bank_size=10, update_strategy="fifo")
     for _ in range(3):
         bank.update(torch.randn(4, 16))
     state = bank.state_dict()
     assert {"memory", "filled", "ring_pointer", "seen", "mean_norm"} <= set(state)
-    restored = MemoryBank(16, bank_size=10, update_strategy="fifo")
+    restored = make_bank(16, bank_size=10, update_strategy="fifo")
     restored.load_state_dict(state)
     query = torch.randn(5, 16)
     assert torch.equal(bank.retrieve(query), restored.retrieve(query))
@@ -331,32 +338,45 @@ def test_relative_change_is_the_relative_frobenius_norm():
     assert bank.relative_change(before) == pytest.approx(0.1, rel=1e-5)
 
 
-def test_from_config_reads_attributes_and_canonicalises_booleans():
-    class Cfg:
-        bank_size = 7
-        update_strategy = "fifo"
-        top_k = 2
-        normalize_retrieved = False
-        memory_momentum = 0.5
-
-    bank = MemoryBank.from_config(5, Cfg())
+def test_a_bank_from_the_validated_config_section_takes_its_settings_and_booleans():
+    raw = {"bank_size": 7, "update_strategy": "fifo", "top_k": 2, "normalize_retrieved": False,
+           "memory_momentum": 0.5, "self_match_threshold": 0.8}
+    bank = MemoryBank(5, from_dict({"memory": raw}).memory)
     assert (bank.bank_size, bank.update_strategy, bank.top_k, bank.normalize_retrieved, bank.momentum) == (
         7, "fifo", 2, "none", 0.5,
     )
-    assert MemoryBank(4, normalize_retrieved=True).normalize_retrieved == "both"
-    assert MemoryBank.from_config(5, {"top_k": 4}).top_k == 4
+    assert MemoryBank(4, from_dict({"memory": {"normalize_retrieved": True}}).memory).normalize_retrieved == "both"
+    # the keys left out take the schema's defaults
+    defaults = {f.name: f.default for f in dataclasses.fields(MemoryConfig)}
+    unset = MemoryBank(5, from_dict({}).memory)
+    assert (unset.rarity_threshold, unset.diversity_weight, unset.self_match_threshold, unset.bank_size) == (
+        defaults["rarity_threshold"], defaults["diversity_weight"], defaults["self_match_threshold"],
+        defaults["bank_size"],
+    )
+    # and the settings act: 'none' ranks by the raw dot product, the threshold is the configured one
+    memory, query = random_bank_and_queries(7, bank_size=7, dim=5)
+    bank.memory.copy_(memory)
+    bank.filled.fill_(7)
+    expected = reference_retrieve(memory, 7, query, "none", 2, 0.8)
+    torch.testing.assert_close(bank.retrieve(query), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_unknown_strategy_or_mode_is_a_one_line_user_error():
+def test_unknown_strategy_or_mode_is_a_one_line_user_error_of_the_config():
     with pytest.raises(UserError, match="did you mean rarity") as error:
-        MemoryBank(4, update_strategy="rarty")
+        from_dict({"memory": {"update_strategy": "rarty"}})
     assert "\n" not in str(error.value)
-    with pytest.raises(UserError, match="query_only"):
-        MemoryBank(4, normalize_retrieved="query")
+    with pytest.raises(UserError, match="did you mean query_only"):
+        from_dict({"memory": {"normalize_retrieved": "query"}})
+
+
+@pytest.mark.parametrize("key, registry", [("update_strategy", STRATEGIES), ("normalize_retrieved", NORMALIZE_MODES)])
+def test_the_registries_hold_exactly_the_schema_choices(key, registry):
+    field = {f.name: f for f in dataclasses.fields(MemoryConfig)}[key]
+    assert tuple(registry) == tuple(field.metadata["choices"])
 
 
 def test_update_ignores_autograd_and_stores_float32():
-    bank = MemoryBank(4, bank_size=4, update_strategy="fifo")
+    bank = make_bank(4, bank_size=4, update_strategy="fifo")
     features = torch.randn(2, 4, requires_grad=True).to(torch.bfloat16)
     bank.update(features)
     assert bank.memory.dtype == torch.float32 and not bank.memory.requires_grad
@@ -364,22 +384,22 @@ def test_update_ignores_autograd_and_stores_float32():
     assert math.isfinite(bank.mean_norm.item())
 
 
-# --------------------------------------------------------------------------- retrieval -> update reuse
+# --------------------------------------------------------------------------- retrieval leaves no state behind
 
 
 @pytest.mark.parametrize("strategy", ["rarity", "diversity", "hybrid", "entropy", "statistical"])
 def test_update_after_retrieval_equals_update_alone(strategy):
-    """The closest slots recorded by retrieve() must give exactly what update() computes itself."""
+    """A retrieval before the update (of the same tensor, a copy, or one changed in place) changes nothing."""
     g = torch.Generator().manual_seed(4)
     start = torch.randn(16, 8, generator=g)
     reusing, plain = (bank_with(start, 16, update_strategy=strategy, memory_momentum=0.7) for _ in range(2))
     for step in range(20):
         z = torch.randn(12, 8, generator=g) * torch.rand(12, 1, generator=g) * 3
         probs = torch.rand(12, 3, generator=g)
-        if step % 5 == 4:  # an in-place change after retrieval must invalidate the record
+        if step % 5 == 4:  # an in-place change between retrieval and update
             reusing.retrieve(z)
             z.mul_(-1)
-        elif step % 5 == 3:  # a different tensor must not match
+        elif step % 5 == 3:  # retrieval of a copy
             reusing.retrieve(z.clone())
         else:
             reusing.retrieve(z)
@@ -390,14 +410,14 @@ def test_update_after_retrieval_equals_update_alone(strategy):
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_retrieval_after_updates_equals_a_freshly_loaded_bank(strategy):
-    """Whatever the bank caches between calls never makes retrieval differ from a bank loaded from its state."""
+    """A bank's retrieval depends on its state dict only, after updates and after changes outside the writers."""
     g = torch.Generator().manual_seed(6)
-    bank = MemoryBank(8, bank_size=10, update_strategy=strategy, rarity_threshold=0.3, top_k=2)
+    bank = make_bank(8, bank_size=10, update_strategy=strategy, rarity_threshold=0.3, top_k=2)
     for _ in range(12):
         z = torch.randn(4, 8, generator=g) * torch.rand(4, 1, generator=g) * 3
         bank.retrieve(z)
         bank.update(z, probs=torch.rand(4, 3, generator=g))
-        fresh = MemoryBank(8, bank_size=10, update_strategy=strategy, top_k=2)
+        fresh = make_bank(8, bank_size=10, update_strategy=strategy, top_k=2)
         fresh.load_state_dict(bank.state_dict())
         query = torch.randn(5, 8, generator=g)
         torch.testing.assert_close(bank.retrieve(query), fresh.retrieve(query), atol=1e-6, rtol=1e-6)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from cxrmem.config import MemoryConfig
 from cxrmem.models.memory import STRATEGIES, MemoryBank
 
 WORLD = 2
@@ -34,8 +35,8 @@ def local_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def new_bank(strategy: str) -> MemoryBank:
-    return MemoryBank(DIM, bank_size=BANK_SIZE, update_strategy=strategy, rarity_threshold=0.4,
-                      memory_momentum=0.8, seed=5)
+    cfg = MemoryConfig(bank_size=BANK_SIZE, update_strategy=strategy, rarity_threshold=0.4, memory_momentum=0.8)
+    return MemoryBank(DIM, cfg, seed=5)
 
 
 def worker(rank: int, world: int, port: int, out: Path) -> None:

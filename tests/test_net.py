@@ -1,11 +1,10 @@
 """CXRNet: memory read in eval, written in training; splitter; builder; autocast and channels_last."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from torch import nn
 
+from cxrmem.config import MemoryConfig, ModelConfig
 from cxrmem.models.backbones import Backbone
 from cxrmem.models.memory import MemoryBank
 from cxrmem.models.net import CXRNet, build_model, splitter
@@ -20,7 +19,7 @@ def tiny_backbone() -> Backbone:
 
 def tiny_net(strategy="fifo", **bank_kwargs) -> CXRNet:
     torch.manual_seed(0)
-    bank = MemoryBank(DIM, bank_size=16, update_strategy=strategy, **bank_kwargs)
+    bank = MemoryBank(DIM, MemoryConfig(bank_size=16, update_strategy=strategy, **bank_kwargs))
     return CXRNet(tiny_backbone(), num_classes=14, dropout_rate=0.2, bank=bank)
 
 
@@ -62,7 +61,7 @@ def test_retrieval_changes_the_logits_and_is_differentiable():
 
 
 def test_entropy_strategy_gets_the_predicted_probabilities():
-    net = tiny_net("entropy").train()
+    net = tiny_net("entropy", rarity_threshold=0.5).train()
     net(torch.randn(4, 3, 16, 16))
     assert int(net.bank.filled) == 2  # the top half by prediction entropy
 
@@ -101,11 +100,13 @@ def test_head_layout():
 
 
 def test_build_model_from_config_objects():
-    model_cfg = SimpleNamespace(backbone="resnet18", pretrained=False, weights=None, num_classes=5, dropout_rate=0.3)
-    memory_cfg = SimpleNamespace(use_memory=True, bank_size=32, update_strategy="hybrid", top_k=5,
-                                 normalize_retrieved="memory_only", memory_momentum=0.9)
+    model_cfg = ModelConfig(backbone="resnet18", pretrained=False, weights=None, num_classes=5, dropout_rate=0.3)
+    memory_cfg = MemoryConfig(use_memory=True, bank_size=32, update_strategy="hybrid", top_k=5,
+                              normalize_retrieved="memory_only", memory_momentum=0.9)
     net = build_model(model_cfg, memory_cfg)
     assert net.bank.dim == 512 and net.bank.bank_size == 32 and net.bank.top_k == 5
-    assert net.head[4].out_features == 5
-    assert build_model(model_cfg, SimpleNamespace(use_memory=False)).bank is None
+    assert (net.bank.update_strategy, net.bank.normalize_retrieved) == ("hybrid", "memory_only")
+    assert net.head[4].out_features == 5 and net.head[3].p == pytest.approx(0.3)
+    assert build_model(model_cfg, MemoryConfig(use_memory=False)).bank is None
+    assert build_model(model_cfg).bank is None
     assert net.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 5)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from cxrmem.config import MemoryConfig, ModelConfig
 from cxrmem.models.backbones import Backbone, build_backbone, pool_features
 from cxrmem.models.memory import MemoryBank
 
@@ -76,24 +77,10 @@ def splitter(model: CXRNet) -> list[list[nn.Parameter]]:
     return [list(model.body.parameters()), list(model.head.parameters())]
 
 
-def build_model(model_cfg, memory_cfg=None) -> CXRNet:
-    """A :class:`CXRNet` from config sections.
-
-    ``model_cfg``: backbone, pretrained, weights (path or None), num_classes,
-    dropout_rate. ``memory_cfg``: use_memory plus the :class:`MemoryBank` keys
-    (None or ``use_memory: false`` -> no bank).
-    """
-    backbone = build_backbone(
-        model_cfg.backbone,
-        pretrained=getattr(model_cfg, "pretrained", False),
-        weights=getattr(model_cfg, "weights", None),
-    )
-    bank = None
-    if memory_cfg is not None and getattr(memory_cfg, "use_memory", False):
-        bank = MemoryBank.from_config(backbone.num_features, memory_cfg)
-    return CXRNet(
-        backbone,
-        num_classes=getattr(model_cfg, "num_classes", 14),
-        dropout_rate=getattr(model_cfg, "dropout_rate", 0.2),
-        bank=bank,
-    )
+def build_model(model_cfg: ModelConfig, memory_cfg: MemoryConfig | None = None) -> CXRNet:
+    """A :class:`CXRNet` from the ``model`` and ``memory`` config sections (no bank without
+    ``memory_cfg`` or with ``use_memory: false``)."""
+    backbone = build_backbone(model_cfg.backbone, pretrained=model_cfg.pretrained, weights=model_cfg.weights)
+    use_memory = memory_cfg is not None and memory_cfg.use_memory
+    bank = MemoryBank(backbone.num_features, memory_cfg) if use_memory else None
+    return CXRNet(backbone, num_classes=model_cfg.num_classes, dropout_rate=model_cfg.dropout_rate, bank=bank)
