@@ -56,8 +56,7 @@ from .config import DataConfig, EvaluationConfig
 from .data.chestxray14 import patient_ids
 from .errors import UserError
 from .io import write_json, write_text
-from .metrics import to_numpy
-from .report import (RunFileError, find_predictions, format_auc, load_predictions, new_figure, palette, read_config,
+from .report import (RunFileError, find_predictions, format_auc, load_split, new_figure, palette, read_config,
                      read_metrics, safe_plot, save_figure)
 
 SPLITS = ("test", "valid")
@@ -346,15 +345,8 @@ def load_evaluated(run_dir: Path, split: str) -> Evaluated:
     if source is None:
         raise UserError(f"{run_dir} has no predictions file (*_predictions.pt) to compare; evaluate it with "
                         f"evaluation.save_predictions: true")
-    payload = load_predictions(source)
-    rows = np.flatnonzero(np.asarray(payload["split"]) == split)
-    if rows.size == 0:
-        raise UserError(f"{source} holds no {split} predictions; compare on a split the runs were evaluated on")
-    names = np.asarray(payload["image_index"])[rows]
-    order = np.argsort(names, kind="stable")
-    rows, names = rows[order], names[order]
-    return Evaluated(Path(run_dir), [str(n) for n in names], to_numpy(payload["targets"])[rows],
-                     to_numpy(payload["probs"])[rows], [str(label) for label in payload["labels"]])
+    rows = load_split(source, split, "compare on a split the runs were evaluated on")
+    return Evaluated(Path(run_dir), rows.names, rows.targets, rows.probs, rows.labels)
 
 
 def check_same_images(reference: Evaluated, other: Evaluated, split: str) -> None:

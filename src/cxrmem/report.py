@@ -34,7 +34,7 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -354,6 +354,30 @@ def load_predictions(path: Union[str, Path]) -> dict:
         raise UserError(f"{path} is not a predictions file (missing {', '.join(missing)}); "
                         "pass the <experiment>_predictions.pt of a run")
     return payload
+
+
+class SplitRows(NamedTuple):
+    """One split of a predictions file, rows in image-name order."""
+
+    names: List[str]
+    targets: np.ndarray  # [N, C] float64
+    probs: np.ndarray    # [N, C] float64
+    labels: List[str]
+
+
+def load_split(path: Union[str, Path], split: str, why: str) -> SplitRows:
+    """The ``split`` rows of a predictions file sorted by image name (so two runs line up row by row);
+    UserError ending with ``why`` when the file holds none."""
+    payload = load_predictions(path)
+    rows = np.flatnonzero(np.asarray(payload["split"]) == split)
+    if rows.size == 0:
+        raise UserError(f"{path} holds no {split} predictions; {why}")
+    names = np.asarray(payload["image_index"])[rows]
+    order = np.argsort(names, kind="stable")
+    rows = rows[order]
+    as_array = lambda key: np.asarray(payload[key], dtype=np.float64)[rows]  # noqa: E731
+    return SplitRows([str(n) for n in names[order]], as_array("targets"), as_array("probs"),
+                     [str(label) for label in payload["labels"]])
 
 
 # --------------------------------------------------------------------------- a run's results

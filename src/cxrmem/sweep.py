@@ -41,7 +41,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import yaml
@@ -51,6 +51,9 @@ from .cli import guarded
 # The experiment schema's own helpers, so that a sweep file is validated like an experiment file.
 from .config import Config, _build, _closest, dump_yaml, load_config, opt, read_yaml
 from .errors import UserError
+
+if TYPE_CHECKING:  # report pulls in matplotlib and torch; the sweep imports it only to summarise
+    from .report import SplitRows
 
 SWEEP_KEYS = {
     "name": "names the sweep and its folder runs/<name> (default: the file's name)",
@@ -420,30 +423,14 @@ EXECUTORS = {"local": run_local, "slurm": submit_slurm}
 # --------------------------------------------------------------------------- the summary
 
 
-@dataclass
-class SplitPredictions:
-    names: list[str]      # sorted image names
-    targets: np.ndarray   # [N, C]
-    probs: np.ndarray     # [N, C]
-    labels: list[str]
+def load_test_set(path: Path):
+    """The test split of a run's predictions file, in image-name order (report.SplitRows)."""
+    from .report import load_split
+
+    return load_split(path, TEST_SPLIT, "a sweep compares runs on the test split")
 
 
-def load_test_set(path: Path) -> SplitPredictions:
-    """The test split of a predictions file, in image-name order."""
-    from .report import load_predictions
-
-    payload = load_predictions(path)
-    rows = np.flatnonzero(np.asarray(payload["split"]) == TEST_SPLIT)
-    if rows.size == 0:
-        raise UserError(f"{path} has no {TEST_SPLIT} predictions; a sweep compares runs on the test split")
-    names = np.asarray(payload["image_index"])[rows]
-    order = np.argsort(names, kind="stable")
-    rows = rows[order]
-    return SplitPredictions(names[order].tolist(), payload["targets"].numpy()[rows].astype(np.float64),
-                   payload["probs"].numpy()[rows].astype(np.float64), list(payload["labels"]))
-
-
-def class_aucs(test: SplitPredictions) -> dict[str, Optional[float]]:
+def class_aucs(test: SplitRows) -> dict[str, Optional[float]]:
     """ROC AUC per finding (None without a positive or a negative), by midranks."""
     from .metrics import delong_components
 
@@ -467,7 +454,7 @@ def significant(pairs: list[tuple[Optional[float], Optional[float]]]) -> bool:
     return bool(pairs) and 2 * max(up, down) > len(pairs)
 
 
-def compare_to_reference(ref: SplitPredictions, test: SplitPredictions, resamples: int, seed: int) -> dict:
+def compare_to_reference(ref: SplitRows, test: SplitRows, resamples: int, seed: int) -> dict:
     """One seed: DeLong + Holm per finding, paired patient bootstrap of the mean AUC (variant - reference)."""
     from .data.chestxray14 import patient_ids
     from .metrics import PatientResampler, delong_per_class, paired_bootstrap
