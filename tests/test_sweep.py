@@ -173,7 +173,8 @@ def test_the_sweep_files_of_the_project(monkeypatch):
     assert demo.seeds == [0, 1, 2] and demo.reference == "baseline" and len(runs) == 15
     by = {(r.variant, r.seed): r.config for r in runs}
     for cfg in by.values():
-        assert not cfg.phase1.use_lr_finder and cfg.phase1.base_lr == 0.001 and cfg.phase2.epochs == 5
+        assert not cfg.phase1.use_lr_finder and cfg.phase1.base_lr == 0.001
+        assert cfg.phase1.total_epochs == 2 and cfg.phase2.epochs == 3
         assert cfg.data.seed == 42 and cfg.data.data_dir == "data/synthetic_demo"
     assert not by["baseline", 0].memory.use_memory
     assert by["diversity", 1].memory.update_strategy == "diversity"
