@@ -39,7 +39,7 @@ from .callbacks import (
     EarlyStop, EpochLog, MeanAUC, MemoryMomentum, MemoryValue, SaveBest, SaveLast, StopOnNonFiniteLoss,
 )
 from .losses import build_loss
-from .resume import ResumeState, SaveProgress, SkipFinishedEpochs
+from .resume import ResumeState, SaveProgress, SkipFinishedEpochs, phase_seed
 from .tracking import callbacks as tracking_callbacks
 
 
@@ -66,6 +66,8 @@ def train(cfg, frame, device, resume: bool = False) -> Learner:
     # Phase 2: all images; a new Learner from the best phase-1 weights and bank; unfrozen; one cycle.
     if cfg.phase2 is not None:
         p2 = cfg.phase2
+        set_seed(phase_seed(cfg.train_seed, 2), reproducible=True)
+        distributed.seed_per_rank(phase_seed(cfg.train_seed, 2))
         learn = make_learner(cfg, model, frame, p2, phase=2, device=device)
         distributed.make_distributed(learn)
         distributed.load_on_main(learn.model, lambda: load_checkpoint(learn.model, checkpoint_path(cfg, phase=1)))
@@ -121,7 +123,7 @@ def fit_stage(learn: Learner, state: ResumeState, phase: int, stage: str, epochs
     progress = state.progress
     progress.phase, progress.stage, progress.stage_complete = phase, stage, False
     log.stage = stage
-    callbacks = [SaveProgress(resume_path(learn.cfg), progress, log), SkipFinishedEpochs(skip)]
+    callbacks = [SaveProgress(resume_path(learn.cfg), progress, log), SkipFinishedEpochs(skip, state.smooth_loss)]
     learn.fit_one_cycle(epochs, lr, cbs=callbacks, **one_cycle)
 
 
