@@ -116,7 +116,8 @@ def random_states(learn) -> dict:
     states = {"python": random.getstate(),
               "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(gauss)],
               "torch": torch.get_rng_state(),
-              "loaders": [dl.rng.getstate() for dl in learn.dls.loaders]}
+              "loaders": [dl.rng.getstate() if hasattr(dl, "rng") else None  # torchrun's DistributedDL: none
+                          for dl in learn.dls.loaders]}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     bank = getattr(unwrap(learn.model), "bank", None)
@@ -136,7 +137,8 @@ def set_random_states(learn, states: dict) -> None:
     if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states["cuda"])
     for dl, state in zip(learn.dls.loaders, states["loaders"]):
-        dl.rng.setstate(_tuples(state))
+        if state is not None:
+            dl.rng.setstate(_tuples(state))
 
 
 def set_bank_state(learn, states: dict) -> None:
