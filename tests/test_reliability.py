@@ -19,6 +19,7 @@ from cxrmem.cli import train_main
 from cxrmem.train import phases
 
 from conftest import ROOT, run_cli
+from test_weights import refuse_network
 
 TINY = """
 experiment_name: tiny
@@ -150,6 +151,7 @@ def test_checkpoint_of_another_model(capsys, finished_run, tiny_data, override):
 
 def test_pretrained_weights_not_available_offline(capsys, finished_run, tiny_data, tmp_path, monkeypatch):
     config, run_dir = finished_run
+    refuse_network(monkeypatch)  # the weights would be downloaded on first use: this test never goes online
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_cache"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf"))
     expect_one_line_error(capsys, ["--config", config, "--data_dir", tiny_data, "--output_dir", tmp_path / "new",
@@ -245,14 +247,38 @@ def kill_when(argv, ready, timeout=300):
     return proc.wait()
 
 
+RESUMED = dict(freeze=1, total=2, epochs2=3)
+
+
+def resume_point(run_dir):
+    """(phase, stage, epochs done, stage complete) of the run's resume file, None while there is none."""
+    try:
+        p = io.torch_load(run_dir / "models/tiny_resume.pth")["progress"]
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return None
+    return p["phase"], p["stage"], p["epochs_done"], p["stage_complete"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_data):
+    """The run that the killed-and-resumed ones must reproduce: same config, never interrupted, its own process."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    run_dir = tmp / "run"
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(tiny_config(tmp, **RESUMED)),
+                           "--data_dir", str(tiny_data), "--output_dir", str(run_dir)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return run_dir
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", [1, 2])
-def test_sigkill_then_resume_completes_the_run(tmp_path, tiny_data, phase):
-    config = tiny_config(tmp_path, freeze=1, total=2, epochs2=3)
+def test_sigkill_then_resume_completes_the_run_as_if_never_killed(tmp_path, tiny_data, uninterrupted, phase):
+    config = tiny_config(tmp_path, **RESUMED)
     run_dir = tmp_path / "run"
     argv = ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir]
-    history = run_dir / f"history_phase{phase}.csv"
-    assert kill_when(argv, lambda: rows(history) >= 2) == -signal.SIGKILL
+    stage = {1: "unfrozen", 2: "one_cycle"}[phase]  # phase 1: frozen done, one of two unfrozen epochs done
+    assert kill_when(argv, lambda: resume_point(run_dir) == (phase, stage, 1, False)) == -signal.SIGKILL
     assert not (run_dir / "metrics.json").exists()
     done = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, argv), "--resume"], cwd=ROOT,
                           capture_output=True, text=True)
@@ -264,4 +290,16 @@ def test_sigkill_then_resume_completes_the_run(tmp_path, tiny_data, phase):
     assert not (run_dir / "models/tiny_resume.pth").exists() and not list(run_dir.rglob("*.tmp"))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test"]["mean_auc"] is not None
-    io.torch_load(run_dir / "models/tiny_phase2.pth")
+
+    # the same run as the uninterrupted one: epoch by epoch, weights (bank included) and AUCs
+    for name in ("history_phase1.csv", "history_phase2.csv"):
+        resumed, alone = (pd.read_csv(folder / name).drop(columns="time") for folder in (run_dir, uninterrupted))
+        pd.testing.assert_frame_equal(resumed, alone, rtol=1e-6)
+    for name in ("models/tiny_phase1.pth", "models/tiny_phase2.pth"):
+        resumed, alone = io.torch_load(run_dir / name), io.torch_load(uninterrupted / name)
+        assert set(resumed) == set(alone)
+        for key, value in alone.items():
+            torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=f"{name}: {key}")
+    alone = json.loads((uninterrupted / "metrics.json").read_text())
+    for split in ("valid", "test"):
+        assert metrics[split]["per_class"] == pytest.approx(alone[split]["per_class"], abs=1e-6, nan_ok=True)

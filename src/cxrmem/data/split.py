@@ -5,7 +5,8 @@ Pure functions, DataFrames in and DataFrames out (the caller reads the list file
 - test: the official ``train_val_list.txt`` / ``test_list.txt`` when given; otherwise a
   seeded ``DERIVED_TEST_PCT`` of the patients, with a :class:`SplitWarning`;
 - valid: ``valid_pct`` of the train_val *patients* (seeded), computed once from the
-  unfiltered train_val set, so both training phases validate on the same patients;
+  unfiltered train_val set, so both training phases validate on the same patients
+  (``valid_pct`` 0: no valid split);
 - :func:`phase_frame`: a phase's train + valid rows, only abnormal ones under
   ``filter_normal`` (test is never filtered).
 
@@ -92,7 +93,10 @@ def derived_test(frame: pd.DataFrame, seed: int, reason: str) -> pd.Series:
 
 
 def valid_patients(train_val: pd.DataFrame, valid_pct: float, seed: int) -> set:
-    """The validation patients: ``valid_pct`` of the train_val patients, drawn with ``seed + 1``."""
+    """The validation patients: ``valid_pct`` of the train_val patients, drawn with ``seed + 1``;
+    none when ``valid_pct`` is 0 (every train_val image trains)."""
+    if valid_pct == 0:
+        return set()
     return patient_share(train_val["patient_id"], valid_pct, seed + 1)
 
 

@@ -1,5 +1,5 @@
-"""fastai callbacks: per-phase memory momentum and monitoring, the best checkpoint, early stopping,
-the epoch log (printed and kept as CSV), and the non-finite-loss stop.
+"""fastai callbacks: per-phase memory momentum and monitoring, the best (or, without a validation
+split, the last) checkpoint, early stopping, the epoch log (printed and kept as CSV), and the non-finite-loss stop.
 
 Each is a small hook on fastai's training loop; the loop itself is fastai's.
 """
@@ -54,7 +54,8 @@ class MemoryMomentum(Callback):
 
 
 class MeanAUC(Metric):
-    """Macro ROC-AUC on the validation set over the classes that have both labels (NaN if none)."""
+    """Macro ROC-AUC on the validation set over the classes that have both labels (NaN if none;
+    None without validation batches, shown as "-" in the epoch log)."""
 
     def __init__(self, labels):
         self.labels = list(labels)
@@ -70,7 +71,7 @@ class MeanAUC(Metric):
     @property
     def value(self):
         if not self.probs:
-            return float("nan")
+            return None
         probs = torch.cat(self.probs).numpy()
         targets = torch.cat(self.targets).numpy()
         mean = mean_auc(per_class_auc(probs, targets, self.labels))
@@ -131,18 +132,48 @@ class SaveBest(TrackerCallback):
         load_on_main(model, load)  # under torchrun: rank 0 reads the file and sends the weights to the others
 
 
+class SaveLast(Callback):
+    """Without a validation split there is no loss to choose by: keeps the weights of the phase's
+    latest finished epoch in ``path`` (written atomically by rank 0 after every epoch). Every epoch
+    is ``new_best``; ``best`` stays None (the interface of :class:`SaveBest`)."""
+
+    order = SaveBest.order
+
+    def __init__(self, path):
+        self.path, self.new_best, self.best = path, False, None
+
+    def before_fit(self):
+        self.run = not hasattr(self.learn, "lr_finder")
+
+    def after_epoch(self):
+        self.new_best = True
+        if is_main_process():
+            io.torch_save(unwrap(self.learn.model).state_dict(), self.path)
+
+
 class EarlyStop(TrackerCallback):
-    """Ends a fit once ``monitor`` has not improved on the fit's best for ``patience`` epochs."""
+    """Ends a fit once ``monitor`` has not improved on the fit's best for ``patience`` epochs.
+
+    ``resume_with(best, wait)`` makes the next fit start from that state instead of a fresh one
+    (a resumed stage continues the count of the interrupted one).
+    """
 
     order = TrackerCallback.order + 3  # after the epoch log (62) has printed the epoch
 
     def __init__(self, patience: int, monitor: str = "valid_loss"):
         super().__init__(monitor=monitor)
-        self.patience, self.wait = patience, 0
+        self.patience, self.wait, self.resumed = patience, 0, None
+
+    def resume_with(self, best: float | None, wait: int) -> None:
+        self.resumed = (best, wait)
 
     def before_fit(self):
         self.wait = 0
         super().before_fit()
+        if self.run and self.resumed is not None:
+            best, self.wait = self.resumed
+            self.best = self.best if best is None else best
+            self.resumed = None
 
     def after_epoch(self):
         super().after_epoch()
@@ -193,11 +224,19 @@ class EpochLog(Callback):
     def _print(self, phase, stage, epoch, values, mark):
         widths = [max(10, len(name)) for name in self.header[2:]]
         cells = [f"{phase:>5}", f"{stage:<9}", f"{epoch:>5}"]
-        cells += [f"{v:>{w}.4f}" if isinstance(v, float) else f"{v!s:>{w}}" for v, w in zip(values, widths)]
+        cells += [f"{_shown(v):>{w}}" for v, w in zip(values, widths)]
         print("  ".join([*cells, mark]).rstrip(), flush=True)
 
 
+def _shown(value) -> str:
+    """A value of the printed table: floats with 4 decimals, "-" for none (no validation split)."""
+    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
 def _cell(value) -> str:
+    """A value of the CSV: empty for none and NaN."""
+    if value is None:
+        return ""
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.6g}"
     return str(value)
@@ -226,4 +265,5 @@ class StopOnNonFiniteLoss(Callback):
                             f"batch {self.iter + 1}; lower the learning rate of phase{phase} or check the data")
 
 
-__all__ = ["MemoryMomentum", "MeanAUC", "MemoryValue", "SaveBest", "EarlyStop", "EpochLog", "StopOnNonFiniteLoss"]
+__all__ = ["MemoryMomentum", "MeanAUC", "MemoryValue", "SaveBest", "SaveLast", "EarlyStop", "EpochLog",
+           "StopOnNonFiniteLoss"]

@@ -2,10 +2,16 @@
 
 Phase 1 learns from abnormal images: the backbone frozen for ``freeze_epochs``,
 then every layer for ``total_epochs`` (fastai ``fine_tune``) at the LR finder's
-valley, memory momentum 0.9. Phase 2 starts a new Learner on all images from the
+valley, memory momentum 0.9. With ``warmup_epochs`` > 0 the two stages are instead
+``fit_one_cycle(warmup_epochs, warmup_lr)`` frozen, then ``fit_one_cycle(total_epochs,
+lr)`` unfrozen. Phase 2 (absent: one phase) starts a new Learner on all images from the
 best phase-1 weights (memory bank included), unfrozen, ``fit_one_cycle`` over
 ``slice(lr_min, lr_max)``, memory momentum 0.9999 so the bank stays stable while
 normal images arrive.
+
+With a validation split each phase keeps its best epoch by valid_loss and stops early
+after ``early_stopping_patience`` epochs without improvement (null: never); without one
+(``data.valid_pct: 0``) it keeps its last epoch and never stops early.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import sys
 
 import torch
 from fastai.callback.channelslast import ChannelsLast
+from fastai.callback.mixup import MixUp
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import valley
 from fastai.imports import noop  # fastai tells "no logger" by this very function (not fastcore's noop)
@@ -28,9 +35,11 @@ from ..errors import UserError
 from ..models.net import build_model, splitter
 from ..report import plot_lr_find, safe_plot
 from . import distributed
-from .callbacks import EarlyStop, EpochLog, MeanAUC, MemoryMomentum, MemoryValue, SaveBest, StopOnNonFiniteLoss
+from .callbacks import (
+    EarlyStop, EpochLog, MeanAUC, MemoryMomentum, MemoryValue, SaveBest, SaveLast, StopOnNonFiniteLoss,
+)
 from .losses import build_loss
-from .resume import ResumeState, SaveProgress, SkipFinishedEpochs
+from .resume import ResumeState, SaveProgress, SkipFinishedEpochs, phase_seed
 from .tracking import callbacks as tracking_callbacks
 
 
@@ -51,12 +60,14 @@ def train(cfg, frame, device, resume: bool = False) -> Learner:
     lr = state.progress.lr or choose_lr(learn, p1)
     state.progress.lr = lr
     distributed.make_distributed(learn)  # under torchrun: DDP from here on (rank 0 ran the finder alone)
-    fit_stage(learn, state, 1, "frozen", p1.freeze_epochs, slice(lr), pct_start=0.99)
-    fit_stage(learn, state, 1, "unfrozen", p1.total_epochs, slice(lr / 200, lr / 2), pct_start=0.3, div=5.0)
+    for stage, epochs, stage_lr, one_cycle in phase1_stages(p1, lr):
+        fit_stage(learn, state, 1, stage, epochs, stage_lr, **one_cycle)
 
     # Phase 2: all images; a new Learner from the best phase-1 weights and bank; unfrozen; one cycle.
     if cfg.phase2 is not None:
         p2 = cfg.phase2
+        set_seed(phase_seed(cfg.train_seed, 2), reproducible=True)
+        distributed.seed_per_rank(phase_seed(cfg.train_seed, 2))
         learn = make_learner(cfg, model, frame, p2, phase=2, device=device)
         distributed.make_distributed(learn)
         distributed.load_on_main(learn.model, lambda: load_checkpoint(learn.model, checkpoint_path(cfg, phase=1)))
@@ -64,6 +75,17 @@ def train(cfg, frame, device, resume: bool = False) -> Learner:
     if distributed.is_main_process():
         resume_path(cfg).unlink(missing_ok=True)
     return learn
+
+
+def phase1_stages(p1, lr: float) -> list:
+    """Phase 1's (stage, epochs, lr, fit_one_cycle options): fastai's ``fine_tune(total_epochs, lr,
+    freeze_epochs)`` spelled out, or with ``warmup_epochs`` the reference's warm-up: frozen at
+    ``warmup_lr`` (null: lr / 10), then every layer at ``lr``, both with fastai's one-cycle defaults."""
+    if p1.warmup_epochs:
+        warmup_lr = p1.warmup_lr if p1.warmup_lr is not None else lr / 10
+        return [("frozen", p1.warmup_epochs, warmup_lr, {}), ("unfrozen", p1.total_epochs, lr, {})]
+    return [("frozen", p1.freeze_epochs, slice(lr), dict(pct_start=0.99)),
+            ("unfrozen", p1.total_epochs, slice(lr / 200, lr / 2), dict(pct_start=0.3, div=5.0))]
 
 
 def choose_lr(learn: Learner, phase_cfg) -> float:
@@ -101,7 +123,7 @@ def fit_stage(learn: Learner, state: ResumeState, phase: int, stage: str, epochs
     progress = state.progress
     progress.phase, progress.stage, progress.stage_complete = phase, stage, False
     log.stage = stage
-    callbacks = [SaveProgress(resume_path(learn.cfg), progress, log), SkipFinishedEpochs(skip)]
+    callbacks = [SaveProgress(resume_path(learn.cfg), progress, log), SkipFinishedEpochs(skip, state.smooth_loss)]
     learn.fit_one_cycle(epochs, lr, cbs=callbacks, **one_cycle)
 
 
@@ -119,10 +141,15 @@ def make_learner(cfg, model, frame, phase_cfg, phase: int, device) -> Learner:
     metrics = [MeanAUC(FINDINGS)]
     if getattr(model, "bank", None) is not None:
         metrics += [MemoryValue(monitor, "fill"), MemoryValue(monitor, "moved")]
-    best = SaveBest(checkpoint_path(cfg, phase), monitor="valid_loss")
+    validated = bool(rows["is_valid"].any())  # data.valid_pct 0: no valid loss to choose or stop by
+    best = SaveBest(checkpoint_path(cfg, phase), monitor="valid_loss") if validated \
+        else SaveLast(checkpoint_path(cfg, phase))
     log = EpochLog(cfg.run_dir / f"history_phase{phase}.csv", phase, best)
-    callbacks = [monitor, StopOnNonFiniteLoss(log), best, log,
-                 EarlyStop(phase_cfg.early_stopping_patience, monitor="valid_loss")]
+    callbacks = [monitor, StopOnNonFiniteLoss(log), best, log]
+    if validated and phase_cfg.early_stopping_patience is not None:
+        callbacks.append(EarlyStop(phase_cfg.early_stopping_patience, monitor="valid_loss"))
+    if phase_cfg.mixup > 0:
+        callbacks.append(MixUp(phase_cfg.mixup))  # blends targets too: our losses take float targets
     callbacks += tracking_callbacks(cfg, phase, log)  # TensorBoard / MLflow when the config asks
     learn = Learner(dls, model.to(device), loss_func=build_loss(phase_cfg.loss), wd=phase_cfg.weight_decay,
                     metrics=metrics, splitter=splitter, path=cfg.run_dir, model_dir="models", cbs=callbacks)

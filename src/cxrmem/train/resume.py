@@ -6,24 +6,34 @@ when a stage ends (early stopping included), :class:`SaveProgress` writes
 ``models/<save_name>_resume.pth`` atomically:
 
     {"model": state dict (bank included), "opt": optimizer state,
-     "progress": {phase, stage, epochs_done, stage_complete, lr, best, history}}
+     "progress": {phase, stage, epochs_done, stage_complete, lr, best, stop, history},
+     "random": every random generator training draws from (see random_states)}
 
 ``--resume`` restores it at the first unfinished stage and skips that stage's
 finished epochs with :class:`SkipFinishedEpochs`, so the one-cycle schedule
 continues where it stopped (fastai recomputes its position from the epoch number).
+
+A resumed run is the uninterrupted one, to the bit on one CPU process with the same
+number of loader workers: within the phase of the interruption the random generators
+(Python ``random``, NumPy, torch CPU and CUDA, the DataLoaders' own shuffling generators,
+the memory bank's reservoir generator) continue from the last finished epoch; phase 2
+starts from a seed of its own (:func:`phase_seed`), so it needs nothing of phase 1's
+generators but the bank's.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from fastai.callback.core import Callback, CancelEpochException
 from fastcore.foundation import L
 
 from .. import io
 from ..errors import UserError
-from .distributed import is_main_process, on_main, unwrap
+from .distributed import is_distributed, is_main_process, on_main, unwrap
 
 STAGES = [(1, "frozen"), (1, "unfrozen"), (2, "one_cycle")]
 
@@ -36,6 +46,7 @@ class Progress:
     stage_complete: bool = False
     lr: float | None = None          # phase 1's learning rate (LR finder result)
     best: float | None = None        # best valid_loss of the phase so far
+    stop: list | None = None         # early stopping within the stage: [best valid_loss, epochs waited]
     history: list = field(default_factory=list)
 
     @property
@@ -52,6 +63,7 @@ class ResumeState:
         if resume:
             self.saved = on_main(lambda: _read(path))  # under torchrun: rank 0 reads, every rank gets it
         self.progress = Progress(**self.saved["progress"]) if self.saved else Progress()
+        self.smooth_loss = None  # the Recorder's running train_loss within the interrupted stage
 
     def stage_done(self, phase: int, stage: str) -> bool:
         if self.saved is None:
@@ -60,21 +72,84 @@ class ResumeState:
         return here < p.position or (here == p.position and p.stage_complete)
 
     def restore(self, learn, phase: int, stage: str, log) -> int:
-        """At the first unfinished stage: load weights (and, within the phase, optimizer,
-        best value and the epoch log's rows). Returns the number of epochs of this stage to skip."""
+        """At the first unfinished stage: load weights and the bank's generator; within the phase also
+        the best value, the epoch log's rows and the random generators; within the stage the optimizer
+        and early stopping. Returns the number of epochs of this stage to skip."""
+        self.smooth_loss = None  # only the interrupted stage continues fastai's running train_loss
         if self.saved is None:
             return 0
         saved, p = self.saved, self.progress
         self.saved = None  # restore once
         learn.model.load_state_dict(saved["model"])
+        randomness = saved.get("random", {})
+        set_bank_state(learn, randomness)
         if p.phase != phase:
             return 0
-        if learn.opt is None:
-            learn.create_opt()
-        learn.opt.load_state_dict({"state": saved["opt"]["state"], "hypers": L(saved["opt"]["hypers"])})
+        mid_stage = p.stage == stage and not p.stage_complete
+        if mid_stage:  # a new stage starts with a clear optimizer state: fastai's freeze / unfreeze clear it
+            learn.opt.load_state_dict({"state": saved["opt"]["state"], "hypers": L(saved["opt"]["hypers"])})
+            self.smooth_loss = saved.get("smooth_loss")
         log.checkpoint.best = p.best if p.best is not None else log.checkpoint.best
         log.rows = [list(row) for row in p.history]
-        return p.epochs_done if p.stage == stage and not p.stage_complete else 0
+        if not is_distributed():  # the file holds rank 0's generators; every rank keeps its own seeding
+            set_random_states(learn, randomness)
+        early_stop = getattr(learn, "early_stop", None)  # fastai names a Learner's callbacks after their class
+        if mid_stage and early_stop is not None and p.stop is not None:
+            early_stop.resume_with(*p.stop)
+        return p.epochs_done if mid_stage else 0
+
+
+def phase_seed(seed: int, phase: int) -> int:
+    """The seed the random generators get when ``phase`` starts: ``seed`` for phase 1, ``seed + 1``
+    for phase 2. Phase 2's data order, augmentation and dropout then depend on neither phase 1's
+    draws nor on whether phase 1 was resumed."""
+    return seed + phase - 1
+
+
+def random_states(learn) -> dict:
+    """The state of every random generator training draws from, loadable with ``weights_only``:
+    Python ``random`` (fastai's augmentation choices), NumPy, torch CPU (weights, dropout, affine
+    augmentation, MixUp, the workers' seeds) and CUDA, each DataLoader's shuffling generator
+    (fastai draws every epoch's order from the loader's own ``random.Random``), and the memory
+    bank's reservoir generator."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    states = {"python": random.getstate(),
+              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(gauss)],
+              "torch": torch.get_rng_state(),
+              "loaders": [dl.rng.getstate() if hasattr(dl, "rng") else None  # torchrun's DistributedDL: none
+                          for dl in learn.dls.loaders]}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    bank = getattr(unwrap(learn.model), "bank", None)
+    if bank is not None:
+        states["bank"] = bank.generator.get_state()
+    return states
+
+
+def set_random_states(learn, states: dict) -> None:
+    """Put back what :func:`random_states` saved (all but the bank's; see :func:`set_bank_state`)."""
+    if not states:
+        return
+    random.setstate(_tuples(states["python"]))
+    kind, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    for dl, state in zip(learn.dls.loaders, states["loaders"]):
+        if state is not None:
+            dl.rng.setstate(_tuples(state))
+
+
+def set_bank_state(learn, states: dict) -> None:
+    bank = getattr(unwrap(learn.model), "bank", None)
+    if bank is not None and "bank" in states:
+        bank.generator.set_state(states["bank"])
+
+
+def _tuples(value):
+    """A ``random`` state as ``setstate`` wants it (tuples all the way down)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def _read(path):
@@ -114,6 +189,8 @@ class SaveProgress(Callback):
         p = self.progress
         best = self.log.checkpoint.best
         p.best = float(best) if best is not None else None
+        early_stop = getattr(self.learn, "early_stop", None)
+        p.stop = None if early_stop is None else [float(early_stop.best), int(early_stop.wait)]
         p.history = [[_plain(cell) for cell in row] for row in self.log.rows]
         if not is_main_process():  # under torchrun rank 0 writes; the ranks are in the same state
             return
@@ -121,7 +198,14 @@ class SaveProgress(Callback):
         hypers = [{k: _plain(v) for k, v in h.items()} for h in opt["hypers"]]
         io.torch_save({"model": unwrap(self.learn.model).state_dict(),
                        "opt": {"state": list(opt["state"]), "hypers": hypers},
-                       "progress": asdict(p)}, self.path)
+                       "progress": asdict(p), "random": random_states(self.learn),
+                       "smooth_loss": smooth_loss_state(self.learn)}, self.path)
+
+
+def smooth_loss_state(learn) -> list:
+    """fastai logs as train_loss a running average carried over the epochs of a fit: [count, value]."""
+    smooth = learn.recorder.smooth_loss
+    return [int(smooth.count), torch.as_tensor(smooth.val).detach().cpu().clone()]
 
 
 def _plain(value):
@@ -131,12 +215,14 @@ def _plain(value):
 
 class SkipFinishedEpochs(Callback):
     """Skips the first ``n`` epochs of a fit, silencing every other callback for them
-    (fastai's own SkipToEpoch would let the Recorder and trackers see empty epochs)."""
+    (fastai's own SkipToEpoch would let the Recorder and trackers see empty epochs), then
+    gives the Recorder back its running train_loss ``smooth_loss`` ([count, value]) as the
+    interrupted fit had it."""
 
     order = -50  # before fastai's own callbacks see the epoch
 
-    def __init__(self, n: int):
-        self.n, self.silenced, self.skipping = n, [], False
+    def __init__(self, n: int, smooth_loss=None):
+        self.n, self.smooth_loss, self.silenced, self.skipping = n, smooth_loss, [], False
 
     def before_epoch(self):
         for cb in self.silenced:
@@ -148,9 +234,12 @@ class SkipFinishedEpochs(Callback):
             for cb in self.silenced:
                 cb.run = False
             raise CancelEpochException()
+        if self.smooth_loss is not None:
+            smooth = self.learn.recorder.smooth_loss
+            smooth.count, smooth.val = self.smooth_loss[0], self.smooth_loss[1].to(smooth.val.device)
+            self.smooth_loss = None
 
     def after_fit(self):
         for cb in self.silenced:
             cb.run = True
         self.silenced = []
-

@@ -1,0 +1,39 @@
+"""The random states a resume file keeps: saved, written, read back and restored, every generator
+training draws from continues exactly as if nothing had happened."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from fastai.data.load import DataLoader
+
+from cxrmem import io
+from cxrmem.models.memory import MemoryBank
+from cxrmem.train.resume import random_states, set_bank_state, set_random_states
+
+
+def draws(learn):
+    """One draw from every generator, and one epoch's order from each loader."""
+    return (random.random(), float(np.random.rand()), float(torch.rand(())), [list(map(int, torch.cat(list(dl))))
+            for dl in learn.dls.loaders], float(torch.rand((), generator=learn.model.bank.generator)))
+
+
+def test_random_states_round_trip_through_the_resume_file(tmp_path):
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    loaders = [DataLoader(list(range(10)), bs=4, shuffle=True), DataLoader(list(range(6)), bs=4)]
+    learn = SimpleNamespace(dls=SimpleNamespace(loaders=loaders), model=SimpleNamespace(bank=MemoryBank(4, 8)))
+    draws(learn)  # some history before the save
+    io.torch_save({"random": random_states(learn)}, tmp_path / "resume.pth")
+    expected = [draws(learn) for _ in range(2)]  # what the uninterrupted run draws next
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)  # a restarted process: other states
+    learn.model.bank.generator.manual_seed(7)
+    for dl in loaders:
+        dl.rng.seed(7)
+    states = io.torch_load(tmp_path / "resume.pth")["random"]  # weights_only, as --resume reads it
+    set_random_states(learn, states)
+    set_bank_state(learn, states)
+    assert [draws(learn) for _ in range(2)] == expected
+    assert expected[0][3][0] != expected[1][3][0]  # the loader really reshuffles every epoch
