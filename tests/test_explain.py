@@ -121,15 +121,19 @@ def test_heatmaps_leave_bank_weights_and_mode_as_they_were(net, images):
     ("efficientnet_v2_s", lambda body: body.features[-1]),
     ("densenet121", lambda body: body.features.denseblock4),
     ("timm/resnet10t", lambda body: body.model.layer4),
+    ("timm/mobilenetv3_small_050", lambda body: body.model.blocks),  # its conv_head runs after pooling
 ])
 def test_the_target_is_the_last_convolutional_block(backbone, layer):
+    model = build_model(model_config(backbone)).eval()
+    assert explain.target_layer(model, torch.randn(1, 3, 128, 128)) is layer(model.body)
+    maps = explain.grad_cam(model, torch.randn(2, 3, 128, 128), [NODULE, MASS])
+    assert maps.shape == (2, 2, 128, 128)
+    assert all(np.ptp(m) > 0.5 for m in maps.reshape(4, -1))  # a map over the 4 x 4 feature grid, not a constant
+
+
+@pytest.mark.parametrize("backbone", ["timm/test_vit", "timm/test_mambaout"])
+def test_a_backbone_without_a_channels_first_map_is_refused_in_one_line(backbone):
     model = build_model(model_config(backbone))
-    assert explain.target_layer(model) is layer(model.body)
-    assert explain.grad_cam(model, torch.randn(1, 3, 64, 64), [NODULE]).shape == (1, 1, 64, 64)
-
-
-def test_a_token_backbone_is_refused_in_one_line():
-    model = build_model(model_config("timm/test_vit"))
     with pytest.raises(UserError, match="convolutional backbone") as info:
         explain.grad_cam(model, torch.randn(1, 3, 64, 64), [NODULE])
     assert "\n" not in str(info.value)

@@ -10,13 +10,15 @@ L is resized (bilinear) to the input's S x S, R = resize(L), and scaled to [0, 1
 image and class, (R - min R) / (max R - min R); an L that is 0 everywhere stays 0.
 
 Target layer: the backbone's last convolutional block, found by one rule for every
-backbone: start at the network's ``body`` and, while exactly one child holds an
-``nn.Conv2d``, step into that child; the target is then the last child holding an
-``nn.Conv2d``. That is ``layer4`` of the ResNets (torchvision and timm), ``features[-1]``
-(the 1x1 head convolution) of torchvision's EfficientNets, ``denseblock4`` of DenseNet,
-``conv_head`` of timm's EfficientNets and ``stages`` of ConvNeXt. Backbones whose body does
-not give a [B, D, h, w] feature map (vision transformers' tokens, channels-last maps) are
-refused with a UserError.
+backbone. Consider the children that hold an ``nn.Conv2d`` and that the body runs when
+it computes its feature map; start at the network's ``body`` and, while there is exactly
+one such child, step into it; the target is then the last of them to run. That is
+``layer4`` of the ResNets (torchvision and timm), ``features[-1]`` (the 1x1 head
+convolution) of torchvision's EfficientNets, ``denseblock4`` of DenseNet, ``conv_head``
+of timm's EfficientNets, ``blocks`` of timm's MobileNetV3 (whose ``conv_head`` runs after
+pooling) and ``stages`` of ConvNeXt. Backbones
+whose body does not give a [B, C, h, w] feature map (vision transformers' tokens, timm
+models declaring channels-last output) are refused with a UserError.
 
 The network is put in eval mode, so the memory bank is read and never written, and its
 parameters are frozen while a heatmap is computed (the gradient flows from the input,
@@ -59,15 +61,35 @@ def _grad_cam_package():
     return GradCAM, ClassifierOutputTarget
 
 
-def _holds_conv(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv2d) for m in module.modules())
+def _children_run_by_body(model: nn.Module, module: nn.Module, probe: Tensor) -> list[nn.Module]:
+    """The children of ``module`` whose nn.Conv2d layers ``model.body(probe)`` runs, in the order it first
+    runs them (hooks on the convolutions themselves: a timm body calls its model's methods, not the model)."""
+    ran: list[nn.Module] = []
+
+    def hook_for(child):
+        return lambda conv, inputs, output: ran.append(child) if child not in ran else None
+
+    handles = [conv.register_forward_hook(hook_for(child))
+               for child in module.children() for conv in child.modules() if isinstance(conv, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model.body(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ran
 
 
-def target_layer(model: nn.Module) -> nn.Module:
-    """The backbone's last convolutional block of a :class:`~cxrmem.models.net.CXRNet` (rule above)."""
+def target_layer(model: nn.Module, probe: Tensor) -> nn.Module:
+    """The backbone's last convolutional block of a :class:`~cxrmem.models.net.CXRNet` (rule above).
+
+    ``probe`` ([1, 3, S, S]) is run through the body to see which children compute the feature
+    map (timm runs a MobileNetV3's ``conv_head`` after pooling, outside the feature map). Call
+    with the model in eval mode, so that batch-norm statistics stay as they are.
+    """
     module = model.body
     while True:
-        convolutional = [child for child in module.children() if _holds_conv(child)]
+        convolutional = _children_run_by_body(model, module, probe)
         if not convolutional:
             raise UserError(f"heatmaps need a convolutional backbone; {model.backbone_name} has no nn.Conv2d layer")
         if len(convolutional) == 1 and any(True for _ in convolutional[0].children()):
@@ -86,10 +108,11 @@ class _FeatureMapShape:
         self.shape = tuple(output.shape) if isinstance(output, Tensor) else None
 
     def check(self, model) -> None:
-        """UserError unless the body gave [B, D, h, w] (token or channels-last maps: no Grad-CAM here)."""
-        if self.shape is None or len(self.shape) != 4 or self.shape[1] != model.num_features:
-            raise UserError(f"heatmaps need a convolutional backbone whose feature map is [B, {model.num_features}, "
-                            f"H, W]; {model.backbone_name} gives {list(self.shape or [])}; use a CNN backbone")
+        """UserError unless the body gave a [B, C, h, w] map (not tokens, not timm's declared channels-last)."""
+        declared = getattr(getattr(model.body, "model", model.body), "output_fmt", "NCHW")  # timm models say NHWC
+        if self.shape is None or len(self.shape) != 4 or getattr(declared, "value", declared) != "NCHW":
+            raise UserError(f"heatmaps need a convolutional backbone with a [B, C, H, W] feature map; "
+                            f"{model.backbone_name} gives {list(self.shape or [])} ({declared}); use a CNN backbone")
 
 
 def grad_cam_pairs(model: nn.Module, images: Tensor, classes: Sequence[int], batch_size: int = 32) -> np.ndarray:
@@ -103,8 +126,9 @@ def grad_cam_pairs(model: nn.Module, images: Tensor, classes: Sequence[int], bat
     if images.ndim != 4 or len(classes) != images.shape[0]:
         raise ValueError(f"images {tuple(images.shape)} must be [N, 3, S, S] with one class each "
                          f"({len(classes)} given)")
-    layer = target_layer(model)
     was_training = model.training
+    model.eval()
+    layer = target_layer(model, images[:1].to(device=next(model.parameters()).device, dtype=torch.float32))
     requires_grad = [p.requires_grad for p in model.parameters()]
     device = next(model.parameters()).device
     shape = _FeatureMapShape()
@@ -218,23 +242,17 @@ def pointing_game(model, frame, boxes, image_size: int, batch_size: int = 32) ->
 
 def pointing_game_of_run(cfg, model, frame) -> dict:
     """{split: pointing game} for the valid and test images with boxes in ``cfg.data.data_dir``'s
-    BBox_List_2017.csv; {} without such boxes. A malformed box file or no grad-cam package:
-    a warning and {}."""
+    BBox_List_2017.csv; {} without such boxes. Whatever a user can fix (a malformed box file, no
+    grad-cam package, a backbone without a feature map) is a warning and {}: it comes after
+    training, which it must not fail (``--check-data`` reports a malformed box file as an error)."""
     from .data.chestxray14 import read_bboxes
 
     try:
         boxes = read_bboxes(cfg.data.data_dir)
-    except UserError as error:  # after training: a warning, not a failed run (--check-data reports it)
-        warnings.warn(f"pointing game skipped: {error}", stacklevel=2)
-        return {}
-    splits = {split: frame[frame["split"] == split] for split in ("valid", "test")}
-    splits = {split: rows for split, rows in splits.items() if rows["image_index"].isin(boxes["image_index"]).any()}
-    if not splits:
-        return {}
-    try:
-        _grad_cam_package()
+        splits = {split: frame[frame["split"] == split] for split in ("valid", "test")}
+        batch_size = (cfg.phase2 or cfg.phase1).batch_size
+        return {split: pointing_game(model, rows, boxes, cfg.data.image_size, batch_size)
+                for split, rows in splits.items() if rows["image_index"].isin(boxes["image_index"]).any()}
     except UserError as error:
         warnings.warn(f"pointing game skipped: {error}", stacklevel=2)
         return {}
-    batch_size = (cfg.phase2 or cfg.phase1).batch_size
-    return {split: pointing_game(model, rows, boxes, cfg.data.image_size, batch_size) for split, rows in splits.items()}
