@@ -237,3 +237,81 @@ def test_without_grad_cam_a_run_warns_and_skips_the_pointing_game(net, tiny_data
     monkeypatch.setitem(sys.modules, "pytorch_grad_cam", None)
     with pytest.warns(UserWarning, match="pointing game skipped.*cxrmem\\[explain\\]"):
         assert explain.pointing_game_of_run(cfg, net, frame) == {}
+
+
+# ---- the demo check: a model trained by the test, its pointing game -------------------------------------
+
+DEMO = """
+experiment_name: demo_boxes
+model: {backbone: timm/test_resnet, pretrained: false}
+memory: {use_memory: true, bank_size: 64, top_k: 3, update_strategy: rarity, rarity_threshold: 0.1}
+data: {image_size: 160, num_workers: 0, seed: 0, valid_pct: 0.25}
+phase1: {batch_size: 32, use_lr_finder: false, base_lr: 0.004, freeze_epochs: 0, total_epochs: 1}
+phase2: {batch_size: 32, epochs: 10, lr_min: 0.004, lr_max: 0.004, filter_normal: false}
+evaluation: {bootstrap_resamples: 20}
+"""
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """A demo-like run on a synthetic set kept to its Nodule and Mass images and as many normal ones
+    (about 600 images, 160 px: a 5 x 5 Grad-CAM grid), two phases, a few epochs."""
+    from cxrmem.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("demo_boxes")
+    data = root / "cxr14"
+    generate(data, 800, size=128, seed=0, workers=2)
+    csv_path = data / "Data_Entry_2017.csv"
+    header, *rows = csv_path.read_text().splitlines()
+    labels = [row.split(",")[1].split("|") for row in rows]
+    lesions = [row for row, found in zip(rows, labels) if {"Nodule", "Mass"} & set(found)]
+    normals = [row for row, found in zip(rows, labels) if found == ["No Finding"]][: len(lesions)]
+    csv_path.write_text("\n".join([header, *lesions, *normals]) + "\n")
+    config = root / "demo.yaml"
+    config.write_text(DEMO)
+    run_dir = root / "run"
+    assert train_main(["--config", str(config), "--data_dir", str(data), "--output_dir", str(run_dir)]) == 0
+    return data, config, run_dir
+
+
+@pytest.mark.slow
+def test_a_training_run_plays_the_pointing_game_on_its_final_model(demo_run):
+    data, config, run_dir = demo_run
+    cfg = load_config(config, [], data_dir=str(data), output_dir=str(run_dir))
+    localisation = json.loads((run_dir / "metrics.json").read_text())["test"]["localisation"]
+    frame, _, _ = load_frame(data, cfg.data.valid_pct, cfg.data.seed)
+    test = frame[frame["split"] == "test"]
+    boxes = read_bboxes(data)
+    boxes = boxes[boxes["image_index"].isin(test["image_index"])].reset_index(drop=True)
+    assert {"Nodule", "Mass"} <= set(localisation)
+
+    from cxrmem.train.phases import checkpoint_path, load_checkpoint
+
+    model = build_model(cfg.model, cfg.memory)
+    load_checkpoint(model, checkpoint_path(cfg, 2))
+    paths = dict(zip(test["image_index"], test["path"]))
+    maps = explain.grad_cam_pairs(model, explain.prepare_images([paths[n] for n in boxes["image_index"]], 160),
+                                  [FINDINGS.index(f) for f in boxes["finding"]])
+    expected = pointing_game(maps, boxes[list("xywh")].to_numpy(), list(boxes["finding"]))
+    assert set(localisation) == set(expected)
+    for finding, result in expected.items():
+        assert localisation[finding]["n_boxes"] == result["n_boxes"]
+        assert localisation[finding]["hit_rate"] == pytest.approx(result["hit_rate"])
+        assert localisation[finding]["chance_rate"] == pytest.approx(result["chance_rate"])
+    print("pointing game:", {f: localisation[f] for f in ("Nodule", "Mass")})
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="Grad-CAM of a small network trained from scratch for a few CPU epochs peaks on the "
+                          "soft tissue of the mediastinum, not on the synthetic lesions (see docs/using-a-model.md)",
+                   strict=False)
+def test_demo_model_points_at_nodules_and_masses_well_above_chance(demo_run):
+    from scipy.stats import binom
+
+    _, _, run_dir = demo_run
+    localisation = json.loads((run_dir / "metrics.json").read_text())["test"]["localisation"]
+    for finding in ("Nodule", "Mass"):
+        r = localisation[finding]
+        hits = round(r["hit_rate"] * r["n_boxes"])
+        assert r["hit_rate"] > 5 * r["chance_rate"], (finding, r)
+        assert binom.sf(hits - 1, r["n_boxes"], r["chance_rate"]) < 1e-3, (finding, r)  # P(>= hits by chance)

@@ -16,9 +16,9 @@ one such child, step into it; the target is then the last of them to run. That i
 ``layer4`` of the ResNets (torchvision and timm), ``features[-1]`` (the 1x1 head
 convolution) of torchvision's EfficientNets, ``denseblock4`` of DenseNet, ``conv_head``
 of timm's EfficientNets, ``blocks`` of timm's MobileNetV3 (whose ``conv_head`` runs after
-pooling) and ``stages`` of ConvNeXt. Backbones
-whose body does not give a [B, C, h, w] feature map (vision transformers' tokens, timm
-models declaring channels-last output) are refused with a UserError.
+pooling) and ``stages`` of ConvNeXt. Backbones whose body does not give a [B, C, h, w]
+feature map (vision transformers' tokens, timm models declaring channels-last output) are
+refused with a UserError.
 
 The network is put in eval mode, so the memory bank is read and never written, and its
 parameters are frozen while a heatmap is computed (the gradient flows from the input,
@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from .errors import UserError
 
-__all__ = ["grad_cam", "grad_cam_pairs", "target_layer", "save_overlay", "prepare_images",
+__all__ = ["grad_cam", "grad_cam_pairs", "target_layer", "save_overlay", "prepare_images", "pointing_game",
            "pointing_game_of_run"]
 
 INSTALL_HINT = "pip install 'cxrmem[explain]'"
@@ -128,17 +128,16 @@ def grad_cam_pairs(model: nn.Module, images: Tensor, classes: Sequence[int], bat
                          f"({len(classes)} given)")
     was_training = model.training
     model.eval()
-    layer = target_layer(model, images[:1].to(device=next(model.parameters()).device, dtype=torch.float32))
-    requires_grad = [p.requires_grad for p in model.parameters()]
     device = next(model.parameters()).device
+    layer = target_layer(model, images[:1].to(device=device, dtype=torch.float32))
+    requires_grad = [p.requires_grad for p in model.parameters()]
     shape = _FeatureMapShape()
     handle = model.body.register_forward_hook(shape)
     out, cam = [], None
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        cam = GradCAM(model=model, target_layers=[layer])  # puts the model in eval mode
-        # (not used as a context manager: its __exit__ swallows IndexErrors)
+        cam = GradCAM(model=model, target_layers=[layer])  # not a context manager: its __exit__ swallows IndexErrors
         with torch.enable_grad():
             for start in range(0, images.shape[0], batch_size):
                 batch = images[start:start + batch_size].to(device=device, dtype=torch.float32).requires_grad_(True)
