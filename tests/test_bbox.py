@@ -136,6 +136,17 @@ def test_a_box_is_where_its_finding_changes_the_image(finding):
         assert x <= centre_x <= x + w and y <= centre_y <= y + h, i
 
 
+def test_a_set_without_its_box_file_gets_it_back_and_keeps_its_images(tmp_path):
+    out = tmp_path / "set"
+    generate(out, 30, size=32, seed=1, workers=1)
+    reference = (out / BBOX_FILE).read_bytes()
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("images_*/images/*.png")}
+    (out / BBOX_FILE).unlink()  # a set written before the generator wrote boxes
+    summary = generate(out, 30, size=32, seed=1, workers=1)
+    assert not summary["skipped"] and (out / BBOX_FILE).read_bytes() == reference
+    assert {p: p.stat().st_mtime_ns for p in out.glob("images_*/images/*.png")} == stamps
+
+
 def test_only_findings_with_a_place_get_a_box():
     everything = np.ones(len(FINDINGS), bool)
     assert set(draw_image(everything, 64, seed=0, image_index=0, patient_id=1).boxes) == set(PLACED)
