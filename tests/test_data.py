@@ -132,7 +132,7 @@ def test_check_data_prints_and_writes_the_summary(tiny_data, tmp_path, capsys):
     assert status == 0, err
     summary = json.loads((run_dir / "data_summary.json").read_text())
     assert set(summary) == {"train", "valid", "test", "phase1_train", "phase1_valid", "missing_images",
-                            "split_source"}
+                            "split_source", "bboxes"}
     assert summary["split_source"] == "official" and summary["missing_images"] == 0
     frame, _, _ = load_frame(tiny_data, valid_pct=0.1, seed=42)
     for split in ("train", "valid", "test"):

@@ -126,13 +126,13 @@ def run(cfg, args) -> int:
 
 def run_pipeline(cfg, args, distributed) -> int:
     from . import io
-    from .data.chestxray14 import format_summary, summarize
+    from .data.chestxray14 import format_summary, read_bboxes, summarize
     from .data.prepare import prepare_data
 
     print(f"# {cfg.experiment_name}: resolved configuration\n{dump_yaml(cfg)}")
     data = distributed.on_main(lambda: prepare_data(cfg))
     if args.check_data:
-        summary = summarize(data.frame, data.split_source, len(data.missing))
+        summary = summarize(data.frame, data.split_source, len(data.missing), read_bboxes(cfg.data.data_dir))
         print(format_summary(summary))
         if distributed.is_main_process():
             io.write_json(cfg.run_dir / "data_summary.json", summary)
@@ -163,6 +163,9 @@ def run_pipeline(cfg, args, distributed) -> int:
     predictions = predict_splits(cfg, model, data.frame, device)  # every rank predicts its share
     if distributed.is_main_process():
         write_results(cfg, predictions, data.frame)
+        from .explain import pointing_game_of_run
+        from .report import add_localisation
+        add_localisation(cfg.run_dir, pointing_game_of_run(cfg, model, data.frame))  # when boxes exist
         plot_run(cfg.run_dir)
         tracking.finish(cfg)  # final AUCs and files to the MLflow run, if any
     print(f"\nrun folder: {cfg.run_dir}")

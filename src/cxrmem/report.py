@@ -63,6 +63,8 @@ __all__ = [
     "evaluate_split",
     "format_auc",
     "format_report",
+    "format_localisation",
+    "add_localisation",
     "save_predictions",
     "load_predictions",
     "PREDICTION_KEYS",
@@ -496,6 +498,33 @@ def format_markdown_report(metrics: dict, title: str) -> str:
     for split, result in metrics.items():
         lines += split_markdown(split, result) + [""]
     return "\n".join(lines)
+
+
+def format_localisation(split_name: str, result: dict) -> str:
+    """The pointing game of one split (``result``: {finding: {n_boxes, hit_rate, chance_rate}})::
+
+        Pointing game (test; heatmap maximum inside the box, a random point's rate in brackets):
+          Nodule      : 0.6250 (0.0041)  16 boxes
+    """
+    width = max((len(finding) for finding in result), default=0) + 1
+    lines = [f"Pointing game ({split_name}; heatmap maximum inside the box, a random point's rate in brackets):"]
+    lines += [f"  {finding:<{width}}: {r['hit_rate']:.4f} ({r['chance_rate']:.4f})  {r['n_boxes']} boxes"
+              for finding, r in result.items()]
+    return "\n".join(lines)
+
+
+def add_localisation(run_dir, localisation: dict) -> None:
+    """Store {split: pointing game} as each split's ``localisation`` in metrics.json and print it.
+
+    Nothing happens for an empty ``localisation`` (no boxes on the evaluated images).
+    """
+    if not localisation:
+        return
+    metrics = read_metrics(run_dir)
+    for split, result in localisation.items():
+        metrics.setdefault(split, {})["localisation"] = result
+        print("\n" + format_localisation(split, result))
+    write_metrics(run_dir, metrics)
 
 
 # --------------------------------------------------------------------------- figure helpers

@@ -1,7 +1,8 @@
 """ChestX-ray14 on disk, as plain pandas: read the metadata, label, locate images, read the lists, summarise.
 
 The layout: ``Data_Entry_2017.csv`` (or ``Data_Entry_2017_v2020.csv``), the official
-lists, images under ``images_*/images`` or ``images``. Which image goes to which split is
+lists, images under ``images_*/images`` or ``images``, and optionally the bounding boxes
+``BBox_List_2017.csv`` (:func:`read_bboxes`). Which image goes to which split is
 decided by :mod:`cxrmem.data.split`; nothing here imports fastai.
 
 The frame every function passes along has one row per image with the columns
@@ -29,6 +30,12 @@ METADATA_FILES = (CSV_NAME, "Data_Entry_2017_v2020.csv")
 REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
 # CSV column -> frame column of the image metadata kept for reporting (empty where the CSV lacks it).
 METADATA_COLUMNS = {"Patient Age": "patient_age", "Patient Gender": "patient_gender", "View Position": "view_position"}
+
+BBOX_FILE = "BBox_List_2017.csv"
+BBOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"  # the split header cell: x, y, w, h in 4 columns
+BBOX_COLUMNS = ("Image Index", "Finding Label", "Bbox [x", "y", "w", "h]")
+BBOX_ALIASES = {"Infiltrate": "Infiltration"}  # the box file's label -> the finding
+BOX_FRAME = 1024  # box coordinates are pixels of ChestX-ray14's 1024 x 1024 originals
 
 
 # --------------------------------------------------------------------------- metadata
@@ -83,6 +90,58 @@ def encode_labels(finding_labels: pd.Series, source) -> pd.DataFrame:
     onehot = pd.crosstab(exploded.index, exploded).reindex(index=finding_labels.index, columns=FINDINGS,
                                                           fill_value=0)
     return (onehot > 0).astype(np.int8).set_axis(finding_labels.index)
+
+
+# --------------------------------------------------------------------------- bounding boxes
+
+
+def empty_bboxes() -> pd.DataFrame:
+    return pd.DataFrame({"image_index": pd.Series(dtype=str), "finding": pd.Series(dtype=str),
+                         **{c: pd.Series(dtype=float) for c in "xywh"}})
+
+
+def read_bboxes(data_dir) -> pd.DataFrame:
+    """``BBox_List_2017.csv`` of ``data_dir`` -> frame [image_index, finding, x, y, w, h].
+
+    The file's header cell ``Bbox [x,y,w,h]`` is split by its commas into the columns
+    ``Bbox [x``, ``y``, ``w``, ``h]`` (three empty columns follow); coordinates are pixels
+    of the :data:`BOX_FRAME` px originals, x right and y down from the top left corner.
+    "Infiltrate" is the finding Infiltration. No file: an empty frame. A file without
+    those columns, with a non-numeric or negative-sized box, or an unknown finding: UserError.
+    """
+    path = Path(data_dir) / BBOX_FILE
+    if not path.is_file():
+        return empty_bboxes()
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: not a readable CSV ({reason}); restore the original file") from None
+    raw.columns = [c.strip() for c in raw.columns]
+    missing = [c for c in BBOX_COLUMNS if c not in raw.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)}; expected ChestX-ray14's header "
+                        f"{BBOX_HEADER!r}")
+    labels = raw["Finding Label"].str.strip()
+    findings = labels.map(lambda label: BBOX_ALIASES.get(label, label))
+    unknown = sorted(set(findings) - set(FINDINGS))
+    if unknown:
+        raise UserError(f"{path}: unknown finding label(s) {', '.join(map(repr, unknown[:5]))}; "
+                        f"labels must be among the 14 findings or 'Infiltrate'")
+    coords = raw[list(BBOX_COLUMNS[2:])].apply(lambda col: pd.to_numeric(col.str.strip(), errors="coerce"))
+    bad = coords.isna().any(axis=1) | (coords[["w", "h]"]] < 0).any(axis=1)
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise UserError(f"{path}: line {row + 2} has no valid box x, y, w, h >= 0 "
+                        f"({', '.join(map(str, raw.loc[row, list(BBOX_COLUMNS[2:])]))}); restore the original file")
+    coords.columns = list("xywh")
+    frame = pd.DataFrame({"image_index": raw["Image Index"].str.strip(), "finding": findings})
+    return pd.concat([frame, coords.astype(float)], axis=1)
+
+
+def boxes_in_split(boxes: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """The boxes on the images of ``rows`` (a frame with ``image_index``)."""
+    return boxes[boxes["image_index"].isin(rows["image_index"])]
 
 
 # --------------------------------------------------------------------------- images on disk
@@ -151,26 +210,38 @@ def read_official_lists(data_dir: Path) -> tuple[OfficialLists | None, str]:
 # --------------------------------------------------------------------------- summary
 
 
-def describe(rows: pd.DataFrame) -> dict:
+def count_boxes(boxes: pd.DataFrame, box_findings) -> dict[str, int]:
+    counts = boxes["finding"].value_counts()
+    return {f: int(counts.get(f, 0)) for f in box_findings}
+
+
+def describe(rows: pd.DataFrame, boxes: pd.DataFrame, box_findings) -> dict:
     return {
         "n_images": int(len(rows)),
         "n_patients": int(rows["patient_id"].nunique()),
         "positives": {f: int(rows[f].sum()) for f in FINDINGS},
+        "bboxes": count_boxes(boxes_in_split(boxes, rows), box_findings),
     }
 
 
-def summarize(frame: pd.DataFrame, split_source: str, missing_images: int) -> dict:
-    """The data_summary.json content: per split and for phase 1's train/valid."""
+def summarize(frame: pd.DataFrame, split_source: str, missing_images: int, boxes: pd.DataFrame | None = None) -> dict:
+    """The data_summary.json content: per split and for phase 1's train/valid, and ``bboxes``:
+    {finding: boxes on the data set's images} for the findings the box file names (FINDINGS order)."""
+    boxes = empty_bboxes() if boxes is None else boxes
+    box_findings = [f for f in FINDINGS if f in set(boxes["finding"])]
     phase1 = phase_frame(frame, filter_normal=True)
-    return {
-        "train": describe(frame[frame["split"] == "train"]),
-        "valid": describe(frame[frame["split"] == "valid"]),
-        "test": describe(frame[frame["split"] == "test"]),
-        "phase1_train": describe(phase1[~phase1["is_valid"]]),
-        "phase1_valid": describe(phase1[phase1["is_valid"]]),
-        "missing_images": int(missing_images),
-        "split_source": split_source,
+    parts = {
+        "train": frame[frame["split"] == "train"],
+        "valid": frame[frame["split"] == "valid"],
+        "test": frame[frame["split"] == "test"],
+        "phase1_train": phase1[~phase1["is_valid"]],
+        "phase1_valid": phase1[phase1["is_valid"]],
     }
+    summary = {name: describe(rows, boxes, box_findings) for name, rows in parts.items()}
+    summary["bboxes"] = count_boxes(boxes_in_split(boxes, frame), box_findings)
+    summary["missing_images"] = int(missing_images)
+    summary["split_source"] = split_source
+    return summary
 
 
 def format_summary(summary: dict) -> str:
@@ -183,6 +254,13 @@ def format_summary(summary: dict) -> str:
     lines.append("positives per finding:")
     for f in FINDINGS:
         lines.append(f"  {f:<{width - 2}}" + "".join(f"{summary[p]['positives'][f]:>14}" for p in parts))
+    box_findings = list(summary.get("bboxes", {}))
+    if box_findings:
+        lines.append(f"boxes per finding ({BBOX_FILE}):")
+        for f in box_findings:
+            lines.append(f"  {f:<{width - 2}}" + "".join(f"{summary[p]['bboxes'][f]:>14}" for p in parts))
+    else:
+        lines.append(f"boxes: none ({BBOX_FILE} absent or empty)")
     lines.append(f"split: {summary['split_source']}; images missing on disk: {summary['missing_images']}")
     return "\n".join(lines)
 

@@ -7,13 +7,21 @@ column of ``findings.csv``. The patterns are large enough to survive downscaling
 32-64 px, jittered in position, size and strength, and a few of them are deliberately
 subtle. Coordinates: u right, v down, about [-0.5, 0.5]; the patient's right lung is on
 the image's left (radiological convention).
+
+Painters of findings with a place (Nodule, Mass, Pneumonia, Atelectasis, Effusion,
+Pneumothorax, Cardiomegaly) return their lesion's *footprint*: the weight map, 1 on the
+lesion, with which they painted it (before its random strength). :func:`lesion_box` turns
+a footprint into the lesion's bounding box: the smallest pixel rectangle holding every
+pixel whose footprint is at least 1/2 (for the soft-edged discs and ellipses, exactly
+the shape r <= 1). Diffuse patterns (Infiltration, Edema, Emphysema, Fibrosis, ...)
+return None: they get no box.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -243,9 +251,14 @@ def draw_anatomy(size: int, anatomy: Anatomy, view: str, rng: np.random.Generato
     return Canvas(u, v, size, density, right, left, right_lung, left_lung, heart, heart_shape, anatomy.lung_air, air)
 
 
-# ---- one painter per finding: paint(canvas, rng) adds the pattern to canvas.density ----
+Footprint = Optional[np.ndarray]  # [size, size] float weights, 1 on the lesion; None: diffuse, no box
 
-def paint_atelectasis(c: Canvas, rng: np.random.Generator) -> None:
+
+# ---- one painter per finding: paint(canvas, rng) adds the pattern to canvas.density and returns its
+# footprint (None for diffuse patterns). Each return line recomputes the footprint from the painted
+# expression without reordering that expression's arithmetic, so the pixels stay bit for bit the same. ----
+
+def paint_atelectasis(c: Canvas, rng: np.random.Generator) -> np.ndarray:
     """Band of collapse across the upper right lung: a tilted opaque stripe."""
     cu, cv = c.right.centre
     level = cv - 0.5 * c.right.half_height + rng.normal(0, 0.025)
@@ -253,6 +266,7 @@ def paint_atelectasis(c: Canvas, rng: np.random.Generator) -> None:
     thickness = rng.uniform(0.035, 0.05)
     band = gaussian((c.v - level - slope * (c.u - cu)) / thickness)
     c.fill(rng.uniform(0.25, 0.75) * band * c.right_lung)
+    return band * c.right_lung
 
 
 def paint_consolidation(c: Canvas, rng: np.random.Generator) -> None:
@@ -271,13 +285,14 @@ def paint_infiltration(c: Canvas, rng: np.random.Generator) -> None:
     c.density += rng.uniform(0.04, 0.14) * blotches * c.visible_lungs
 
 
-def paint_pneumothorax(c: Canvas, rng: np.random.Generator) -> None:
+def paint_pneumothorax(c: Canvas, rng: np.random.Generator) -> np.ndarray:
     """Dark rim along the left lateral wall: collapsed lung edge plus a pleural line."""
     gap = rng.uniform(0.03, 0.07)
     collapsed = c.left.mask(c.u, c.v, inset=gap, edge=0.012)
     rim = c.left_lung * (1.0 - collapsed)
     pleural_line = 4.0 * collapsed * (1.0 - collapsed)
     c.density += -rng.uniform(0.05, 0.14) * rim + rng.uniform(0.03, 0.08) * pleural_line
+    return rim
 
 
 def paint_edema(c: Canvas, rng: np.random.Generator) -> None:
@@ -308,7 +323,7 @@ def paint_fibrosis(c: Canvas, rng: np.random.Generator) -> None:
     c.density += rng.uniform(0.04, 0.12) * (0.5 + 0.5 * net) ** 2 * lower * c.left_lung * (1.0 - c.heart)
 
 
-def paint_effusion(c: Canvas, rng: np.random.Generator) -> None:
+def paint_effusion(c: Canvas, rng: np.random.Generator) -> np.ndarray:
     """Bright right lung base: fluid with a meniscus rising towards the lateral wall."""
     cu, cv = c.right.centre
     level = cv + c.right.half_height * rng.uniform(0.4, 0.8)
@@ -316,9 +331,10 @@ def paint_effusion(c: Canvas, rng: np.random.Generator) -> None:
     meniscus = level - 2.0 * lateral * lateral
     fluid = ramp(c.v - meniscus, 0.02)
     c.fill(rng.uniform(0.85, 1.0) * fluid * c.right_lung)
+    return fluid * c.right_lung
 
 
-def paint_pneumonia(c: Canvas, rng: np.random.Generator) -> None:
+def paint_pneumonia(c: Canvas, rng: np.random.Generator) -> np.ndarray:
     """Bright fuzzy blob in the right lower lung with a mottled texture."""
     cu, cv = c.right.centre
     centre = (cu + 0.02 + rng.normal(0, 0.025), cv + 0.3 * c.right.half_height + rng.normal(0, 0.025))
@@ -326,6 +342,7 @@ def paint_pneumonia(c: Canvas, rng: np.random.Generator) -> None:
     blob = gaussian(ellipse_radius(c.u, c.v, *centre, spread, spread * 1.15))
     texture = 0.7 + 0.3 * smooth_field(rng, c.size, 16)
     c.fill(rng.uniform(0.3, 0.8) * blob * texture * c.right_lung)
+    return blob * c.right_lung
 
 
 def paint_pleural_thickening(c: Canvas, rng: np.random.Generator) -> None:
@@ -336,25 +353,27 @@ def paint_pleural_thickening(c: Canvas, rng: np.random.Generator) -> None:
     c.fill(rng.uniform(0.5, 0.9) * cap * upper)
 
 
-def paint_cardiomegaly(c: Canvas, rng: np.random.Generator) -> None:
+def paint_cardiomegaly(c: Canvas, rng: np.random.Generator) -> np.ndarray:
     """Enlarged central heart silhouette: the heart grows and hides more lung."""
     cu, cv, au, av = c.heart_shape
     factor = rng.uniform(1.15, 1.4)
     big = soft_inside(ellipse_radius(c.u, c.v, cu + 0.015, cv + 0.01, au * factor, av * factor * 0.95), 0.12)
     extra = np.clip(big - c.heart, 0.0, 1.0)
     c.fill(extra * c.lungs)
+    return big
 
 
-def paint_nodule(c: Canvas, rng: np.random.Generator) -> None:
+def paint_nodule(c: Canvas, rng: np.random.Generator) -> np.ndarray:
     """Small bright spot in the left upper lung."""
     cu, cv = c.left.centre
     centre = (cu + rng.normal(0, 0.035), cv - 0.45 * c.left.half_height + rng.normal(0, 0.04))
     radius = rng.uniform(0.022, 0.036)
     spot = soft_inside(ellipse_radius(c.u, c.v, *centre, radius, radius), 0.4)
     c.density += rng.uniform(0.08, 0.25) * spot
+    return spot
 
 
-def paint_mass(c: Canvas, rng: np.random.Generator) -> None:
+def paint_mass(c: Canvas, rng: np.random.Generator) -> np.ndarray:
     """Large bright disc with a sharp, slightly lobulated edge in the right upper lung."""
     cu, cv = c.right.centre
     centre = (cu - 0.02 + rng.normal(0, 0.02), cv - 0.05 + rng.normal(0, 0.025))
@@ -363,6 +382,7 @@ def paint_mass(c: Canvas, rng: np.random.Generator) -> None:
     disc = soft_inside(ellipse_radius(c.u, c.v, *centre, radius, radius) + lobes, 0.2)
     c.fill(rng.uniform(0.5, 1.0) * disc)
     c.density += 0.03 * disc
+    return disc
 
 
 def paint_hernia(c: Canvas, rng: np.random.Generator) -> None:
@@ -375,7 +395,7 @@ def paint_hernia(c: Canvas, rng: np.random.Generator) -> None:
     c.density += 0.08 * soft_inside(r, 0.2) - rng.uniform(0.12, 0.35) * gas
 
 
-PAINTERS: dict[str, Callable[[Canvas, np.random.Generator], None]] = {
+PAINTERS: dict[str, Callable[[Canvas, np.random.Generator], Footprint]] = {
     "Atelectasis": paint_atelectasis,
     "Consolidation": paint_consolidation,
     "Infiltration": paint_infiltration,
@@ -393,7 +413,7 @@ PAINTERS: dict[str, Callable[[Canvas, np.random.Generator], None]] = {
 }
 
 
-def painter_for(name: str) -> Callable[[Canvas, np.random.Generator], None]:
+def painter_for(name: str) -> Callable[[Canvas, np.random.Generator], Footprint]:
     """The painter of a finding named in findings.csv (an error names a missing one)."""
     try:
         return PAINTERS[name]
@@ -414,9 +434,37 @@ def _expose(density: np.ndarray, anatomy: Anatomy, rng: np.random.Generator) -> 
     return (value * 255.0 + 0.5).astype(np.uint8)
 
 
-def render_image(labels: Sequence[bool], size: int, seed: int, image_index: int,
-                 patient_id: int, view: str = "PA") -> np.ndarray:
-    """Pixels ([size, size] uint8) of one image with the given findings (official order).
+Box = tuple[int, int, int, int]  # x, y, w, h in pixels of the size x size image (x right, y down)
+FOOTPRINT_LEVEL = 0.5
+
+
+def lesion_box(footprint: Footprint) -> Box | None:
+    """The smallest pixel rectangle (x, y, w, h) holding every pixel with footprint >= 1/2.
+
+    Pixel column j covers [j, j + 1), so a footprint over columns j0..j1 gives x = j0,
+    w = j1 - j0 + 1. None for no footprint or one nowhere >= 1/2.
+    """
+    if footprint is None:
+        return None
+    rows = np.flatnonzero((footprint >= FOOTPRINT_LEVEL).any(axis=1))
+    cols = np.flatnonzero((footprint >= FOOTPRINT_LEVEL).any(axis=0))
+    if rows.size == 0:
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)
+
+
+@dataclass(frozen=True)
+class Drawing:
+    """One drawn image: ``pixels`` [size, size] uint8 and ``boxes`` {finding: Box} of its placed lesions."""
+
+    pixels: np.ndarray
+    boxes: dict[str, Box]
+
+
+def draw_image(labels: Sequence[bool], size: int, seed: int, image_index: int,
+               patient_id: int, view: str = "PA") -> Drawing:
+    """Pixels ([size, size] uint8) of one image with the given findings (official order), and the
+    boxes of its findings that have a place (:func:`lesion_box` of each painter's footprint).
 
     Deterministic in (seed, image_index, patient_id, labels, view, size): the pose,
     exposure and noise come from ``(seed, image_index)``, the anatomy from
@@ -425,7 +473,17 @@ def render_image(labels: Sequence[bool], size: int, seed: int, image_index: int,
     rng = np.random.default_rng([seed, _STREAM_IMAGE, image_index])
     anatomy = patient_anatomy(seed, patient_id)
     canvas = draw_anatomy(size, anatomy, view, rng)
+    boxes = {}
     for k, (finding, present) in enumerate(zip(FINDINGS, labels)):
         if present:
-            painter_for(finding)(canvas, np.random.default_rng([seed, _STREAM_FINDING, image_index, k]))
-    return _expose(canvas.density, anatomy, rng)
+            footprint = painter_for(finding)(canvas, np.random.default_rng([seed, _STREAM_FINDING, image_index, k]))
+            box = lesion_box(footprint)
+            if box is not None:
+                boxes[finding] = box
+    return Drawing(_expose(canvas.density, anatomy, rng), boxes)
+
+
+def render_image(labels: Sequence[bool], size: int, seed: int, image_index: int,
+                 patient_id: int, view: str = "PA") -> np.ndarray:
+    """The pixels of :func:`draw_image` alone."""
+    return draw_image(labels, size, seed, image_index, patient_id, view).pixels

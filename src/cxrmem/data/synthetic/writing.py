@@ -7,7 +7,15 @@
     DIR/test_list.txt                (about 22.8% of the images, whole patients)
     DIR/images_001/images/*.png      8-bit grayscale PNGs, PX x PX, spread over
     DIR/images_002/images/*.png      at least two folders like the real download
+    DIR/BBox_List_2017.csv           boxes of the placed lesions of every test image (below)
     DIR/synthetic.json               the parameters and a summary (written last)
+
+The box file has ChestX-ray14's format (``Image Index,Finding Label,Bbox [x,y,w,h],,,``)
+and, like the real one, boxes on test images only: every test image gets one box per
+finding whose painter places it (Atelectasis, Cardiomegaly, Effusion, Mass, Nodule,
+Pneumonia, Pneumothorax; see :func:`.drawing.lesion_box`). ChestX-ray14's boxes are in
+the pixels of its 1024 x 1024 originals, so a box of the ``size`` px synthetic image is
+scaled by ``1024 / size``: pixel column j covers [j, j + 1) * 1024 / size.
 
 Every file appears under its name whole or not at all (``cxrmem.io.atomic_path``).
 ``synthetic.json`` is written first with ``complete: false`` and last with ``complete:
@@ -30,10 +38,10 @@ from PIL import Image
 
 from ...errors import UserError
 from ...io import atomic_path
-from ..chestxray14 import CSV_NAME, list_text
+from ..chestxray14 import BBOX_ALIASES, BBOX_FILE, BBOX_HEADER, BOX_FRAME, CSV_NAME, list_text, read_bboxes
 from ..findings import FINDINGS
 from ..split import TEST_LIST, TRAIN_VAL_LIST
-from .drawing import render_image
+from .drawing import Box, draw_image
 from .labels import label_string
 from .plan import DatasetPlan, folder_names, plan_dataset
 
@@ -63,6 +71,20 @@ def data_entry_text(plan: DatasetPlan) -> str:
     return "\n".join(lines) + "\n"
 
 
+BBOX_LABELS = {finding: label for label, finding in BBOX_ALIASES.items()}  # Infiltration -> Infiltrate
+
+
+def bbox_text(plan: DatasetPlan, boxes: dict[int, dict[str, Box]], size: int) -> str:
+    """BBox_List_2017.csv: one row per (image, finding) box in plan order, in the 1024 px frame."""
+    scale = BOX_FRAME / size
+    lines = [BBOX_HEADER]
+    for i in sorted(boxes):
+        for finding, box in boxes[i].items():
+            x, y, w, h = (f"{value * scale:.10g}" for value in box)
+            lines.append(f"{plan.image_names[i]},{BBOX_LABELS.get(finding, finding)},{x},{y},{w},{h},,,")
+    return "\n".join(lines) + "\n"
+
+
 def split_list_texts(plan: DatasetPlan) -> tuple[str, str]:
     """(train_val_list.txt, test_list.txt) contents: sorted image names, one a line."""
     def as_text(selected: np.ndarray) -> str:
@@ -86,26 +108,32 @@ def write_png_atomic(path: Path, pixels: np.ndarray) -> None:
         Image.fromarray(pixels).save(tmp, format="PNG", compress_level=1)
 
 
-def _render_job(job: tuple) -> None:
-    """Worker entry point: render one image and write it (skipping it when allowed)."""
-    path, labels, size, seed, image_index, patient_id, view, keep_existing = job
+def _render_job(job: tuple) -> tuple[int, dict[str, Box]]:
+    """Worker entry point: draw one image and write it (skipping it when allowed).
+
+    Returns (image index, its boxes when ``want_boxes``, else {}); an image kept from
+    an earlier run is drawn again only when its boxes are wanted.
+    """
+    path, labels, size, seed, image_index, patient_id, view, keep_existing, want_boxes = job
     path = Path(path)
-    if keep_existing and path.exists():
-        return
-    write_png_atomic(path, render_image(labels, size, seed, image_index, patient_id, view))
+    keep = keep_existing and path.exists()
+    if keep and not want_boxes:
+        return image_index, {}
+    drawing = draw_image(labels, size, seed, image_index, patient_id, view)
+    if not keep:
+        write_png_atomic(path, drawing.pixels)
+    return image_index, drawing.boxes if want_boxes else {}
 
 
-def _render_all(jobs: list[tuple], workers: int) -> None:
-    """Run the jobs in-process (one worker or few jobs) or over a process pool."""
+def _render_all(jobs: list[tuple], workers: int) -> dict[int, dict[str, Box]]:
+    """Run the jobs in-process (one worker or few jobs) or over a process pool: {image index: boxes}."""
     workers = max(1, min(workers, len(jobs)))
     if workers == 1 or len(jobs) < 4 * workers:
-        for job in jobs:
-            _render_job(job)
-        return
+        results = map(_render_job, jobs)
+        return {i: boxes for i, boxes in results if boxes}
     chunk = max(1, min(64, len(jobs) // (workers * 8)))
     with multiprocessing.get_context().Pool(workers) as pool:
-        for _ in pool.imap_unordered(_render_job, jobs, chunksize=chunk):
-            pass
+        return {i: boxes for i, boxes in pool.imap_unordered(_render_job, jobs, chunksize=chunk) if boxes}
 
 
 # --------------------------------------------------------------------------- #
@@ -143,7 +171,7 @@ def _is_complete(out: Path, marker: dict | None, params: dict) -> bool:
     """True when ``out`` holds a finished data set generated with ``params``."""
     if not marker or marker.get("params") != params or not marker.get("complete"):
         return False
-    if not all((out / name).is_file() for name in (CSV_NAME, TRAIN_VAL_LIST, TEST_LIST)):
+    if not all((out / name).is_file() for name in (CSV_NAME, TRAIN_VAL_LIST, TEST_LIST, BBOX_FILE)):
         return False
     listed = _listed_images(out)
     return listed is not None and all((out / rel).is_file() for rel in listed)
@@ -175,6 +203,12 @@ def _holds_foreign_data(out: Path) -> bool:
     return any(True for _ in out.glob("images*/**/*.png"))
 
 
+def _count_boxes(out: Path) -> dict[str, int]:
+    """Boxes per finding in the set's box file."""
+    counts = read_bboxes(out)["finding"].value_counts()
+    return {name: int(counts[name]) for name in FINDINGS if name in counts}
+
+
 def _summarise(plan: DatasetPlan, out: Path, seconds: float, skipped: bool) -> dict:
     names = FINDINGS
     share = plan.labels.mean(axis=0) if plan.n_images else np.zeros(len(names))
@@ -191,6 +225,7 @@ def _summarise(plan: DatasetPlan, out: Path, seconds: float, skipped: bool) -> d
         "no_finding_share": no_finding,
         "prevalence": {name: float(p) for name, p in zip(names, share)},
         "positives": {name: int(n) for name, n in zip(names, plan.labels.sum(axis=0))},
+        "boxes": _count_boxes(out),
         "seconds": round(seconds, 3),
         "skipped": skipped,
     }
@@ -242,7 +277,8 @@ def generate(out_dir: str | os.PathLike, n_patients: int, size: int = 256, seed:
 
     The summary has n_images, n_patients, n_train_val_images, n_test_images,
     n_test_patients, n_folders, no_finding_share, prevalence {finding: share},
-    positives {finding: count}, seconds, skipped and out_dir.
+    positives {finding: count}, boxes {finding: count in BBox_List_2017.csv}, seconds,
+    skipped and out_dir.
 
     Same arguments give byte-identical CSV and lists and identical images, whatever
     ``workers`` (default: every core). If ``out_dir`` already holds a complete set
@@ -276,14 +312,15 @@ def generate(out_dir: str | os.PathLike, n_patients: int, size: int = 256, seed:
 
     jobs = [
         (str(out / relative_paths[i]), tuple(bool(x) for x in plan.labels[i]), size, seed, i,
-         int(plan.patient_ids[i]), plan.views[i], same_parameters)
+         int(plan.patient_ids[i]), plan.views[i], same_parameters, bool(plan.in_test[i]))
         for i in range(plan.n_images)
     ]
-    _render_all(jobs, workers or os.cpu_count() or 1)
+    boxes = _render_all(jobs, workers or os.cpu_count() or 1)
 
     train_val_text, test_text = split_list_texts(plan)
     write_text_atomic(out / TRAIN_VAL_LIST, train_val_text)
     write_text_atomic(out / TEST_LIST, test_text)
+    write_text_atomic(out / BBOX_FILE, bbox_text(plan, boxes, size))
     write_text_atomic(out / CSV_NAME, data_entry_text(plan))
     summary = _summarise(plan, out, time.perf_counter() - started, skipped=False)
     _write_marker(out, params, complete=True, summary={k: v for k, v in summary.items() if k != "skipped"})

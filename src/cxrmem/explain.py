@@ -1,0 +1,257 @@
+"""Heatmaps: Grad-CAM through the whole network, overlays, and the pointing game against boxes.
+
+Grad-CAM (Selvaraju et al. 2017), computed by the ``grad-cam`` package. For an image,
+a class c with logit y^c of the *whole* network (body, pooling, memory retrieval
+``z + bank.retrieve(z)``, head) and the K feature maps A^k of the target layer::
+
+    alpha_k = mean_ij  d y^c / d A^k_ij          L = ReLU( sum_k alpha_k A^k )
+
+L is resized (bilinear) to the input's S x S, R = resize(L), and scaled to [0, 1] per
+image and class, (R - min R) / (max R - min R); an L that is 0 everywhere stays 0.
+
+Target layer: the backbone's last convolutional block, found by one rule for every
+backbone. Consider the children that hold an ``nn.Conv2d`` and that the body runs when
+it computes its feature map; start at the network's ``body`` and, while there is exactly
+one such child, step into it; the target is then the last of them to run. That is
+``layer4`` of the ResNets (torchvision and timm), ``features[-1]`` (the 1x1 head
+convolution) of torchvision's EfficientNets, ``denseblock4`` of DenseNet, ``conv_head``
+of timm's EfficientNets, ``blocks`` of timm's MobileNetV3 (whose ``conv_head`` runs after
+pooling) and ``stages`` of ConvNeXt. Backbones whose body does not give a [B, C, h, w]
+feature map (vision transformers' tokens, timm models declaring channels-last output) are
+refused with a UserError.
+
+The network is put in eval mode, so the memory bank is read and never written, and its
+parameters are frozen while a heatmap is computed (the gradient flows from the input,
+which is made to require it), so no ``.grad`` is left behind.
+
+Pointing game (Zhang et al. 2016): a box is hit when the maximum of the heatmap of its
+image and finding lies inside it; the chance rate is that of a uniformly random point
+(:func:`cxrmem.stats_clinical.pointing_game`). :func:`pointing_game_of_run` plays it
+for a trained network on the valid and test images that ChestX-ray14's
+``BBox_List_2017.csv`` has boxes for.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .errors import UserError
+
+__all__ = ["grad_cam", "grad_cam_pairs", "target_layer", "save_overlay", "prepare_images", "pointing_game",
+           "pointing_game_of_run"]
+
+INSTALL_HINT = "pip install 'cxrmem[explain]'"
+OVERLAY_ALPHA = 0.45  # weight of the coloured heatmap in an overlay
+OVERLAY_COLORMAP = "jet"
+
+
+def _grad_cam_package():
+    """(GradCAM, ClassifierOutputTarget) from the grad-cam package; one-line UserError when absent."""
+    try:
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError as error:
+        raise UserError(f"heatmaps need the grad-cam package ({error}); install it with {INSTALL_HINT}") from None
+    return GradCAM, ClassifierOutputTarget
+
+
+def _children_run_by_body(model: nn.Module, module: nn.Module, probe: Tensor) -> list[nn.Module]:
+    """The children of ``module`` whose nn.Conv2d layers ``model.body(probe)`` runs, in the order it first
+    runs them (hooks on the convolutions themselves: a timm body calls its model's methods, not the model)."""
+    ran: list[nn.Module] = []
+
+    def hook_for(child):
+        return lambda conv, inputs, output: ran.append(child) if child not in ran else None
+
+    handles = [conv.register_forward_hook(hook_for(child))
+               for child in module.children() for conv in child.modules() if isinstance(conv, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model.body(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ran
+
+
+def target_layer(model: nn.Module, probe: Tensor) -> nn.Module:
+    """The backbone's last convolutional block of a :class:`~cxrmem.models.net.CXRNet` (rule above).
+
+    ``probe`` ([1, 3, S, S]) is run through the body to see which children compute the feature
+    map (timm runs a MobileNetV3's ``conv_head`` after pooling, outside the feature map). Call
+    with the model in eval mode, so that batch-norm statistics stay as they are.
+    """
+    module = model.body
+    while True:
+        convolutional = _children_run_by_body(model, module, probe)
+        if not convolutional:
+            raise UserError(f"heatmaps need a convolutional backbone; {model.backbone_name} has no nn.Conv2d layer")
+        if len(convolutional) == 1 and any(True for _ in convolutional[0].children()):
+            module = convolutional[0]
+            continue
+        return convolutional[-1]
+
+
+class _FeatureMapShape:
+    """Forward hook on the body: records the shape of the feature map it returns."""
+
+    def __init__(self):
+        self.shape = None
+
+    def __call__(self, module, inputs, output):
+        self.shape = tuple(output.shape) if isinstance(output, Tensor) else None
+
+    def check(self, model) -> None:
+        """UserError unless the body gave a [B, C, h, w] map (not tokens, not timm's declared channels-last)."""
+        declared = getattr(getattr(model.body, "model", model.body), "output_fmt", "NCHW")  # timm models say NHWC
+        if self.shape is None or len(self.shape) != 4 or getattr(declared, "value", declared) != "NCHW":
+            raise UserError(f"heatmaps need a convolutional backbone with a [B, C, H, W] feature map; "
+                            f"{model.backbone_name} gives {list(self.shape or [])} ({declared}); use a CNN backbone")
+
+
+def grad_cam_pairs(model: nn.Module, images: Tensor, classes: Sequence[int], batch_size: int = 32) -> np.ndarray:
+    """Heatmap of image i for class ``classes[i]``: float32 [N, S, S] in [0, 1] (module docstring).
+
+    Images are independent (eval mode: batch norm uses its running statistics and the bank
+    is only read), so each batch mixes classes freely. ``images`` are normalised the way
+    the network was trained (:func:`prepare_images`).
+    """
+    GradCAM, ClassifierOutputTarget = _grad_cam_package()
+    if images.ndim != 4 or len(classes) != images.shape[0]:
+        raise ValueError(f"images {tuple(images.shape)} must be [N, 3, S, S] with one class each "
+                         f"({len(classes)} given)")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    layer = target_layer(model, images[:1].to(device=device, dtype=torch.float32))
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    shape = _FeatureMapShape()
+    handle = model.body.register_forward_hook(shape)
+    out, cam = [], None
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        cam = GradCAM(model=model, target_layers=[layer])  # not a context manager: its __exit__ swallows IndexErrors
+        with torch.enable_grad():
+            for start in range(0, images.shape[0], batch_size):
+                batch = images[start:start + batch_size].to(device=device, dtype=torch.float32).requires_grad_(True)
+                targets = [ClassifierOutputTarget(int(c)) for c in classes[start:start + batch_size]]
+                try:
+                    out.append(cam(input_tensor=batch, targets=targets))
+                except ValueError:  # the package's word for a feature map it cannot weigh
+                    shape.check(model)
+                    raise
+                shape.check(model)
+    finally:
+        if cam is not None:
+            cam.activations_and_grads.release()
+        handle.remove()
+        for p, flag in zip(model.parameters(), requires_grad):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    if not out:
+        return np.zeros((0, *images.shape[-2:]), np.float32)
+    return np.clip(np.concatenate(out).astype(np.float32), 0.0, 1.0)
+
+
+def grad_cam(model: nn.Module, images: Tensor, class_indices: Sequence[int], batch_size: int = 32) -> np.ndarray:
+    """Grad-CAM heatmaps of every image for every class: float32 [N, len(class_indices), S, S] in [0, 1].
+
+    ``images`` [N, 3, S, S], normalised like the training data (:func:`prepare_images`).
+    """
+    n = images.shape[0]
+    maps = [grad_cam_pairs(model, images, [c] * n, batch_size) for c in class_indices]
+    if not maps:
+        return np.zeros((n, 0, *images.shape[-2:]), np.float32)
+    return np.stack(maps, axis=1)
+
+
+def prepare_images(paths: Sequence, size: int) -> Tensor:
+    """Files -> [N, 3, size, size] float32, exactly as evaluation feeds them to the network:
+    :func:`cxrmem.data.loaders.read_xray` (squished, 3 channels), / 255, ImageNet normalisation."""
+    from fastai.vision.all import imagenet_stats
+
+    from .data.loaders import read_xray
+
+    mean, std = (torch.tensor(s, dtype=torch.float32).view(3, 1, 1) for s in imagenet_stats)
+    if not paths:
+        return torch.zeros((0, 3, size, size), dtype=torch.float32)
+    return torch.stack([(read_xray(p, size).as_subclass(Tensor).float() / 255.0 - mean) / std for p in paths])
+
+
+def save_overlay(image: np.ndarray, heatmap: np.ndarray, path) -> None:
+    """Write a PNG of ``heatmap`` (any h x w, values in [0, 1]) resized (bilinear) to the grayscale
+    ``image`` (uint8 [H, W]) and blended over it: (1 - a) gray + a colormap(heatmap), a = OVERLAY_ALPHA.
+    Written atomically."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    from .io import atomic_path
+
+    image = np.asarray(image)
+    if image.ndim != 2:
+        raise ValueError(f"image must be a grayscale [H, W] array, got shape {image.shape}")
+    height, width = image.shape
+    resized = Image.fromarray(np.asarray(heatmap, dtype=np.float32)).resize((width, height), Image.Resampling.BILINEAR)
+    colours = colormaps[OVERLAY_COLORMAP](np.clip(np.asarray(resized), 0.0, 1.0))[..., :3]
+    gray = (image.astype(np.float32) / 255.0)[..., None]
+    blended = (1.0 - OVERLAY_ALPHA) * gray + OVERLAY_ALPHA * colours
+    pixels = np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8)
+    with atomic_path(os.fspath(path)) as tmp:
+        Image.fromarray(pixels, mode="RGB").save(tmp, format="PNG")
+
+
+# --------------------------------------------------------------------------- the pointing game of a run
+
+
+def pointing_game(model, frame, boxes, image_size: int, batch_size: int = 32) -> dict:
+    """{finding: {n_boxes, hit_rate, chance_rate}} over ``boxes`` (frame of
+    :func:`cxrmem.data.chestxray14.read_bboxes`) on the images of ``frame`` (with ``path``).
+
+    Heatmaps are computed on the whole image squished to ``image_size``; boxes are in the
+    1024 px frame of ChestX-ray14's originals. Chunks of ``batch_size`` boxes are played
+    one after the other and pooled (rates weighted by their box counts).
+    """
+    from .data.chestxray14 import BOX_FRAME
+    from .data.findings import FINDINGS
+    from .stats_clinical import pointing_game as play
+
+    paths = dict(zip(frame["image_index"], frame["path"]))
+    boxes = boxes[boxes["image_index"].isin(paths)].reset_index(drop=True)
+    hits, chance, counts = {}, {}, {}
+    for start in range(0, len(boxes), batch_size):
+        chunk = boxes.iloc[start:start + batch_size]
+        images = prepare_images([paths[name] for name in chunk["image_index"]], image_size)
+        classes = [FINDINGS.index(f) for f in chunk["finding"]]
+        maps = grad_cam_pairs(model, images, classes, batch_size)
+        result = play(maps, chunk[list("xywh")].to_numpy(), list(chunk["finding"]), (BOX_FRAME, BOX_FRAME))
+        for finding, r in result.items():
+            counts[finding] = counts.get(finding, 0) + r["n_boxes"]
+            hits[finding] = hits.get(finding, 0.0) + r["hit_rate"] * r["n_boxes"]
+            chance[finding] = chance.get(finding, 0.0) + r["chance_rate"] * r["n_boxes"]
+    return {f: {"n_boxes": counts[f], "hit_rate": hits[f] / counts[f], "chance_rate": chance[f] / counts[f]}
+            for f in FINDINGS if f in counts}
+
+
+def pointing_game_of_run(cfg, model, frame) -> dict:
+    """{split: pointing game} for the valid and test images with boxes in ``cfg.data.data_dir``'s
+    BBox_List_2017.csv; {} without such boxes. Whatever a user can fix (a malformed box file, no
+    grad-cam package, a backbone without a feature map) is a warning and {}: it comes after
+    training, which it must not fail (``--check-data`` reports a malformed box file as an error)."""
+    from .data.chestxray14 import read_bboxes
+
+    try:
+        boxes = read_bboxes(cfg.data.data_dir)
+        splits = {split: frame[frame["split"] == split] for split in ("valid", "test")}
+        batch_size = (cfg.phase2 or cfg.phase1).batch_size
+        return {split: pointing_game(model, rows, boxes, cfg.data.image_size, batch_size)
+                for split, rows in splits.items() if rows["image_index"].isin(boxes["image_index"]).any()}
+    except UserError as error:
+        warnings.warn(f"pointing game skipped: {error}", stacklevel=2)
+        return {}

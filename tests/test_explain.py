@@ -1,0 +1,319 @@
+"""Grad-CAM heatmaps through the whole network (memory bank included), overlays, and the pointing game
+of a run, checked against a Grad-CAM written out by hand with autograd and against the box file."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from cxrmem import explain
+from cxrmem.cli import train_main
+from cxrmem.config import load_config
+from cxrmem.data.chestxray14 import load_frame, read_bboxes
+from cxrmem.data.findings import FINDINGS
+from cxrmem.errors import UserError
+from cxrmem.models.net import build_model
+from cxrmem.stats_clinical import pointing_game
+
+from conftest import run_cli
+
+NODULE, MASS = FINDINGS.index("Nodule"), FINDINGS.index("Mass")
+MEMORY = SimpleNamespace(use_memory=True, bank_size=16, update_strategy="fifo", top_k=3, normalize_retrieved="both",
+                         memory_momentum=0.9, self_match_threshold=0.99, rarity_threshold=0.1, diversity_weight=0.5)
+
+
+def model_config(backbone="resnet18"):
+    return SimpleNamespace(backbone=backbone, pretrained=False, weights=None, num_classes=14, dropout_rate=0.2)
+
+
+@pytest.fixture(scope="module")
+def net():
+    """A resnet18 classifier whose bank holds a few batches (written in training mode)."""
+    torch.manual_seed(0)
+    model = build_model(model_config(), MEMORY)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(6, 3, 96, 96))
+    assert int(model.bank.filled) > 0
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(3, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+
+
+def grad_cam_by_hand(model, images, cls):
+    """Grad-CAM at layer4: alpha_k = mean_ij dy/dA^k_ij, L = ReLU(sum_k alpha_k A^k), resized bilinearly
+    (torch's interpolate, half-pixel centres) to the input size, then scaled to [0, 1]."""
+    model.eval()
+    store = {}
+    handle = model.body.layer4.register_forward_hook(lambda m, i, out: store.setdefault("A", out))
+    try:
+        logits = model(images)
+    finally:
+        handle.remove()
+    grads = torch.autograd.grad(logits[:, cls].sum(), store["A"])[0]
+    cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * store["A"]).sum(dim=1, keepdim=True)).detach()
+    cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    cam = cam - cam.amin(dim=(1, 2), keepdim=True)
+    return (cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-7)).numpy()
+
+
+# ---- grad_cam ------------------------------------------------------------------------------------------
+
+def test_heatmaps_have_the_contract_shape_and_range(net, images):
+    maps = explain.grad_cam(net, images, [NODULE, MASS, 0])
+    assert maps.shape == (3, 3, 96, 96) and maps.dtype == np.float32
+    assert maps.min() >= 0.0 and maps.max() <= 1.0
+    peaks = maps.reshape(9, -1).max(axis=1)
+    assert (np.isclose(peaks, 1.0, atol=1e-5) | (peaks == 0.0)).all()  # scaled per map, or ReLU left nothing
+    assert (peaks > 0).sum() >= 6
+
+
+def test_heatmaps_are_grad_cam_of_the_whole_network(net, images):
+    maps = explain.grad_cam(net, images, [NODULE, MASS])
+    for k, cls in enumerate([NODULE, MASS]):
+        np.testing.assert_allclose(maps[:, k], grad_cam_by_hand(net, images.clone(), cls), atol=2e-3)
+
+
+def test_the_memory_bank_takes_part(net, images):
+    without_bank = copy.deepcopy(net)
+    without_bank.bank = None
+    with_it = explain.grad_cam(net, images, [NODULE])
+    without = explain.grad_cam(without_bank, images, [NODULE])
+    assert np.abs(with_it - without).max() > 0.05  # retrieval changes the gradients that weigh the maps
+    np.testing.assert_allclose(without[:, 0], grad_cam_by_hand(without_bank, images.clone(), NODULE), atol=2e-3)
+
+
+def test_a_batch_mixing_classes_equals_one_class_at_a_time(net, images):
+    mixed = explain.grad_cam_pairs(net, images, [NODULE, MASS, NODULE], batch_size=2)
+    per_class = explain.grad_cam(net, images, [NODULE, MASS])
+    np.testing.assert_allclose(mixed, per_class[[0, 1, 2], [0, 1, 0]], atol=1e-5)
+
+
+def test_heatmaps_leave_bank_weights_and_mode_as_they_were(net, images):
+    model = copy.deepcopy(net).train()
+    model.body.layer1.requires_grad_(False)
+    buffers = {name: b.clone() for name, b in model.bank.named_buffers()}
+    weights = {name: p.clone() for name, p in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    explain.grad_cam(model, images, [NODULE, MASS])
+    for name, b in model.bank.named_buffers():
+        assert torch.equal(b, buffers[name]), name  # the bank is read, never written
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, weights[name]), name  # batch-norm statistics too: eval mode
+    assert model.training and [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("backbone, layer", [
+    ("resnet18", lambda body: body.layer4),
+    ("efficientnet_v2_s", lambda body: body.features[-1]),
+    ("densenet121", lambda body: body.features.denseblock4),
+    ("timm/resnet10t", lambda body: body.model.layer4),
+    ("timm/mobilenetv3_small_050", lambda body: body.model.blocks),  # its conv_head runs after pooling
+])
+def test_the_target_is_the_last_convolutional_block(backbone, layer):
+    torch.manual_seed(0)
+    model = build_model(model_config(backbone)).eval()
+    assert explain.target_layer(model, torch.randn(1, 3, 128, 128)) is layer(model.body)
+    maps = explain.grad_cam(model, torch.randn(2, 3, 128, 128), [NODULE, MASS])
+    assert maps.shape == (2, 2, 128, 128)
+    # a map over the 4 x 4 feature grid (a map of a pooled 1 x 1 layer is constant, hence 0 everywhere)
+    assert max(np.ptp(m) for m in maps.reshape(4, -1)) > 0.5
+
+
+@pytest.mark.parametrize("backbone", ["timm/test_vit", "timm/test_mambaout"])
+def test_a_backbone_without_a_channels_first_map_is_refused_in_one_line(backbone):
+    model = build_model(model_config(backbone))
+    with pytest.raises(UserError, match="convolutional backbone") as info:
+        explain.grad_cam(model, torch.randn(1, 3, 64, 64), [NODULE])
+    assert "\n" not in str(info.value)
+
+
+def test_missing_grad_cam_package_names_the_install(net, images, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pytorch_grad_cam", None)  # makes the import fail
+    with pytest.raises(UserError, match=r"pip install 'cxrmem\[explain\]'") as info:
+        explain.grad_cam(net, images, [NODULE])
+    assert "\n" not in str(info.value)
+
+
+# ---- images and overlays -------------------------------------------------------------------------------
+
+def test_prepared_images_are_what_evaluation_feeds_the_network(tiny_data):
+    from cxrmem.data.loaders import build_dataloaders
+
+    frame, _, _ = load_frame(tiny_data, valid_pct=0.25, seed=0)
+    frame = frame.assign(is_valid=frame["split"] != "train")
+    rows = frame[frame["split"] == "test"].head(5)
+    data_cfg = SimpleNamespace(image_size=40, num_workers=0, augment=True)
+    dls = build_dataloaders(frame, data_cfg, 5, torch.device("cpu"))
+    batch = dls.test_dl(rows, with_labels=True, bs=5).one_batch()[0]
+    torch.testing.assert_close(explain.prepare_images(list(rows["path"]), 40), batch.as_subclass(torch.Tensor))
+
+
+def test_overlay_is_the_heatmap_blended_over_the_image(tmp_path):
+    from matplotlib import colormaps
+
+    image = np.tile(np.linspace(0, 255, 48).astype(np.uint8), (64, 1))  # [H=64, W=48]
+    heatmap = np.zeros((4, 3), np.float32)
+    heatmap[0, 2] = 1.0  # hot top right corner
+    path = tmp_path / "out" / "overlay.png"
+    explain.save_overlay(image, heatmap, path)
+    with Image.open(path) as png:
+        assert png.format == "PNG" and png.mode == "RGB" and png.size == (48, 64)
+        pixels = np.asarray(png).astype(float)
+    assert not list(path.parent.glob("*.tmp"))
+    cold = 255 * ((1 - explain.OVERLAY_ALPHA) * image[-1, 10] / 255
+                  + explain.OVERLAY_ALPHA * np.array(colormaps[explain.OVERLAY_COLORMAP](0.0)[:3]))
+    np.testing.assert_allclose(pixels[-1, 10], cold, atol=1.0)  # bottom left: heatmap 0
+    assert pixels[0, -1, 0] > pixels[0, -1, 2] + 50  # top right: red of the hot end
+    assert pixels[-1, 10, 2] > pixels[-1, 10, 0] + 50  # bottom left: blue of the cold end
+
+
+# ---- the pointing game of a run --------------------------------------------------------------------------
+
+def test_pointing_game_pools_chunks_exactly(net, tiny_data):
+    frame, _, _ = load_frame(tiny_data, valid_pct=0.25, seed=0)
+    boxes = read_bboxes(tiny_data)
+    assert len(boxes) > 4
+    chunked = explain.pointing_game(net, frame, boxes, image_size=96, batch_size=3)
+    paths = dict(zip(frame["image_index"], frame["path"]))
+    maps = explain.grad_cam_pairs(net, explain.prepare_images([paths[n] for n in boxes["image_index"]], 96),
+                                  [FINDINGS.index(f) for f in boxes["finding"]])
+    whole = pointing_game(maps, boxes[list("xywh")].to_numpy(), list(boxes["finding"]))
+    assert list(chunked) == [f for f in FINDINGS if f in whole]
+    for finding, result in whole.items():
+        assert chunked[finding]["n_boxes"] == result["n_boxes"]
+        assert chunked[finding]["hit_rate"] == pytest.approx(result["hit_rate"])
+        assert chunked[finding]["chance_rate"] == pytest.approx(result["chance_rate"])
+
+
+TINY = """
+experiment_name: tiny_eval
+model: {backbone: resnet18, pretrained: false}
+memory: {use_memory: true, bank_size: 16, top_k: 3, update_strategy: fifo}
+data: {image_size: 64, num_workers: 0, seed: 0, valid_pct: 0.25}
+phase1: {batch_size: 8, use_lr_finder: false, freeze_epochs: 0, total_epochs: 1}
+evaluation: {bootstrap_resamples: 20}
+"""
+
+
+def test_evaluate_writes_localisation_into_metrics(tiny_data, tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    cfg = load_config(config, [], data_dir=str(tiny_data), output_dir=str(tmp_path / "run"))
+    checkpoint = tmp_path / "untrained.pth"
+    torch.manual_seed(0)
+    torch.save(build_model(cfg.model, cfg.memory).state_dict(), checkpoint)
+    status, out, err = run_cli(train_main, ["--config", config, "--data_dir", tiny_data, "--output_dir",
+                                            tmp_path / "run", "--evaluate", "--model_path", checkpoint], capsys)
+    assert status == 0, err
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "localisation" not in metrics["valid"]  # the synthetic set boxes test images only
+    localisation = metrics["test"]["localisation"]
+    boxes = read_bboxes(tiny_data)
+    assert list(localisation) == [f for f in FINDINGS if f in set(boxes["finding"])]
+    for finding, result in localisation.items():
+        mine = boxes[boxes["finding"] == finding]
+        assert result["n_boxes"] == len(mine)
+        assert 0.0 <= result["hit_rate"] <= 1.0
+        assert result["chance_rate"] == pytest.approx((mine["w"] * mine["h"]).mean() / 1024 ** 2)
+    assert "Pointing game (test" in out and "Mean AUC Score" in out
+
+
+def test_without_grad_cam_a_run_warns_and_skips_the_pointing_game(net, tiny_data, monkeypatch):
+    frame, _, _ = load_frame(tiny_data, valid_pct=0.25, seed=0)
+    cfg = SimpleNamespace(data=SimpleNamespace(data_dir=tiny_data, image_size=64),
+                          phase1=SimpleNamespace(batch_size=8), phase2=None)
+    monkeypatch.setitem(sys.modules, "pytorch_grad_cam", None)
+    with pytest.warns(UserWarning, match="pointing game skipped.*cxrmem\\[explain\\]"):
+        assert explain.pointing_game_of_run(cfg, net, frame) == {}
+
+
+# ---- the demo check: a model trained by the test, its pointing game -------------------------------------
+
+DEMO = """
+experiment_name: demo_boxes
+model: {backbone: timm/test_resnet, pretrained: false}
+memory: {use_memory: true, bank_size: 64, top_k: 3, update_strategy: rarity, rarity_threshold: 0.1}
+data: {image_size: 160, num_workers: 0, seed: 0, valid_pct: 0.25}
+phase1: {batch_size: 32, use_lr_finder: false, base_lr: 0.004, freeze_epochs: 0, total_epochs: 1}
+phase2: {batch_size: 32, epochs: 10, lr_min: 0.004, lr_max: 0.004, filter_normal: false}
+evaluation: {bootstrap_resamples: 20}
+"""
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """A demo-like run on a synthetic set kept to its Nodule and Mass images and as many normal ones
+    (about 600 images, 160 px: a 5 x 5 Grad-CAM grid), two phases, a few epochs."""
+    from cxrmem.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("demo_boxes")
+    data = root / "cxr14"
+    generate(data, 800, size=128, seed=0, workers=2)
+    csv_path = data / "Data_Entry_2017.csv"
+    header, *rows = csv_path.read_text().splitlines()
+    labels = [row.split(",")[1].split("|") for row in rows]
+    lesions = [row for row, found in zip(rows, labels) if {"Nodule", "Mass"} & set(found)]
+    normals = [row for row, found in zip(rows, labels) if found == ["No Finding"]][: len(lesions)]
+    csv_path.write_text("\n".join([header, *lesions, *normals]) + "\n")
+    config = root / "demo.yaml"
+    config.write_text(DEMO)
+    run_dir = root / "run"
+    assert train_main(["--config", str(config), "--data_dir", str(data), "--output_dir", str(run_dir)]) == 0
+    return data, config, run_dir
+
+
+@pytest.mark.slow
+def test_a_training_run_plays_the_pointing_game_on_its_final_model(demo_run):
+    data, config, run_dir = demo_run
+    cfg = load_config(config, [], data_dir=str(data), output_dir=str(run_dir))
+    localisation = json.loads((run_dir / "metrics.json").read_text())["test"]["localisation"]
+    frame, _, _ = load_frame(data, cfg.data.valid_pct, cfg.data.seed)
+    test = frame[frame["split"] == "test"]
+    boxes = read_bboxes(data)
+    boxes = boxes[boxes["image_index"].isin(test["image_index"])].reset_index(drop=True)
+    assert {"Nodule", "Mass"} <= set(localisation)
+
+    from cxrmem.train.phases import checkpoint_path, load_checkpoint
+
+    model = build_model(cfg.model, cfg.memory)
+    load_checkpoint(model, checkpoint_path(cfg, 2))
+    paths = dict(zip(test["image_index"], test["path"]))
+    maps = explain.grad_cam_pairs(model, explain.prepare_images([paths[n] for n in boxes["image_index"]], 160),
+                                  [FINDINGS.index(f) for f in boxes["finding"]])
+    expected = pointing_game(maps, boxes[list("xywh")].to_numpy(), list(boxes["finding"]))
+    assert set(localisation) == set(expected)
+    for finding, result in expected.items():
+        assert localisation[finding]["n_boxes"] == result["n_boxes"]
+        assert localisation[finding]["hit_rate"] == pytest.approx(result["hit_rate"])
+        assert localisation[finding]["chance_rate"] == pytest.approx(result["chance_rate"])
+    print("pointing game:", {f: localisation[f] for f in ("Nodule", "Mass")})
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="Grad-CAM of a small network trained from scratch for a few CPU epochs peaks on the "
+                          "soft tissue of the mediastinum, not on the synthetic lesions (see docs/using-a-model.md)",
+                   strict=False)
+def test_demo_model_points_at_nodules_and_masses_well_above_chance(demo_run):
+    from scipy.stats import binom
+
+    _, _, run_dir = demo_run
+    localisation = json.loads((run_dir / "metrics.json").read_text())["test"]["localisation"]
+    for finding in ("Nodule", "Mass"):
+        r = localisation[finding]
+        hits = round(r["hit_rate"] * r["n_boxes"])
+        assert r["hit_rate"] > 5 * r["chance_rate"], (finding, r)
+        assert binom.sf(hits - 1, r["n_boxes"], r["chance_rate"]) < 1e-3, (finding, r)  # P(>= hits by chance)
