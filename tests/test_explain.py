@@ -21,7 +21,7 @@ from cxrmem.data.chestxray14 import load_frame, read_bboxes
 from cxrmem.data.findings import FINDINGS
 from cxrmem.errors import UserError
 from cxrmem.models.net import build_model
-from cxrmem.stats_clinical import pointing_game
+from cxrmem.metrics import pointing_game
 
 from conftest import run_cli
 

@@ -11,6 +11,7 @@ import torch
 from fastai.data.load import DataLoader
 
 from cxrmem import io
+from cxrmem.config import MemoryConfig
 from cxrmem.models.memory import MemoryBank
 from cxrmem.train.resume import random_states, set_bank_state, set_random_states
 
@@ -24,7 +25,7 @@ def draws(learn):
 def test_random_states_round_trip_through_the_resume_file(tmp_path):
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
     loaders = [DataLoader(list(range(10)), bs=4, shuffle=True), DataLoader(list(range(6)), bs=4)]
-    learn = SimpleNamespace(dls=SimpleNamespace(loaders=loaders), model=SimpleNamespace(bank=MemoryBank(4, 8)))
+    learn = SimpleNamespace(dls=SimpleNamespace(loaders=loaders), model=SimpleNamespace(bank=MemoryBank(4, MemoryConfig(bank_size=8))))
     draws(learn)  # some history before the save
     io.torch_save({"random": random_states(learn)}, tmp_path / "resume.pth")
     expected = [draws(learn) for _ in range(2)]  # what the uninterrupted run draws next

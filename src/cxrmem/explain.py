@@ -26,7 +26,7 @@ which is made to require it), so no ``.grad`` is left behind.
 
 Pointing game (Zhang et al. 2016): a box is hit when the maximum of the heatmap of its
 image and finding lies inside it; the chance rate is that of a uniformly random point
-(:func:`cxrmem.stats_clinical.pointing_game`). :func:`pointing_game_of_run` plays it
+(:func:`cxrmem.metrics.pointing_game`). :func:`pointing_game_of_run` plays it
 for a trained network on the valid and test images that ChestX-ray14's
 ``BBox_List_2017.csv`` has boxes for.
 """
@@ -220,7 +220,7 @@ def pointing_game(model, frame, boxes, image_size: int, batch_size: int = 32) ->
     """
     from .data.chestxray14 import BOX_FRAME
     from .data.findings import FINDINGS
-    from .stats_clinical import pointing_game as play
+    from .metrics import pointing_game as play
 
     paths = dict(zip(frame["image_index"], frame["path"]))
     boxes = boxes[boxes["image_index"].isin(paths)].reset_index(drop=True)
