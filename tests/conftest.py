@@ -32,6 +32,29 @@ def data_copy(tiny_data, tmp_path) -> Path:
     return target
 
 
+def check_data(data_dir, run_dir, capsys, *options):
+    """``train.py --check-data`` of the demo config on ``data_dir``: (printed report, data_summary.json)."""
+    import json
+
+    from cxrmem.cli import train_main
+
+    status, out, err = run_cli(train_main, ["--config", EXPERIMENTS / "demo_synthetic.yaml", "--data_dir", data_dir,
+                                            "--output_dir", run_dir, "--set", "data.synthetic=null",
+                                            "--check-data", *options], capsys)
+    assert status == 0, err
+    return out, json.loads((Path(run_dir) / "data_summary.json").read_text())
+
+
+@pytest.fixture
+def empty_caches(tmp_path, monkeypatch):
+    """Point the torch hub and Hugging Face caches at empty folders."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    return tmp_path
+
+
 def run_cli(main, argv, capsys):
     """Run an entry point in-process: (exit status, stdout, stderr)."""
     status = main([str(a) for a in argv])

@@ -15,15 +15,11 @@ TIMM_NAME = "timm/resnet10t"
 
 
 @pytest.fixture
-def empty_caches(tmp_path, monkeypatch):
-    """Point the torch hub and Hugging Face caches at empty folders, on a machine without internet."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+def empty_caches(empty_caches, monkeypatch):
+    """conftest's empty caches, on a machine without internet."""
     refuse_network(monkeypatch)
     set_hub_offline(monkeypatch)
-    return tmp_path
+    return empty_caches
 
 
 # what the last block of a body must show, where it is easy to see

@@ -18,7 +18,7 @@ from cxrmem.data.synthetic import generate
 from cxrmem.data.synthetic.drawing import PAINTERS, draw_image, render_image
 from cxrmem.errors import UserError
 
-from conftest import EXPERIMENTS, run_cli
+from conftest import EXPERIMENTS, check_data, run_cli
 
 REAL_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
 PLACED = ("Atelectasis", "Cardiomegaly", "Effusion", "Mass", "Nodule", "Pneumonia", "Pneumothorax")
@@ -156,12 +156,7 @@ def test_only_findings_with_a_place_get_a_box():
 # ---- --check-data -----------------------------------------------------------------------------
 
 def test_check_data_counts_boxes_per_finding_and_split(tiny_data, tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    status, out, err = run_cli(train_main, [
-        "--config", EXPERIMENTS / "demo_synthetic.yaml", "--data_dir", tiny_data, "--output_dir", run_dir,
-        "--set", "data.synthetic=null", "--check-data"], capsys)
-    assert status == 0, err
-    summary = json.loads((run_dir / "data_summary.json").read_text())
+    out, summary = check_data(tiny_data, tmp_path / "run", capsys)
 
     with open(tiny_data / BBOX_FILE, newline="") as handle:
         rows = list(csv.reader(handle))[1:]

@@ -18,7 +18,7 @@ from cxrmem.data.split import SplitWarning, hold_out, phase_frame
 from cxrmem.data.synthetic import generate
 from cxrmem.errors import UserError
 
-from conftest import EXPERIMENTS, run_cli
+from conftest import EXPERIMENTS, check_data, run_cli
 
 
 def patients(frame, split):
@@ -125,12 +125,7 @@ def test_damaged_files_are_found_without_decoding(data_copy):
 
 
 def test_check_data_prints_and_writes_the_summary(tiny_data, tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    status, out, err = run_cli(train_main, [
-        "--config", EXPERIMENTS / "demo_synthetic.yaml", "--data_dir", tiny_data, "--output_dir", run_dir,
-        "--set", "data.synthetic=null", "--check-data"], capsys)
-    assert status == 0, err
-    summary = json.loads((run_dir / "data_summary.json").read_text())
+    out, summary = check_data(tiny_data, tmp_path / "run", capsys)
     assert set(summary) == {"train", "valid", "test", "phase1_train", "phase1_valid", "missing_images",
                             "split_source", "bboxes"}
     assert summary["split_source"] == "official" and summary["missing_images"] == 0

@@ -688,25 +688,17 @@ def test_youden_calls_nothing_when_no_threshold_beats_chance():
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("level", [0.5, 0.8, 0.9, 0.95, 1.0])
-def test_sensitivity_rule_is_the_highest_threshold_meeting_it(seed, level):
+@pytest.mark.parametrize("rule, figure, beyond", [
+    ("sensitivity", 0, lambda u, t: u > t),  # the highest threshold whose sensitivity is at least level
+    ("specificity", 1, lambda u, t: u < t),  # the lowest threshold whose specificity is at least level
+])
+def test_constraint_rules_pick_the_extreme_threshold_that_meets_them(seed, level, rule, figure, beyond):
     probs, targets = random_scores(seed)
-    chosen = metrics.operating_points(probs, targets, f"sensitivity:{level}")
+    chosen = metrics.operating_points(probs, targets, f"{rule}:{level}")
     for c, t in enumerate(chosen):
         score, positive = probs[:, c], targets[:, c] > 0.5
-        assert sens_spec(score, positive, t)[0] >= level
-        assert all(sens_spec(score, positive, u)[0] < level for u in candidates(score) if u > t)
-        assert t in candidates(score)
-
-
-@pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("level", [0.5, 0.8, 0.9, 0.95, 1.0])
-def test_specificity_rule_is_the_lowest_threshold_meeting_it(seed, level):
-    probs, targets = random_scores(seed)
-    chosen = metrics.operating_points(probs, targets, f"specificity:{level}")
-    for c, t in enumerate(chosen):
-        score, positive = probs[:, c], targets[:, c] > 0.5
-        assert sens_spec(score, positive, t)[1] >= level
-        assert all(sens_spec(score, positive, u)[1] < level for u in candidates(score) if u < t)
+        assert sens_spec(score, positive, t)[figure] >= level
+        assert all(sens_spec(score, positive, u)[figure] < level for u in candidates(score) if beyond(u, t))
         assert t in candidates(score)
 
 

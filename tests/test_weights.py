@@ -59,16 +59,6 @@ def loopback_only(monkeypatch):
 
 
 @pytest.fixture
-def empty_caches(tmp_path, monkeypatch):
-    """Point the torch hub and Hugging Face caches at empty folders."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
-    return tmp_path
-
-
-@pytest.fixture
 def hub_offline(monkeypatch):
     set_hub_offline(monkeypatch)
 
