@@ -431,15 +431,10 @@ def load_test_set(path: Path):
 
 
 def class_aucs(test: SplitRows) -> dict[str, Optional[float]]:
-    """ROC AUC per finding (None without a positive or a negative), by midranks."""
-    from .metrics import delong_components
+    """ROC AUC per finding (None without a positive or a negative)."""
+    from .metrics import per_class_auc
 
-    aucs = {}
-    for c, label in enumerate(test.labels):
-        positive = test.targets[:, c] > 0.5
-        defined = positive.any() and not positive.all()
-        aucs[label] = float(delong_components(test.targets[:, c], test.probs[:, c:c + 1])[0][0]) if defined else None
-    return aucs
+    return per_class_auc(test.probs, test.targets, test.labels)
 
 
 def mean_of(values) -> Optional[float]:
