@@ -249,26 +249,35 @@ model: {backbone: timm/test_resnet, pretrained: false}
 memory: {use_memory: true, bank_size: 64, top_k: 3, update_strategy: rarity, rarity_threshold: 0.1}
 data: {image_size: 160, num_workers: 0, seed: 0, valid_pct: 0.25}
 phase1: {batch_size: 32, use_lr_finder: false, base_lr: 0.004, freeze_epochs: 0, total_epochs: 1}
-phase2: {batch_size: 32, epochs: 10, lr_min: 0.004, lr_max: 0.004, filter_normal: false}
+phase2: {batch_size: 32, epochs: 15, lr_min: 0.003, lr_max: 0.003, filter_normal: false,
+         early_stopping_patience: null}
 evaluation: {bootstrap_resamples: 20}
 """
 
 
+def _lesions_and_as_many_normals(rows: list[str], cap: int) -> list[str]:
+    labels = [row.split(",")[1].split("|") for row in rows]
+    lesions = [row for row, found in zip(rows, labels) if {"Nodule", "Mass"} & set(found)][:cap]
+    normals = [row for row, found in zip(rows, labels) if found == ["No Finding"]][: len(lesions)]
+    return lesions + normals
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """A demo-like run on a synthetic set kept to its Nodule and Mass images and as many normal ones
-    (about 600 images, 160 px: a 5 x 5 Grad-CAM grid), two phases, a few epochs."""
+    """A demo-like run on a synthetic set kept to its Nodule and Mass images and as many normal ones:
+    800 train_val images and every such test image (290, with 85 Nodule and 73 Mass boxes), 160 px
+    (a 5 x 5 Grad-CAM grid), two phases, 16 epochs; about two minutes on two cores."""
     from cxrmem.data.synthetic import generate
 
     root = tmp_path_factory.mktemp("demo_boxes")
     data = root / "cxr14"
-    generate(data, 800, size=128, seed=0, workers=2)
+    generate(data, 1600, size=128, seed=0, workers=2)
+    test_names = set((data / "test_list.txt").read_text().split())
     csv_path = data / "Data_Entry_2017.csv"
     header, *rows = csv_path.read_text().splitlines()
-    labels = [row.split(",")[1].split("|") for row in rows]
-    lesions = [row for row, found in zip(rows, labels) if {"Nodule", "Mass"} & set(found)]
-    normals = [row for row, found in zip(rows, labels) if found == ["No Finding"]][: len(lesions)]
-    csv_path.write_text("\n".join([header, *lesions, *normals]) + "\n")
+    train_val = _lesions_and_as_many_normals([r for r in rows if r.split(",")[0] not in test_names], 400)
+    test = _lesions_and_as_many_normals([r for r in rows if r.split(",")[0] in test_names], len(rows))
+    csv_path.write_text("\n".join([header, *train_val, *test]) + "\n")
     config = root / "demo.yaml"
     config.write_text(DEMO)
     run_dir = root / "run"
@@ -304,9 +313,6 @@ def test_a_training_run_plays_the_pointing_game_on_its_final_model(demo_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="Grad-CAM of a small network trained from scratch for a few CPU epochs peaks on the "
-                          "soft tissue of the mediastinum, not on the synthetic lesions (see docs/using-a-model.md)",
-                   strict=True)  # a pass means the docs' "what to expect" is out of date
 def test_demo_model_points_at_nodules_and_masses_well_above_chance(demo_run):
     from scipy.stats import binom
 
@@ -316,4 +322,6 @@ def test_demo_model_points_at_nodules_and_masses_well_above_chance(demo_run):
         r = localisation[finding]
         hits = round(r["hit_rate"] * r["n_boxes"])
         assert r["hit_rate"] > 5 * r["chance_rate"], (finding, r)
-        assert binom.sf(hits - 1, r["n_boxes"], r["chance_rate"]) < 1e-3, (finding, r)  # P(>= hits by chance)
+        # P(>= hits by chance): boxes differ in area, so the count is Poisson-binomial; for counts above
+        # its mean, the binomial of the same mean has the heavier tail (Hoeffding 1956), so this is conservative
+        assert binom.sf(hits - 1, r["n_boxes"], r["chance_rate"]) < 1e-3, (finding, r)

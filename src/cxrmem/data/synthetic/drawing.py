@@ -363,20 +363,32 @@ def paint_cardiomegaly(c: Canvas, rng: np.random.Generator) -> np.ndarray:
     return big
 
 
+def lung_point(c: Canvas, rng: np.random.Generator) -> tuple[float, float]:
+    """A random point well inside either lung field: across 30-75 % of its width from the
+    medial edge, down 20-65 % of its height from the apex.
+
+    Why anywhere: a lesion that always sits in one place can be recognised from any cell of
+    a network's last feature map (each sees most of a small image), so its heatmap need not
+    point at it; lesions that move make a network find them where they are.
+    """
+    lung = c.right if rng.random() < 0.5 else c.left
+    u = lung.side * (lung.medial + lung.width * rng.uniform(0.3, 0.75))
+    v = lung.apex + (lung.base - lung.apex) * rng.uniform(0.2, 0.65)
+    return u, v
+
+
 def paint_nodule(c: Canvas, rng: np.random.Generator) -> np.ndarray:
-    """Small bright spot in the left upper lung."""
-    cu, cv = c.left.centre
-    centre = (cu + rng.normal(0, 0.035), cv - 0.45 * c.left.half_height + rng.normal(0, 0.04))
-    radius = rng.uniform(0.022, 0.036)
+    """Small bright spot anywhere in either lung."""
+    centre = lung_point(c, rng)
+    radius = rng.uniform(0.025, 0.04)
     spot = soft_inside(ellipse_radius(c.u, c.v, *centre, radius, radius), 0.4)
-    c.density += rng.uniform(0.08, 0.25) * spot
+    c.density += rng.uniform(0.15, 0.3) * spot
     return spot
 
 
 def paint_mass(c: Canvas, rng: np.random.Generator) -> np.ndarray:
-    """Large bright disc with a sharp, slightly lobulated edge in the right upper lung."""
-    cu, cv = c.right.centre
-    centre = (cu - 0.02 + rng.normal(0, 0.02), cv - 0.05 + rng.normal(0, 0.025))
+    """Large bright disc with a sharp, slightly lobulated edge anywhere in either lung."""
+    centre = lung_point(c, rng)
     radius = rng.uniform(0.055, 0.085)
     lobes = 0.08 * smooth_field(rng, c.size, 6)
     disc = soft_inside(ellipse_radius(c.u, c.v, *centre, radius, radius) + lobes, 0.2)

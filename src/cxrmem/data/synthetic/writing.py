@@ -50,7 +50,7 @@ CSV_HEADER = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
     "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],"
 )
-GENERATOR_VERSION = 1  # bump when drawing or sampling changes: old sets are then redrawn, never resumed
+GENERATOR_VERSION = 2  # bump when drawing or sampling changes: old sets are then redrawn, never resumed
 MIN_SIZE = 16
 
 
