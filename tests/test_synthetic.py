@@ -19,7 +19,7 @@ from cxrmem.data import findings
 from cxrmem.data.findings import FINDINGS
 from cxrmem.data.synthetic import generate
 from cxrmem.data.synthetic.__main__ import main
-from cxrmem.data.synthetic.drawing import PAINTERS, render_image
+from cxrmem.data.synthetic.drawing import PAINTERS, draw_image, render_image
 from cxrmem.data.synthetic.labels import ensure_findings_covered, real_prevalence, sample_label_matrix
 from cxrmem.data.synthetic.plan import plan_dataset
 from cxrmem.data.synthetic.writing import data_entry_text
@@ -287,8 +287,6 @@ EXPECTED_REGIONS = {
     "Pneumonia": ((0.0, 0.5), (0.4, 0.68), +1),
     "Pleural_Thickening": ((0.0, 0.5), (0.0, 0.32), +1),
     "Cardiomegaly": ((0.45, 0.75), (0.5, 0.85), +1),
-    "Nodule": ((0.5, 1.0), (0.0, 0.45), +1),
-    "Mass": ((0.0, 0.5), (0.0, 0.5), +1),
     "Hernia": ((0.4, 0.6), (0.75, 1.0), 0),
 }
 
@@ -319,6 +317,22 @@ def test_each_finding_draws_its_pattern_in_its_region(finding):
         assert np.sign(difference.sum()) == sign
 
 
+@pytest.mark.parametrize("finding", ["Nodule", "Mass"])
+def test_nodules_and_masses_sit_anywhere_inside_either_lung(finding):
+    present = np.array([name == finding for name in FINDINGS])
+    size, centres = 64, []
+    for i in range(40):
+        box = draw_image(present, size, seed=3, image_index=i, patient_id=i + 1).boxes[finding]
+        without = render_image(np.zeros(len(FINDINGS), dtype=bool), size, seed=3, image_index=i, patient_id=i + 1)
+        x, y = int(box[0] + box[2] / 2), int(box[1] + box[3] / 2)
+        spine = float(without[16:48, size // 2 - 1:size // 2 + 1].mean())
+        assert without[y, x] + 30 < spine, (i, box)  # the lesion's centre is on an aerated lung field
+        centres.append(((x + 0.5) / size, (y + 0.5) / size))
+    u, v = np.array(centres).T
+    assert (u < 0.4).sum() >= 10 and (u > 0.6).sum() >= 10  # both lungs
+    assert v.max() - v.min() > 0.2 and (u < 0.4).any() and np.ptp(u[u < 0.4]) > 0.08  # spread, not one spot
+
+
 def test_images_are_chest_like():
     pixels = render_image(np.zeros(14, dtype=bool), 64, seed=0, image_index=0, patient_id=1).astype(float)
     lung_fields = pixels[20:40, 12:22].mean(), pixels[20:40, 42:52].mean()
@@ -333,7 +347,9 @@ def standardised_thumbnail(labels, index: int) -> np.ndarray:
     return (thumbnail - thumbnail.mean()) / thumbnail.std()
 
 
-@pytest.mark.parametrize("finding", ["Effusion", "Mass", "Atelectasis", "Consolidation"])
+# A fixed pixel-wise weighting only learns patterns with a place; nodules and masses move (the
+# demo check of test_explain.py trains a network that finds them).
+@pytest.mark.parametrize("finding", ["Effusion", "Atelectasis", "Consolidation", "Cardiomegaly"])
 def test_frequent_patterns_are_learnable_from_16px_thumbnails(finding):
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
