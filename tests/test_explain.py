@@ -255,7 +255,7 @@ evaluation: {bootstrap_resamples: 20}
 """
 
 
-def _lesions_and_as_many_normals(rows: list[str], cap: int) -> list[str]:
+def _lesions_and_as_many_normals(rows: list[str], cap: int | None = None) -> list[str]:
     labels = [row.split(",")[1].split("|") for row in rows]
     lesions = [row for row, found in zip(rows, labels) if {"Nodule", "Mass"} & set(found)][:cap]
     normals = [row for row, found in zip(rows, labels) if found == ["No Finding"]][: len(lesions)]
@@ -275,8 +275,9 @@ def demo_run(tmp_path_factory):
     test_names = set((data / "test_list.txt").read_text().split())
     csv_path = data / "Data_Entry_2017.csv"
     header, *rows = csv_path.read_text().splitlines()
-    train_val = _lesions_and_as_many_normals([r for r in rows if r.split(",")[0] not in test_names], 400)
-    test = _lesions_and_as_many_normals([r for r in rows if r.split(",")[0] in test_names], len(rows))
+    in_test = [row.split(",")[0] in test_names for row in rows]
+    train_val = _lesions_and_as_many_normals([r for r, t in zip(rows, in_test) if not t], cap=400)
+    test = _lesions_and_as_many_normals([r for r, t in zip(rows, in_test) if t])
     csv_path.write_text("\n".join([header, *train_val, *test]) + "\n")
     config = root / "demo.yaml"
     config.write_text(DEMO)

@@ -3,9 +3,9 @@
 Every image is a chest-like picture (dark lung fields, bright mediastinum, spine, heart
 and ribs, per-patient anatomy, per-image pose and exposure, noise) on which each present
 finding paints its own pattern in its own region (nodules and masses anywhere in the
-lungs), following the ``synthetic_pattern`` column of ``findings.csv``. The patterns are large enough to survive downscaling to
-32-64 px, jittered in position, size and strength, and a few of them are deliberately
-subtle. Coordinates: u right, v down, about [-0.5, 0.5]; the patient's right lung is on
+lungs), following the ``synthetic_pattern`` column of ``findings.csv``. The patterns are
+large enough to survive downscaling to 32-64 px, jittered in position, size and strength,
+and a few of them are deliberately subtle. Coordinates: u right, v down, about [-0.5, 0.5]; the patient's right lung is on
 the image's left (radiological convention).
 
 Painters of findings with a place (Nodule, Mass, Pneumonia, Atelectasis, Effusion,
