@@ -56,8 +56,8 @@ from .config import DataConfig, EvaluationConfig
 from .data.chestxray14 import patient_ids
 from .errors import UserError
 from .io import write_json, write_text
-from .report import (RunFileError, find_predictions, format_auc, load_split, new_figure, palette, read_config,
-                     read_metrics, safe_plot, save_figure)
+from .report import (RunFileError, find_predictions, format_auc, load_split, markdown_table, new_figure, palette,
+                     read_config, read_metrics, safe_plot, save_figure)
 
 SPLITS = ("test", "valid")
 FIXED_COLUMNS = ("experiment", "backbone", "strategy", "bank size", "top_k", "mean AUC", "95% CI")
@@ -430,16 +430,17 @@ def format_comparison(comparison: dict) -> str:
     reference = comparison["reference"]["name"]
     lines = [f"Against the reference {reference} on the {comparison['split']} split ({comparison['n_images']} images, "
              f"{comparison['n_patients']} patients): differences run - reference; paired bootstrap over "
-             f"{boot['unit']}s ({boot['resamples']} resamples); DeLong per finding, Holm over the findings", "",
-             "| run | Δ mean AUC | 95% CI | p (bootstrap) |", "|---|---:|---:|---:|"]
-    lines += [f"| {markdown_cell(run['name'])} | {format_delta(run['delta_mean_auc'])} | "
-              f"{format_interval(run['delta_mean_auc_ci95'])} | {format_p(run['p_bootstrap'])} |"
-              for run in comparison["runs"]]
+             f"{boot['unit']}s ({boot['resamples']} resamples); DeLong per finding, Holm over the findings", ""]
+    lines += markdown_table(["run", "Δ mean AUC", "95% CI", "p (bootstrap)"],
+                            [[markdown_cell(run["name"]), format_delta(run["delta_mean_auc"]),
+                              format_interval(run["delta_mean_auc_ci95"]), format_p(run["p_bootstrap"])]
+                             for run in comparison["runs"]])
     for run in comparison["runs"]:
-        lines += ["", f"{markdown_cell(run['name'])} - {markdown_cell(reference)} per finding", "",
-                  "| finding | AUC reference | AUC | Δ AUC | p DeLong | p Holm |", "|---|---:|---:|---:|---:|---:|"]
-        lines += [f"| {label} | {format_auc(r['auc_reference'])} | {format_auc(r['auc'])} | {format_delta(r['delta_auc'])}"
-                  f" | {format_p(r['p_delong'])} | {format_p(r['p_holm'])} |" for label, r in run["per_class"].items()]
+        lines += ["", f"{markdown_cell(run['name'])} - {markdown_cell(reference)} per finding", ""]
+        lines += markdown_table(["finding", "AUC reference", "AUC", "Δ AUC", "p DeLong", "p Holm"],
+                                [[label, format_auc(r["auc_reference"]), format_auc(r["auc"]), format_delta(r["delta_auc"]),
+                                  format_p(r["p_delong"]), format_p(r["p_holm"])]
+                                 for label, r in run["per_class"].items()])
     return "\n".join(lines) + "\n"
 
 

@@ -264,7 +264,7 @@ class PatientResampler:
         image bootstrap's resamples); ValueError for a missing id (None or NaN)."""
         numbers: Dict[object, int] = {}
         for patient in patient_ids:
-            if patient is None or (isinstance(patient, float) and math.isnan(patient)):
+            if is_missing(patient):
                 raise ValueError("patient ids contain missing values; give every image its patient id")
             numbers.setdefault(patient, len(numbers))
         return cls(np.array([numbers[p] for p in patient_ids], dtype=np.int64))
@@ -515,13 +515,12 @@ def delong_per_class(y, scores_a, scores_b, labels: Sequence[str]) -> Dict[str, 
     a = as_matrix(scores_a, "scores_a")
     b = as_matrix(scores_b, "scores_b")
     check_same_shape(y, a, b)
-    if len(labels) != y.shape[1]:
-        raise ValueError(f"{y.shape[1]} columns but {len(labels)} labels")
+    keys = class_keys(y.shape[1], labels)
     results = [delong_test(y[:, c], a[:, c], b[:, c])._asdict() for c in range(y.shape[1])]
     adjusted = holm([r["p"] for r in results])
     for r, p_holm in zip(results, adjusted):
         r["p_holm"] = p_holm
-    return {str(label): r for label, r in zip(labels, results)}
+    return dict(zip(keys, results))
 
 
 def holm(pvalues: Sequence[Optional[float]]) -> List[Optional[float]]:

@@ -437,11 +437,6 @@ def class_aucs(test: SplitRows) -> dict[str, Optional[float]]:
     return per_class_auc(test.probs, test.targets, test.labels)
 
 
-def mean_of(values) -> Optional[float]:
-    present = [v for v in values if v is not None]
-    return float(np.mean(present)) if present else None
-
-
 def significant(pairs: list[tuple[Optional[float], Optional[float]]]) -> bool:
     """(difference, p) per seed -> the rule of :data:`SIGNIFICANCE_RULE`."""
     up = sum(1 for d, p in pairs if p is not None and d is not None and p < ALPHA and d > 0)
@@ -452,10 +447,10 @@ def significant(pairs: list[tuple[Optional[float], Optional[float]]]) -> bool:
 def compare_to_reference(ref: SplitRows, test: SplitRows, resamples: int, seed: int) -> dict:
     """One seed: DeLong + Holm per finding, paired patient bootstrap of the mean AUC (variant - reference)."""
     from .data.chestxray14 import patient_ids
-    from .metrics import PatientResampler, delong_per_class, paired_bootstrap
+    from .metrics import PatientResampler, delong_per_class, mean_auc, paired_bootstrap
 
     per_class = delong_per_class(ref.targets, ref.probs, test.probs, ref.labels)
-    delta = mean_of(r["delta"] for r in per_class.values())
+    delta = mean_auc({label: r["delta"] for label, r in per_class.items()})
     result = {"delta_mean_auc": delta,
               "per_class": {label: {"delta_auc": r["delta"], "p_delong": r["p"], "p_holm": r["p_holm"]}
                             for label, r in per_class.items()}}
@@ -477,6 +472,7 @@ def _mean_sd(values) -> dict:
 def summarize(sweep: Sweep, runs: list[Run]) -> Optional[dict]:
     """The summary.json contract (None when no run has finished)."""
     from .data.chestxray14 import patient_ids
+    from .metrics import mean_auc
 
     finished = [run for run in runs if run_state(run) == "done"]
     if not finished:
@@ -500,9 +496,9 @@ def summarize(sweep: Sweep, runs: list[Run]) -> Optional[dict]:
         variants[variant] = {
             "settings": settings,
             "seeds": seeds,
-            "mean_auc": _mean_sd(mean_of(aucs[s].values()) for s in seeds),
+            "mean_auc": _mean_sd(mean_auc(aucs[s]) for s in seeds),
             "per_class": {label: _mean_sd(aucs[s][label] for s in seeds) for label in first.labels},
-            "per_seed": {str(s): {"mean_auc": mean_of(aucs[s].values()), "per_class": aucs[s]} for s in seeds},
+            "per_seed": {str(s): {"mean_auc": mean_auc(aucs[s]), "per_class": aucs[s]} for s in seeds},
             "vs_reference": {str(s): vs[s] for s in compared},
             "delta_mean_auc": _mean_sd(vs[s]["delta_mean_auc"] for s in compared),
             "significant": {
@@ -565,15 +561,13 @@ def summary_markdown(summary: dict) -> str:
 def plot_summary(summary: dict, path) -> Path:
     """Test AUC per finding and their mean: one bar per variant (mean over seeds, SD as error bar),
     a star above a bar that differs from the reference by the significance rule."""
-    from matplotlib import colormaps
-
-    from .report import new_figure, save_figure
+    from .report import new_figure, palette, save_figure
 
     groups = ["Mean AUC"] + summary["labels"]
     names = list(summary["variants"])
     figure = new_figure(max(9.0, 0.16 * len(groups) * len(names) + 4), 5.5)
     axes = figure.add_subplot()
-    cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
+    colours = palette(len(names))
     width = 0.8 / len(names)
     lowest, unscored = 1.0, []
     for i, name in enumerate(names):
@@ -584,7 +578,7 @@ def plot_summary(summary: dict, path) -> Path:
         sds = np.array([0.0 if s["sd"] is None else s["sd"] for s in stats])
         sds[np.isnan(means)] = np.nan
         x = np.arange(len(groups)) - 0.4 + width * (i + 0.5)
-        axes.bar(x, means, width, yerr=sds, color=cmap(i % cmap.N), label=name, capsize=2,
+        axes.bar(x, means, width, yerr=sds, color=colours[i], label=name, capsize=2,
                  error_kw={"linewidth": 0.7})
         for position, mean, sd, star in zip(x, means, sds, stars):
             if star and np.isfinite(mean):
