@@ -346,6 +346,18 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    """{a: {b: 1}} -> {"a.b": 1}; an empty mapping is a value (e.g. ``data.synthetic: {}``)."""
+    flat = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
 

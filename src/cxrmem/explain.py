@@ -218,12 +218,12 @@ def pointing_game(model, frame, boxes, image_size: int, batch_size: int = 32) ->
     1024 px frame of ChestX-ray14's originals. Chunks of ``batch_size`` boxes are played
     one after the other and pooled (rates weighted by their box counts).
     """
-    from .data.chestxray14 import BOX_FRAME
+    from .data.chestxray14 import BOX_FRAME, boxes_in_split
     from .data.findings import FINDINGS
     from .metrics import pointing_game as play
 
     paths = dict(zip(frame["image_index"], frame["path"]))
-    boxes = boxes[boxes["image_index"].isin(paths)].reset_index(drop=True)
+    boxes = boxes_in_split(boxes, frame).reset_index(drop=True)
     hits, chance, counts = {}, {}, {}
     for start in range(0, len(boxes), batch_size):
         chunk = boxes.iloc[start:start + batch_size]
@@ -244,14 +244,14 @@ def pointing_game_of_run(cfg, model, frame) -> dict:
     BBox_List_2017.csv; {} without such boxes. Whatever a user can fix (a malformed box file, no
     grad-cam package, a backbone without a feature map) is a warning and {}: it comes after
     training, which it must not fail (``--check-data`` reports a malformed box file as an error)."""
-    from .data.chestxray14 import read_bboxes
+    from .data.chestxray14 import boxes_in_split, read_bboxes
 
     try:
         boxes = read_bboxes(cfg.data.data_dir)
         splits = {split: frame[frame["split"] == split] for split in ("valid", "test")}
         batch_size = (cfg.phase2 or cfg.phase1).batch_size
         return {split: pointing_game(model, rows, boxes, cfg.data.image_size, batch_size)
-                for split, rows in splits.items() if rows["image_index"].isin(boxes["image_index"]).any()}
+                for split, rows in splits.items() if not boxes_in_split(boxes, rows).empty}
     except UserError as error:
         warnings.warn(f"pointing game skipped: {error}", stacklevel=2)
         return {}

@@ -49,7 +49,7 @@ import yaml
 from . import io
 from .cli import guarded
 # The experiment schema's own helpers, so that a sweep file is validated like an experiment file.
-from .config import Config, _build, _closest, dump_yaml, load_config, opt, read_yaml
+from .config import Config, _build, _closest, dump_yaml, flatten, load_config, opt, read_yaml
 from .errors import UserError
 
 if TYPE_CHECKING:  # report pulls in matplotlib and torch; the sweep imports it only to summarise
@@ -113,18 +113,6 @@ class Run:
 
 
 # --------------------------------------------------------------------------- the sweep file
-
-
-def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
-    """{a: {b: 1}} -> {"a.b": 1}; an empty mapping is a value (e.g. ``data.synthetic: {}``)."""
-    flat = {}
-    for key, value in mapping.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, dotted + "."))
-        else:
-            flat[dotted] = value
-    return flat
 
 
 def flow_yaml(value: Any) -> str:

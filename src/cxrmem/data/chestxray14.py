@@ -224,11 +224,11 @@ def describe(rows: pd.DataFrame, boxes: pd.DataFrame, box_findings) -> dict:
     }
 
 
-def summarize(frame: pd.DataFrame, split_source: str, missing_images: int, boxes: pd.DataFrame | None = None) -> dict:
+def summarize(frame: pd.DataFrame, split_source: str, missing_images: int, boxes: pd.DataFrame) -> dict:
     """The data_summary.json content: per split and for phase 1's train/valid, and ``bboxes``:
     {finding: boxes on the data set's images} for the findings the box file names (FINDINGS order)."""
-    boxes = empty_bboxes() if boxes is None else boxes
-    box_findings = [f for f in FINDINGS if f in set(boxes["finding"])]
+    named = set(boxes["finding"])
+    box_findings = [f for f in FINDINGS if f in named]
     phase1 = phase_frame(frame, filter_normal=True)
     parts = {
         "train": frame[frame["split"] == "train"],

@@ -34,7 +34,7 @@ from fastai.callback.core import Callback
 from fastai.learner import Recorder
 
 from .. import io
-from ..config import to_dict
+from ..config import flatten, to_dict
 from ..errors import UserError
 from .distributed import is_main_process
 
@@ -225,15 +225,8 @@ def _params(cfg) -> list:
     """The resolved config as MLflow parameters: dotted keys, values as JSON writes them (null, true, 0.001)."""
     from mlflow.entities import Param
 
-    def walk(node, prefix):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                yield from walk(value, f"{prefix}{key}.")
-            else:
-                text = value if isinstance(value, str) else json.dumps(value)
-                yield Param(f"{prefix}{key}", text[:MAX_PARAM_LENGTH])
-
-    return list(walk(to_dict(cfg), ""))
+    return [Param(key, (value if isinstance(value, str) else json.dumps(value))[:MAX_PARAM_LENGTH])
+            for key, value in flatten(to_dict(cfg)).items()]
 
 
 def log_metrics(cfg, run_id: str, values: dict, step: int) -> None:

@@ -38,7 +38,8 @@ from PIL import Image
 
 from ...errors import UserError
 from ...io import atomic_path
-from ..chestxray14 import BBOX_ALIASES, BBOX_FILE, BBOX_HEADER, BOX_FRAME, CSV_NAME, list_text, read_bboxes
+from ..chestxray14 import (BBOX_ALIASES, BBOX_FILE, BBOX_HEADER, BOX_FRAME, CSV_NAME, count_boxes, list_text,
+                           read_bboxes)
 from ..findings import FINDINGS
 from ..split import TEST_LIST, TRAIN_VAL_LIST
 from .drawing import Box, draw_image
@@ -203,12 +204,6 @@ def _holds_foreign_data(out: Path) -> bool:
     return any(True for _ in out.glob("images*/**/*.png"))
 
 
-def _count_boxes(out: Path) -> dict[str, int]:
-    """Boxes per finding in the set's box file."""
-    counts = read_bboxes(out)["finding"].value_counts()
-    return {name: int(counts[name]) for name in FINDINGS if name in counts}
-
-
 def _summarise(plan: DatasetPlan, out: Path, seconds: float, skipped: bool) -> dict:
     names = FINDINGS
     share = plan.labels.mean(axis=0) if plan.n_images else np.zeros(len(names))
@@ -225,7 +220,7 @@ def _summarise(plan: DatasetPlan, out: Path, seconds: float, skipped: bool) -> d
         "no_finding_share": no_finding,
         "prevalence": {name: float(p) for name, p in zip(names, share)},
         "positives": {name: int(n) for name, n in zip(names, plan.labels.sum(axis=0))},
-        "boxes": _count_boxes(out),
+        "boxes": {f: n for f, n in count_boxes(read_bboxes(out), FINDINGS).items() if n},
         "seconds": round(seconds, 3),
         "skipped": skipped,
     }
