@@ -424,3 +424,20 @@ def test_retrieval_after_updates_equals_a_freshly_loaded_bank(strategy):
     bank.memory.mul_(2.0)  # a change outside the writers
     fresh.memory.mul_(2.0)
     torch.testing.assert_close(bank.retrieve(query), fresh.retrieve(query), atol=1e-6, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- no host synchronisation
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_retrieval_and_update_never_read_a_value_on_the_host(strategy):
+    """On the meta device a tensor has a shape and no values: reading one on the host (``int(filled)``,
+    ``if mean_norm > 0``, a boolean-mask index, ``unique``, ``bincount``) raises, as on a GPU it would make
+    the host wait for the device. A run of fills, a partly filling batch and updates of a full bank must pass."""
+    bank = make_bank(8, bank_size=12, update_strategy=strategy, rarity_threshold=0.3).to("meta")
+    for size in (5, 5, 6, 9):
+        features = torch.empty(size, 8, device="meta")
+        probs = torch.empty(size, 3, device="meta") if bank.needs_probs else None
+        assert bank.retrieve(features).shape == (size, 8)
+        bank.update(features, probs=probs)
+    assert bank.memory.device.type == "meta" and bank.memory.dtype == torch.float32

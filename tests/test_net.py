@@ -110,3 +110,26 @@ def test_build_model_from_config_objects():
     assert build_model(model_cfg, MemoryConfig(use_memory=False)).bank is None
     assert build_model(model_cfg).bank is None
     assert net.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+
+
+@pytest.mark.parametrize("strategy", ["rarity", "hybrid", "fifo", "reservoir"])
+def test_bank_and_head_under_cpu_bfloat16_autocast(strategy):
+    """Mixed precision where fastai cannot run it on the CPU: the body and the head compute in bfloat16,
+    retrieval and the bank's buffers stay float32, and every value and gradient is finite."""
+    net = tiny_net(strategy, rarity_threshold=0.05).train()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(6):  # enough batches to fill the 16 slots and then merge, ring or sample
+        images = torch.randn(6, 3, 16, 16, generator=g) * torch.rand(6, 1, 1, 1, generator=g) * 4
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = net.features(images)
+            retrieved = net.bank.retrieve(z)
+            logits = net(images)
+        logits.float().sum().backward()
+    assert z.dtype == torch.bfloat16 and logits.dtype == torch.bfloat16
+    assert retrieved.dtype == torch.float32 and torch.isfinite(retrieved).all()
+    assert torch.isfinite(logits.float()).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    state = net.bank.state_dict()
+    assert state["memory"].dtype == torch.float32 and state["mean_norm"].dtype == torch.float32
+    assert int(net.bank.filled) > 0 and torch.isfinite(state["memory"]).all()
+    assert state["memory"][: int(net.bank.filled)].abs().sum(dim=1).min() > 0

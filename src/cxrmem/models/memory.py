@@ -31,6 +31,11 @@ they first fill the free slots in order, then (bank full) follow the strategy's 
   (cosine); with ``n_j`` features assigned to slot ``j`` and ``mean_j`` their
   mean, ``m_j <- momentum**n_j * m_j + (1 - momentum**n_j) * mean_j``.
 
+Host synchronisation: none in retrieval or update on one process. Counts stay on the device and
+every selection is a mask of fixed shape ``[B]``, so the GPU never waits for the host to read a value
+(a test runs both on the ``meta`` device, where any such read fails). Under torch.distributed the
+update exchanges the ranks' batch sizes once.
+
 Cost: retrieval forms one ``[B, D] x [D, S]`` product without autograd, only to choose the
 neighbours; the ``k`` chosen similarities are recomputed with autograd on the gathered
 ``[B, k, D]`` neighbours, so the backward pass costs ``O(B k D)`` and never touches ``[B, S]``.
@@ -41,6 +46,7 @@ Settings, their defaults and ranges: :class:`cxrmem.config.MemoryConfig`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
@@ -76,9 +82,7 @@ def _relative_norm_deviation(norms: Tensor, reference: Tensor) -> Tensor:
 def _top_fraction(scores: Tensor, fraction: float) -> Tensor:
     """Mask of the ``max(1, floor(fraction * B))`` highest scores (at most B)."""
     count = min(len(scores), max(1, int(fraction * len(scores))))
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    mask[scores.topk(count).indices] = True
-    return mask
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(0, scores.topk(count).indices, True)
 
 
 def _rarity_scores(batch: _Batch) -> Tensor:
@@ -127,17 +131,17 @@ def select_uncertain(batch: _Batch) -> Tensor:
     return _top_fraction(entropy, batch.bank.rarity_threshold)
 
 
-def select_all(batch: _Batch) -> slice:
+def select_all(batch: _Batch) -> Tensor:
     """fifo / reservoir: all features go to the writer."""
-    return slice(None)
+    return torch.ones_like(batch.norms, dtype=torch.bool)
 
 
 @dataclass(frozen=True)
 class UpdateStrategy:
-    """``select``: batch -> index of the features to store (a mask, or a slice for all; batch order kept).
+    """``select``: batch -> mask ``[B]`` of the features to store (batch order kept).
     ``write``: what happens once the bank is full, 'merge', 'ring' or 'reservoir' (module docstring)."""
 
-    select: Callable[[_Batch], Tensor | slice]
+    select: Callable[[_Batch], Tensor]
     write: str
     needs_probs: bool = False
 
@@ -175,6 +179,12 @@ def _softmax_over_valid(scores: Tensor, valid: Tensor) -> Tensor:
     empty_rows = ~valid.any(dim=1, keepdim=True)
     logits = scores.masked_fill(~valid, float("-inf")).masked_fill(empty_rows, 0.0)
     return logits.softmax(dim=1) * valid
+
+
+def _without_autocast(device: torch.device):
+    """Autocast off on ``device`` (a no-op where the device has none, e.g. ``meta``)."""
+    available = torch.amp.is_autocast_available(device.type)
+    return torch.autocast(device_type=device.type, enabled=False) if available else contextlib.nullcontext()
 
 
 def _inverse_norms(rows: Tensor) -> Tensor:
@@ -253,7 +263,7 @@ class MemoryBank(nn.Module):
 
         Gradients reach the query through the chosen slots' similarities and the softmax; the bank gets none.
         """
-        with torch.autocast(device_type=query.device.type, enabled=False):
+        with _without_autocast(query.device):
             query = query.float()
             query_scale = _inverse_norms(query).unsqueeze(1)  # [B, 1], with autograd
             with torch.no_grad():
@@ -279,7 +289,7 @@ class MemoryBank(nn.Module):
         """Offer a batch ``[B, D]`` (and, for 'entropy', its predicted probabilities ``[B, C]``); then
         ``seen += B`` and ``mean_norm`` moves. Under torch.distributed the batches of all ranks are gathered
         first (rank order), so every rank applies the same update and the banks stay identical."""
-        with torch.autocast(device_type=features.device.type, enabled=False):
+        with _without_autocast(features.device):
             rows = features.detach().float()
             if probs is not None:
                 rows = torch.cat([rows, probs.detach().float()], dim=1)
@@ -288,61 +298,63 @@ class MemoryBank(nn.Module):
                 return
             features, probs = rows[:, : self.dim], (rows[:, self.dim :] if probs is not None else None)
             batch = _Batch(self, features, probs, torch.linalg.vector_norm(features, dim=1))
-            chosen = features[self.strategy.select(batch)]
-            _WRITERS[self.strategy.write](self, chosen)
+            _WRITERS[self.strategy.write](self, features, self.strategy.select(batch))
             batch_mean = batch.norms.mean()
-            if self.mean_norm > 0:
-                batch_mean = self.momentum * self.mean_norm + (1.0 - self.momentum) * batch_mean
-            self.mean_norm.copy_(batch_mean)
+            moved = self.momentum * self.mean_norm + (1.0 - self.momentum) * batch_mean
+            self.mean_norm.copy_(torch.where(self.mean_norm > 0, moved, batch_mean))  # the first batch sets it
             self.seen += features.shape[0]
 
-    def _fill_free_slots(self, features: Tensor) -> Tensor:
-        """Write the leading features into the free slots ``filled, filled+1, ...``; return the rest."""
-        filled = int(self.filled)
-        count = min(self.bank_size - filled, features.shape[0])
-        self.memory[filled : filled + count] = features[:count]
-        self.filled += count
-        return features[count:]
+    def _write_rows(self, slots: Tensor, rows: Tensor) -> None:
+        """``m_{slots[i]} <- rows[i]`` for every ``i`` with ``slots[i] < S`` (``S``: write nowhere); of rows
+        aimed at one slot the last one wins. Fixed shapes, so nothing waits for the host."""
+        writer = torch.full((self.bank_size + 1,), -1, dtype=torch.long, device=rows.device)
+        writer.scatter_reduce_(0, slots, torch.arange(rows.shape[0], device=rows.device), reduce="amax")
+        writer = writer[: self.bank_size]
+        self.memory.copy_(torch.where((writer >= 0).unsqueeze(1), rows[writer.clamp_min(0)], self.memory))
 
-    def _write_merging(self, features: Tensor) -> None:
+    def _fill_free_slots(self, features: Tensor, chosen: Tensor) -> Tensor:
+        """Write the chosen features, in batch order, into the free slots ``filled, filled+1, ...``; return
+        the mask of the chosen ones that found no free slot."""
+        slot = self.filled + chosen.cumsum(0) - 1  # the n-th chosen feature goes to slot filled + n - 1
+        fills = chosen & (slot < self.bank_size)
+        self._write_rows(torch.where(fills, slot, self.bank_size), features)
+        self.filled += fills.sum()
+        return chosen & ~fills
+
+    def _write_merging(self, features: Tensor, chosen: Tensor) -> None:
         """Fill, then ``m_j <- momentum**n_j m_j + (1 - momentum**n_j) mean_j`` at the nearest slots."""
-        rest = self._fill_free_slots(features)
-        if rest.shape[0] == 0:
-            return
-        slots, assignment = torch.unique(self.closest_slots(rest)[1], return_inverse=True)
-        counts = torch.bincount(assignment, minlength=slots.shape[0]).to(self.memory.dtype).unsqueeze(1)
-        means = torch.zeros(slots.shape[0], self.dim, device=rest.device).index_add_(0, assignment, rest) / counts
+        rest = self._fill_free_slots(features, chosen)
+        nearest = torch.where(rest, self.closest_slots(features)[1], self.bank_size)  # S: the rows not merged
+        counts = torch.zeros(self.bank_size + 1, device=features.device).index_add_(0, nearest, rest.float())
+        sums = torch.zeros(self.bank_size + 1, self.dim, device=features.device).index_add_(0, nearest, features)
+        counts, sums = counts[: self.bank_size].unsqueeze(1), sums[: self.bank_size]
         keep = torch.pow(self.momentum, counts)
-        self.memory[slots] = keep * self.memory[slots] + (1.0 - keep) * means
+        merged = keep * self.memory + (1.0 - keep) * (sums / counts.clamp_min(1.0))
+        self.memory.copy_(torch.where(counts > 0, merged, self.memory))
 
-    def _write_ring(self, features: Tensor) -> None:
+    def _write_ring(self, features: Tensor, chosen: Tensor) -> None:
         """Fill, then overwrite the oldest slots in order (only the last ``S`` of a long batch survive)."""
-        rest = self._fill_free_slots(features)
-        skipped = max(0, rest.shape[0] - self.bank_size)
-        rest = rest[skipped:]
-        start = (int(self.ring_pointer) + skipped) % self.bank_size
-        self.memory[(start + torch.arange(rest.shape[0], device=rest.device)) % self.bank_size] = rest
-        self.ring_pointer.fill_((start + rest.shape[0]) % self.bank_size)
+        rest = self._fill_free_slots(features, chosen)
+        order = rest.cumsum(0) - 1  # position among the features left for the ring
+        slots = torch.remainder(self.ring_pointer + order, self.bank_size)
+        self._write_rows(torch.where(rest, slots, self.bank_size), features)
+        self.ring_pointer.copy_(torch.remainder(self.ring_pointer + rest.sum(), self.bank_size))
 
-    def _write_reservoir(self, features: Tensor) -> None:
-        """Fill, then item ``t`` of the stream replaces slot ``j ~ U[0, t)`` when ``j < S`` (later items win)."""
-        rest = self._fill_free_slots(features)
-        if rest.shape[0] == 0:
-            return
-        first_position = int(self.seen) + features.shape[0] - rest.shape[0] + 1
-        positions = torch.arange(first_position, first_position + rest.shape[0], dtype=torch.float64)
-        draws = (torch.rand(rest.shape[0], generator=self.generator, dtype=torch.float64) * positions).long()
-        kept = draws < self.bank_size
-        slots = draws[kept].to(rest.device)
-        items = torch.nonzero(kept).squeeze(1).to(rest.device)
-        last_writer = torch.full((self.bank_size,), -1, dtype=torch.long, device=rest.device)
-        last_writer.scatter_reduce_(0, slots, items, reduce="amax")
-        hit = last_writer >= 0
-        self.memory[hit] = rest[last_writer[hit]]
+    def _write_reservoir(self, features: Tensor, chosen: Tensor) -> None:
+        """Fill, then item ``t`` of the stream replaces slot ``j ~ U[0, t)`` when ``j < S`` (later items win).
+
+        One uniform draw per feature of the batch (the filling ones draw too, unused), from the CPU generator."""
+        rest = self._fill_free_slots(features, chosen)
+        uniform = torch.rand(features.shape[0], generator=self.generator, dtype=torch.float64)
+        if features.is_cuda:  # a pinned, asynchronous copy: a plain one would wait for the GPU to finish
+            uniform = uniform.pin_memory().to(features.device, non_blocking=True)
+        position = self.seen + torch.arange(1, features.shape[0] + 1, device=features.device)  # t of each item
+        slots = (uniform.to(features.device) * position.double()).long()
+        self._write_rows(torch.where(rest & (slots < self.bank_size), slots, self.bank_size), features)
 
 
-#: write mode -> writer of the chosen features. Each fills free slots first, then applies its rule.
-_WRITERS: dict[str, Callable[[MemoryBank, Tensor], None]] = {
+#: write mode -> writer of (features, mask of the chosen ones). Each fills free slots first, then applies its rule.
+_WRITERS: dict[str, Callable[[MemoryBank, Tensor, Tensor], None]] = {
     "merge": MemoryBank._write_merging,
     "ring": MemoryBank._write_ring,
     "reservoir": MemoryBank._write_reservoir,
