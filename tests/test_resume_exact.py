@@ -38,3 +38,35 @@ def test_random_states_round_trip_through_the_resume_file(tmp_path):
     set_bank_state(learn, states)
     assert [draws(learn) for _ in range(2)] == expected
     assert expected[0][3][0] != expected[1][3][0]  # the loader really reshuffles every epoch
+
+
+def test_restored_optimizer_state_lands_on_the_device_of_each_parameter():
+    """A resume file is read onto the CPU; a run on another device must get every tensor of the optimizer
+    state on its parameter's device. The meta device stands in for the GPU: a CPU epoch makes the state,
+    a Learner whose parameters live on the meta device resumes from it."""
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+
+    from cxrmem.train.resume import Progress, ResumeState
+
+    def learner(device):
+        g = torch.Generator().manual_seed(0)
+        items = [(torch.randn(4, generator=g), torch.randn(2, generator=g)) for _ in range(16)]
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).to(device)
+        return Learner(DataLoaders(DataLoader(items, bs=4, shuffle=True), DataLoader(items, bs=4)), model,
+                       loss_func=torch.nn.MSELoss())
+
+    cpu = learner("cpu")
+    cpu.fit(1, 1e-2)  # Adam's running averages now exist
+    opt = cpu.opt.state_dict()
+    state = ResumeState(None, resume=False)
+    state.saved = {"model": cpu.model.state_dict(), "opt": opt, "progress": {}, "random": {}}
+    state.progress = Progress(phase=1, stage="unfrozen", epochs_done=1)
+    learn = learner("meta")
+    learn.create_opt()
+    log = SimpleNamespace(checkpoint=SimpleNamespace(best=None), rows=[])
+    assert state.restore(learn, 1, "unfrozen", log) == 1
+    restored = [(param, value) for param in learn.opt.all_params().itemgot(0)
+                for value in learn.opt.state[param].values() if isinstance(value, torch.Tensor)]
+    assert len(restored) >= 4
+    assert all(param.device.type == "meta" and value.device == param.device for param, value in restored)

@@ -87,7 +87,8 @@ class ResumeState:
             return 0
         mid_stage = p.stage == stage and not p.stage_complete
         if mid_stage:  # a new stage starts with a clear optimizer state: fastai's freeze / unfreeze clear it
-            learn.opt.load_state_dict({"state": saved["opt"]["state"], "hypers": L(saved["opt"]["hypers"])})
+            state = on_parameter_devices(saved["opt"]["state"], learn.opt)
+            learn.opt.load_state_dict({"state": state, "hypers": L(saved["opt"]["hypers"])})
             self.smooth_loss = saved.get("smooth_loss")
         log.checkpoint.best = p.best if p.best is not None else log.checkpoint.best
         log.rows = [list(row) for row in p.history]
@@ -97,6 +98,15 @@ class ResumeState:
         if mid_stage and early_stop is not None and p.stop is not None:
             early_stop.resume_with(*p.stop)
         return p.epochs_done if mid_stage else 0
+
+
+def on_parameter_devices(states: list, opt) -> list:
+    """fastai optimizer states (one dict per parameter, in ``opt.all_params()`` order) with every tensor
+    moved to the device of its parameter. The resume file is read onto the CPU, and fastai's
+    ``load_state_dict`` keeps tensors where they are, so a CUDA run's next step would mix devices."""
+    params = opt.all_params().itemgot(0)
+    return [{key: value.to(param.device) if isinstance(value, torch.Tensor) else value for key, value in state.items()}
+            for state, param in zip(states, params)]
 
 
 def phase_seed(seed: int, phase: int) -> int:
