@@ -1,29 +1,33 @@
-"""How fast images reach the model: 1024 px originals against a 256 px cache.
+"""How fast images reach the model: 1024 px originals against the pre-resized cache.
 
-    python bench/data_bench.py [--n-patients 80] [--workers N] [--rounds 3] [--work DIR]
+    python bench/data_bench.py [--images DIR] [--n-patients 80] [--cache-size 224] [--workers 1,2]
+                               [--target 2500] [--rounds 3] [--work DIR]
 
-1. Builds (or reuses) a synthetic ChestX-ray14 at 1024 px, ChestX-ray14's own size,
-   in DIR (default: <tmp>/cxrmem_data_bench), and its 256 px caches (png and jpg)
-   with ``cxrmem.data.cache.build_cache``.
+1. The originals: with ``--images DIR``, the PNGs in DIR (e.g. real ChestX-ray14 images) made into a
+   data set folder (a CSV naming them, random labels: this data is for speed only); else a synthetic
+   ChestX-ray14 at 1024 px, ChestX-ray14's own size. Both in DIR (default: <tmp>/cxrmem_data_bench),
+   with their caches (png and jpg) at ``--cache-size`` (default 224, what ``data.cache: {}`` makes for
+   ``image_size: 224``), built with ``cxrmem.data.cache.build_cache``.
 2. Raw cost per image, PIL alone: decode + resize to 224 px (what any loader must
    pay), for each source. CPU time of this process, best of ``--rounds``.
 3. The real fastai DataLoaders of ``cxrmem.data.loaders.build_dataloaders``
-   (image_size 224, batch 32) over each source, with the same number of workers:
-   - images per second delivered by ``dls.train`` (wall clock, best round);
+   (image_size 224, batch 32) over each source:
+   - images per second delivered by ``dls.train`` with each number of ``--workers`` (wall clock, best round);
    - the CPU cost per image of the whole item pipeline (reader, labels, collation)
      measured in-process on one thread, i.e. what one worker can deliver, and the
-     part of it that is fastai's per-item overhead (pipeline minus raw).
-   Batch transforms (IntToFloatTensor, augmentation, Normalize) are excluded: in
+     part of it that is fastai's per-item overhead (pipeline minus raw);
+   - the workers a GPU training at ``--target`` images per second needs from each source.
+   Batch transforms (IntToFloatTensor, augmentation, three channels, Normalize) are excluded: in
    real training they run on the GPU, after the batch has been delivered (and
    ``augment`` changes only them, so the item pipeline measured here is the same
    for augment true and false).
-4. The demo (configs/experiments/demo_synthetic.yaml: resnet18, 64 px, batch 32,
+4. The demo (configs/experiments/demo_synthetic.yaml: resnet18, 48 px, batch 32,
    memory bank on): one forward+backward+optimizer step on CPU beside the time the
    DataLoader takes to deliver one batch from 128 px images (the demo's data).
 
 Variants are measured in interleaved rounds so that load from other processes hits
 them alike. The last line is ``cache speedup: X.Xx``: DataLoader images per second
-from the 256 px png cache (the default format) over the originals.
+from the png cache (the default format) over the originals, with the most workers.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -57,25 +62,50 @@ from cxrmem.models.net import build_model  # noqa: E402
 
 IMAGE_SIZE = 224
 BATCH = 32
-CACHE_SIZE = 256
+ORIGINALS = "originals"
 DEMO_CONFIG = ROOT / "configs" / "experiments" / "demo_synthetic.yaml"
 
 
 # --------------------------------------------------------------------------- data sets
 
 
-def prepare_sources(work: Path, n_patients: int) -> dict[str, Path]:
-    """name -> data folder: the 1024 px originals and their 256 px png and jpg caches."""
-    originals = work / "synthetic_1024"
-    generate(originals, n_patients=n_patients, size=1024, seed=0)
-    sources = {"originals 1024 px png": originals}
+def real_data_set(images: Path, out: Path) -> Path:
+    """A ChestX-ray14-like folder holding the PNGs of ``images`` (copied once) and a CSV naming them."""
+    import random
+    import shutil
+
+    folder = out / "images_001" / "images"
+    names = sorted(p.name for p in images.glob("*.png"))
+    if not names:
+        raise SystemExit(f"data_bench: no PNG files in {images}")
+    if not (out / "Data_Entry_2017.csv").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            shutil.copyfile(images / name, folder / name)
+        rng = random.Random(0)
+        findings = ["Atelectasis", "Effusion", "Infiltration", "Nodule", "Mass", "Cardiomegaly"]
+        rows = [{"Image Index": n, "Finding Labels": "No Finding" if rng.random() < 0.5 else rng.choice(findings),
+                 "Follow-up #": 0, "Patient ID": int(n[:8]) if n[:8].isdigit() else i, "Patient Age": 50,
+                 "Patient Gender": "M", "View Position": "PA"} for i, n in enumerate(names)]
+        pd.DataFrame(rows).to_csv(out / "Data_Entry_2017.csv", index=False)
+    return out
+
+
+def prepare_sources(work: Path, n_patients: int, images: Path | None, cache_size: int) -> dict[str, Path]:
+    """name -> data folder: the originals and their png and jpg caches at ``cache_size``."""
+    if images is not None:
+        originals = real_data_set(images, work / f"real_{images.name}")
+    else:
+        originals = work / "synthetic_1024"
+        generate(originals, n_patients=n_patients, size=1024, seed=0)
+    sources = {ORIGINALS: originals}
     for fmt in ("png", "jpg"):
-        out = Path(f"{default_cache_dir(originals, CACHE_SIZE)}_{fmt}")
-        result = build_cache(originals, out, size=CACHE_SIZE, fmt=fmt, progress=False)
+        out = Path(f"{default_cache_dir(originals, cache_size)}_{fmt}")
+        result = build_cache(originals, out, size=cache_size, fmt=fmt, progress=False)
         if result.written:
             print(f"built the {fmt} cache: {result.written} images in {result.seconds:.1f} s "
                   f"({result.seconds / result.written * 1e3:.1f} ms per image over the pool)")
-        sources[f"cache {CACHE_SIZE} px {fmt}"] = out
+        sources[f"cache {cache_size} px {fmt}"] = out
     return sources
 
 
@@ -85,7 +115,9 @@ def frame_for(source: Path, originals: Path, epoch_images: int):
     The rows are repeated until an epoch has at least ``epoch_images`` training images, so
     that the start and end of epochs (workers filling up, draining) weigh little.
     """
-    frame, _, _ = load_frame(originals, 0.1, 0)
+    with warnings.catch_warnings():  # a folder of real images has no official lists: a derived split
+        warnings.simplefilter("ignore")
+        frame, _, _ = load_frame(originals, 0.1, 0)
     if source != originals:
         fmt = "jpg" if source.name.endswith("jpg") else "png"
         frame["path"] = [str(source / Path(p).relative_to(originals).parent / cached_name(Path(p).name, fmt))
@@ -182,44 +214,53 @@ def machine() -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "cxrmem_data_bench"))
-    parser.add_argument("--n-patients", type=int, default=80, help="about 3.6 images each (default 80)")
-    parser.add_argument("--workers", type=int, default=default_num_workers(on_cuda=True),
-                        help="DataLoader workers for every source (default: the GPU training default)")
+    parser.add_argument("--images", type=Path, default=None, help="a folder of PNGs to use as the originals")
+    parser.add_argument("--n-patients", type=int, default=80, help="synthetic originals: about 3.6 images each")
+    parser.add_argument("--cache-size", type=int, default=IMAGE_SIZE, help=f"side of the cache (default {IMAGE_SIZE})")
+    parser.add_argument("--workers", default="1,2", help="DataLoader worker counts to measure, comma-separated")
+    parser.add_argument("--target", type=float, default=2500.0, help="images per second a GPU trains at")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--min-images", type=int, default=2000, help="images per throughput measurement")
     parser.add_argument("--epoch-images", type=int, default=1000,
                         help="repeat the rows until a training epoch has this many images")
     args = parser.parse_args(argv)
     work = Path(args.work)
-    print(f"machine: {machine()}; DataLoader workers: {args.workers}")
+    counts = [int(w) for w in args.workers.split(",") if w]
+    print(f"machine: {machine()}; DataLoader workers: {', '.join(map(str, counts))}; "
+          f"num_workers auto on CUDA here: {default_num_workers(on_cuda=True)}")
 
-    sources = prepare_sources(work, args.n_patients)
-    originals = sources["originals 1024 px png"]
+    sources = prepare_sources(work, args.n_patients, args.images, args.cache_size)
+    originals = sources[ORIGINALS]
     frames = {name: frame_for(path, originals, args.epoch_images) for name, path in sources.items()}
-    loaders = {name: train_loader(frame, args.workers) for name, frame in frames.items()}
-    n_files = len(set(frames[next(iter(frames))]["path"]))
-    print(f"{n_files} image files per source, repeated to {len(loaders[next(iter(loaders))].dataset)} per "
-          f"training epoch; batch {BATCH}; input {IMAGE_SIZE} px; batch transforms excluded (GPU side)")
+    loaders = {(name, w): train_loader(frame, w) for name, frame in frames.items() for w in counts}
+    n_files = len(set(frames[ORIGINALS]["path"]))
+    print(f"{n_files} image files per source ({'from ' + str(args.images) if args.images else 'synthetic, 1024 px'}), "
+          f"repeated to {len(frames[ORIGINALS])} rows; batch {BATCH}; input {IMAGE_SIZE} px; batch transforms "
+          f"excluded (GPU side)")
 
-    raw, rate, cost = ({name: [] for name in sources} for _ in range(3))
+    raw, cost = ({name: [] for name in sources} for _ in range(2))
+    rate = {key: [] for key in loaders}
     for _ in range(args.rounds):
         for name in sources:
             raw[name].append(raw_seconds(sorted(set(frames[name]["path"]))))
-            rate[name].append(images_per_second(loaders[name], args.min_images))
-            cost[name].append(pipeline_seconds(loaders[name]))
+            cost[name].append(pipeline_seconds(loaders[name, counts[0]]))
+            for w in counts:
+                rate[name, w].append(images_per_second(loaders[name, w], args.min_images))
 
-    print(f"\n{'source':<24}{'raw PIL ms/img':>16}{'pipeline ms/img':>17}{'fastai extra ms':>17}"
-          f"{'1-worker img/s':>16}{'DataLoader img/s':>18}{'img/s per worker':>18}")
+    header = "".join(f"{f'{w} worker(s) img/s':>20}" for w in counts)
+    print(f"\n{'source':<22}{'raw PIL ms/img':>16}{'pipeline ms/img':>17}{'fastai extra ms':>17}"
+          f"{'1 worker img/s (CPU)':>22}{header}{f'workers for {args.target:.0f}/s':>20}")
     for name in sources:
-        r, c, q = min(raw[name]), min(cost[name]), max(rate[name])
-        print(f"{name:<24}{r * 1e3:>16.2f}{c * 1e3:>17.2f}{(c - r) * 1e3:>17.2f}{1 / c:>16.0f}{q:>18.0f}"
-              f"{q / max(args.workers, 1):>18.0f}")
-    base = "originals 1024 px png"
+        r, c = min(raw[name]), min(cost[name])
+        cells = "".join(f"{max(rate[name, w]):>20.0f}" for w in counts)
+        print(f"{name:<22}{r * 1e3:>16.2f}{c * 1e3:>17.2f}{(c - r) * 1e3:>17.2f}{1 / c:>22.0f}{cells}"
+              f"{math.ceil(args.target * c):>20d}")
     for name in sources:
-        if name != base:
-            print(f"{name}: raw decode speedup {min(raw[base]) / min(raw[name]):.1f}x, "
-                  f"pipeline CPU speedup {min(cost[base]) / min(cost[name]):.1f}x, "
-                  f"DataLoader speedup {max(rate[name]) / max(rate[base]):.1f}x")
+        if name != ORIGINALS:
+            print(f"{name}: raw decode speedup {min(raw[ORIGINALS]) / min(raw[name]):.1f}x, "
+                  f"pipeline CPU speedup {min(cost[ORIGINALS]) / min(cost[name]):.1f}x, "
+                  f"DataLoader speedup with {counts[-1]} worker(s) "
+                  f"{max(rate[name, counts[-1]]) / max(rate[ORIGINALS, counts[-1]]):.1f}x")
 
     demo_cfg = load_config(DEMO_CONFIG)
     demo_source = work / "synthetic_128"
@@ -240,7 +281,8 @@ def main(argv=None) -> int:
           f"per batch from {demo_workers} worker(s), {batch_cpu * 1e3:.0f} ms of CPU -> "
           f"{'data-bound' if batch_cpu > min(step, step_one_thread) else 'compute-bound'} "
           f"(delivering a batch costs {100 * batch_cpu / min(step, step_one_thread):.0f}% of the fastest step)")
-    print(f"cache speedup: {max(rate['cache 256 px png']) / max(rate[base]):.1f}x")
+    png = f"cache {args.cache_size} px png"
+    print(f"cache speedup: {max(rate[png, counts[-1]]) / max(rate[ORIGINALS, counts[-1]]):.1f}x")
     return 0
 
 

@@ -226,3 +226,49 @@ def test_ctrl_c_says_how_to_resume(tiny_data, tmp_path, capsys, monkeypatch):
     status, _, err = run_cli(main, ["--data_dir", tiny_data, "--out", tmp_path / "cache", "--size", SIZE], capsys)
     assert status == 130
     assert err.strip() == "interrupted: finished files are kept; run the same command again to continue"
+
+
+def test_a_cache_without_a_size_is_built_at_the_training_size(tiny_data, tmp_path):
+    """``data.cache: {}`` (as the guide's experiments have it): the copy is made at data.image_size, so the
+    loader reads images that need no resizing."""
+    from cxrmem.config import from_dict
+    from cxrmem.data.loaders import read_xray
+
+    data = from_dict({"data": {"data_dir": str(tiny_data), "image_size": 24, "cache": {"dir": str(tmp_path / "c")}}}).data
+    assert data.cache.size is None
+    out = resolve_image_dir(data)
+    assert out == tmp_path / "c" and json.loads((out / MARKER_NAME).read_text())["size"] == 24
+    first = next(iter(image_files(out).values()))
+    with Image.open(first) as image:
+        assert image.size == (24, 24)
+    assert read_xray(first, 24).shape[-2:] == (24, 24)
+
+
+def test_every_guide_experiment_trains_from_the_cache_with_the_originals_one_key_away():
+    from cxrmem.cli import experiment_config_path
+    from cxrmem.config import load_config
+    from cxrmem.reference import legacy_experiments
+
+    from conftest import EXPERIMENTS
+
+    files = [p for p in EXPERIMENTS.glob("*.yaml") if p.stem != "demo_synthetic"]
+    files += [experiment_config_path(name) for name in legacy_experiments()]
+    assert len(files) >= 24
+    for path in files:
+        assert load_config(path).data.cache == CacheConfig(), path  # on, at image_size
+        assert load_config(path, ["data.cache=null"]).data.cache is None, path
+
+
+def test_an_unwritable_cache_folder_is_one_line_naming_the_way_out(tiny_data, tmp_path, capsys):
+    from cxrmem.cli import train_main
+
+    from conftest import EXPERIMENTS
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    status, _, err = run_cli(train_main, ["--config", EXPERIMENTS / "demo_synthetic.yaml", "--data_dir", tiny_data,
+                                          "--output_dir", tmp_path / "run", "--set", "data.synthetic=null",
+                                          "--set", f"data.cache.dir={blocker / 'cache'}", "--check-data"], capsys)
+    error = err.splitlines()[-1]  # after the line announcing the build
+    assert status == 2 and error.startswith("error: ") and "Traceback" not in err, err
+    assert f"cannot write the cache folder {blocker / 'cache'}" in error and "data.cache: null" in error

@@ -1,4 +1,4 @@
-"""torchrun with two CPU processes (gloo) on a tiny synthetic set, both phases, LR finder included.
+"""torchrun with two CPU processes (gloo, GPUs hidden) on a tiny synthetic set, both phases, LR finder included.
 
 Checks: one run folder, written by rank 0 only, and one report and epoch log; the LR
 finder runs on rank 0 alone, on the plain model; the per-process batch
@@ -141,7 +141,8 @@ def ddp_run(tmp_path_factory):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                __file__, "--config", str(config), "--data_dir", str(data), "--output_dir", str(run_dir)]
-    env = {**os.environ, DUMP_ENV: str(dump), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    env = {**os.environ, DUMP_ENV: str(dump), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg",
+           "CUDA_VISIBLE_DEVICES": ""}  # gloo on the CPU, also on a machine with GPUs (one GPU cannot take two ranks)
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     records = [json.loads((dump / f"rank{r}.json").read_text()) for r in range(WORLD)]
@@ -274,6 +275,69 @@ def test_a_missing_private_name_is_one_line_naming_it_and_the_installed_version(
     message = str(caught.value)
     assert "\n" not in message
     assert "fastai.distributed.DistributedDL._broadcast" in message and f"fastai {version('fastai')}" in message
+
+
+
+# --------------------------------------------------------------------------- start-up
+
+
+def test_more_processes_than_gpus_stop_every_rank_with_one_line_before_joining(monkeypatch, capsys):
+    from cxrmem.cli import train_main
+    from cxrmem.errors import UserError
+    from cxrmem.train import distributed
+
+    from conftest import EXPERIMENTS, run_cli
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("joined a process group")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", refuse)
+    monkeypatch.setattr(torch.distributed, "init_process_group", refuse)
+    for name, value in {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "CUDA_VISIBLE_DEVICES": "3"}.items():
+        monkeypatch.setenv(name, value)
+    for rank in ("0", "1"):  # both ranks of the node, not only the one without a GPU
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        for call in (distributed.join, distributed.device):
+            with pytest.raises(UserError) as caught:
+                call()
+            message = str(caught.value)
+            assert "\n" not in message
+            assert "2 processes on this node but 1 GPU(s)" in message and "CUDA_VISIBLE_DEVICES=3" in message
+            assert "--nproc_per_node 1" in message
+    status, _, err = run_cli(train_main, ["--config", EXPERIMENTS / "demo_synthetic.yaml", "--check-data"], capsys)
+    assert status == 2 and err.count("\n") == 1 and "each process needs a GPU of its own" in err
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert distributed.device() == torch.device("cuda", 1)  # LOCAL_RANK 1 with two GPUs: its own
+
+
+def slow_preparation(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks whose default group times out after 2 s; rank 0 prepares for 6 s."""
+    import time
+    from datetime import timedelta
+
+    from cxrmem.train import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    assert distributed.join(timeout=timedelta(seconds=2))
+    try:
+        value = distributed.on_main(lambda: time.sleep(6) or 42)
+        Path(out, f"rank{rank}").write_text(str(value))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@slow
+def test_work_rank_0_does_alone_may_outlast_the_process_group_timeout(tmp_path, monkeypatch):
+    """A first run's data preparation on rank 0 takes longer than the default group's timeout (NCCL's
+    is 10 minutes; 2 s here): the other rank waits for it on the preparation group and gets its result."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.multiprocessing.spawn(slow_preparation, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["42", "42"]
 
 
 if __name__ == "__main__":

@@ -82,14 +82,43 @@ def test_open_xray_gives_three_exact_uint8_channels(image_files, name):
 
 @pytest.mark.parametrize("name", list(kinds()))
 def test_read_xray_matches_open_xray_and_resizes(image_files, name):
+    """Grey files give one channel (replicated on the device), colour files three; the values are open_xray's."""
     path, expected = image_files[name]
+    channels = 3 if name in ("rgb", "rgba") else 1
     same = read_xray(path, SIDE)
-    assert same.shape == (3, SIDE, SIDE) and same.dtype == torch.uint8 and same.is_contiguous()
-    np.testing.assert_array_equal(same.permute(1, 2, 0).numpy(), expected)
+    assert same.shape == (channels, SIDE, SIDE) and same.dtype == torch.uint8 and same.is_contiguous()
+    np.testing.assert_array_equal(same.expand(3, -1, -1).permute(1, 2, 0).numpy(), expected)
     small = read_xray(path, SIDE // 2)
-    assert small.shape == (3, SIDE // 2, SIDE // 2) and small.dtype == torch.uint8
-    if name != "rgb" and name != "rgba":  # grayscale stays grayscale
-        assert torch.equal(small[0], small[1]) and torch.equal(small[1], small[2])
+    assert small.shape == (channels, SIDE // 2, SIDE // 2) and small.dtype == torch.uint8
+
+
+def test_a_grey_image_stored_as_rgb_or_rgba_travels_as_one_channel(tmp_path):
+    grey = np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))
+    for mode in ("RGB", "RGBA"):
+        path = tmp_path / f"grey_{mode}.png"
+        Image.fromarray(grey).convert(mode).save(path)
+        pixels = read_xray(path, 64)
+        assert pixels.shape == (1, 64, 64)
+        np.testing.assert_array_equal(pixels[0].numpy(), grey)
+
+
+def test_grey_batches_cross_as_one_channel_and_reach_the_network_as_three(image_files):
+    names = [n for n in image_files if n not in ("rgb", "rgba")]
+    rows = [dict(image_index=f"{n}.png", patient_id=str(i), path=str(image_files[n][0]), is_valid=valid)
+            for valid in (False, True) for i, n in enumerate(names)]
+    frame = pd.DataFrame(rows)
+    for finding in FINDINGS:
+        frame[finding] = 0
+    cfg = SimpleNamespace(image_size=SIDE, augment=True, num_workers=0)
+    dls = build_dataloaders(frame, cfg, batch_size=len(names), device=torch.device("cpu"))
+    for dl in (dls.train, dls.valid):
+        collated = dl.create_batch(dl.before_batch([dl.dataset[i] for i in range(len(names))]))
+        assert collated[0].shape == (len(names), 1, SIDE, SIDE) and collated[0].dtype == torch.uint8
+        images = dl.after_batch(collated)[0]  # on the device: augmentation, three channels, normalisation
+        assert images.shape == (len(names), 3, SIDE, SIDE)
+        mean, std = (torch.tensor(s).view(1, 3, 1, 1) for s in imagenet_stats)
+        pixels = images.float() * std + mean
+        assert torch.allclose(pixels[:, 0], pixels[:, 1], atol=1e-5) and torch.allclose(pixels[:, 1], pixels[:, 2], atol=1e-5)
 
 
 @pytest.mark.parametrize("name", list(kinds()))
@@ -105,7 +134,7 @@ def test_the_cache_reader_keeps_grayscale_gray_and_scales_16_bit(image_files, na
 def test_a_grayscale_jpeg_is_read_at_reduced_scale(tmp_path):
     path = tmp_path / "big.jpg"
     Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (256, 1))).save(path, quality=95)
-    assert read_xray(path, 32).shape == (3, 32, 32)
+    assert read_xray(path, 32).shape == (1, 32, 32)
     assert read_shrunk(path, 32).size == (32, 32)
 
 

@@ -26,6 +26,7 @@ experiment_name: tiny
 model: {backbone: resnet18, pretrained: false}
 memory: {bank_size: 16, top_k: 3, update_strategy: fifo}
 data: {image_size: 32, num_workers: 0, seed: 0, valid_pct: 0.25}
+train: {deterministic: true}  # the bit-exact resume contract (on a GPU too)
 phase1: {batch_size: 8, use_lr_finder: false, base_lr: 0.001, freeze_epochs: %(freeze)d, total_epochs: %(total)d,
          early_stopping_patience: 20}
 phase2: {batch_size: 16, epochs: %(epochs2)d, lr_min: 0.0001, lr_max: 0.001, early_stopping_patience: 20}

@@ -104,7 +104,8 @@ class SyntheticConfig:
 
 @dataclass
 class CacheConfig:
-    size: int = opt(256, "side of the pre-resized images in pixels", lo=16)
+    size: int | None = opt(None, "shorter side of the pre-resized images in pixels; null: data.image_size (the "
+                           "loader then only decodes)", lo=16, nullable=True, value_type=int)
     dir: str | None = opt(None, "cache folder (default: <data_dir>_<size>px)", kind="path")
     format: str = opt("png", "image format of the cache", choices=("png", "jpg"))
 
@@ -124,7 +125,8 @@ class DataConfig:
     augment: bool = opt(True, "small random rotations, zoom and lighting changes on training batches (no flips)")
     synthetic: SyntheticConfig | None = section(
         SyntheticConfig, "generate a synthetic data set at data_dir on first use", optional=True)
-    cache: CacheConfig | None = section(CacheConfig, "train from a pre-resized copy of the data set", optional=True)
+    cache: CacheConfig | None = section(CacheConfig, "train from a pre-resized copy of the data set, built on first "
+                                        "use (null: read the original files)", optional=True)
 
 
 @dataclass
@@ -198,6 +200,13 @@ class TrackingConfig:
 
 
 @dataclass
+class TrainConfig:
+    deterministic: bool = opt(False, "GPU: true picks cuDNN's deterministic kernels without autotuning, so a run, "
+                              "and a resumed run, repeat to the bit; false lets cuDNN time its kernels and keep "
+                              "the fastest (cudnn.benchmark), and runs differ in the last bits. No effect on the CPU")
+
+
+@dataclass
 class Config:
     experiment_name: str = opt("experiment", "name of the experiment; names the run folder and files")
     description: str = opt("", "free text")
@@ -208,6 +217,7 @@ class Config:
     model: ModelConfig = section(ModelConfig, "the network")
     memory: MemoryConfig = section(MemoryConfig, "the memory bank")
     data: DataConfig = section(DataConfig, "the data set and loaders")
+    train: TrainConfig = section(TrainConfig, "settings of both phases")
     phase1: Phase1Config = section(Phase1Config, "phase 1: abnormal images, frozen then fine-tuned")
     phase2: Phase2Config | None = section(Phase2Config, "phase 2: all images, one cycle (absent: one phase)",
                                           optional=True)

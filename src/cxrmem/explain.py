@@ -174,7 +174,7 @@ def grad_cam(model: nn.Module, images: Tensor, class_indices: Sequence[int], bat
 
 def prepare_images(paths: Sequence, size: int) -> Tensor:
     """Files -> [N, 3, size, size] float32, exactly as evaluation feeds them to the network:
-    :func:`cxrmem.data.loaders.read_xray` (squished, 3 channels), / 255, ImageNet normalisation."""
+    :func:`cxrmem.data.loaders.read_xray` (squished), grey as 3 channels, / 255, ImageNet normalisation."""
     from fastai.vision.all import imagenet_stats
 
     from .data.loaders import read_xray
@@ -182,7 +182,8 @@ def prepare_images(paths: Sequence, size: int) -> Tensor:
     mean, std = (torch.tensor(s, dtype=torch.float32).view(3, 1, 1) for s in imagenet_stats)
     if not paths:
         return torch.zeros((0, 3, size, size), dtype=torch.float32)
-    return torch.stack([(read_xray(p, size).as_subclass(Tensor).float() / 255.0 - mean) / std for p in paths])
+    return torch.stack([(read_xray(p, size).as_subclass(Tensor).expand(3, -1, -1).float() / 255.0 - mean) / std
+                        for p in paths])
 
 
 def save_overlay(image: np.ndarray, heatmap: np.ndarray, path) -> None:

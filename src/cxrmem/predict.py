@@ -12,8 +12,8 @@ them) or a list: a .txt file with one path per line, or a .csv file with a
 Contract:
 
 * pixels as evaluation sees them: :func:`cxrmem.data.loaders.read_xray` (squished to
-  ``data.image_size``, grey replicated to three channels), then the validation
-  DataLoader's batch transforms (``/ 255``, ImageNet mean and std), the network in
+  ``data.image_size``), then the validation DataLoader's batch transforms (``/ 255``,
+  grey replicated to three channels, ImageNet mean and std), the network in
   eval mode (the memory bank is read, never written), ``p = sigmoid(logit)``;
 * the CSV has ``path``, one probability column per finding (named as the finding)
   and one ``<finding>_call`` column, ``1`` when ``p >= threshold`` at the run's
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -42,8 +43,9 @@ from . import io, report
 from .cli import guarded
 from .data.findings import FINDINGS
 from .data.images import IMAGE_SUFFIXES, READ_ERRORS, open_image
-from .data.loaders import ResizedXrayBlock, batch_transforms, default_num_workers, read_xray
+from .data.loaders import ResizedXrayBlock, batch_transforms, collatable, default_num_workers, read_xray
 from .errors import UserError
+from .train import speed
 
 DEFAULT_THRESHOLD = 0.5  # the call where a run has no operating point
 CALL_SUFFIX = "_call"
@@ -118,7 +120,7 @@ class ImageFiles(torch.utils.data.Dataset):
 def collate_readable(items):
     """(indexes read, their images as one uint8 batch or None, [(index, exception)] of the others)."""
     read = [(i, image) for i, image, error in items if error is None]
-    images = TensorImage(torch.stack([image for _, image in read])) if read else None
+    images = TensorImage(torch.stack([x for x, in collatable([(image,) for _, image in read])])) if read else None
     return [i for i, _ in read], images, [(i, error) for i, _, error in items if error is not None]
 
 
@@ -157,13 +159,16 @@ def load_run(run_dir, model_path=None):
 
 
 class TorchNetwork:
-    """A PyTorch model: normalised images on ``device`` -> logits as float32 numpy."""
+    """A PyTorch model: normalised images on ``device`` -> logits as float32 numpy. With a run's ``model``
+    config section, in the precision and memory format its training and evaluation used (on CUDA)."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device):
-        self.model = model.to(device).eval()
+    def __init__(self, model: torch.nn.Module, device: torch.device, model_cfg=None):
+        self.model_cfg, self.device = model_cfg, device
+        self.model = speed.prepare_for_inference(model, model_cfg, device) if model_cfg else model.to(device).eval()
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
-        with torch.no_grad():
+        precision = speed.inference_autocast(self.model_cfg, self.device) if self.model_cfg else nullcontext()
+        with torch.no_grad(), precision:
             return self.model(images).float().cpu().numpy()
 
 
@@ -187,7 +192,7 @@ def workers_for(setting, device: torch.device) -> int:
 
 def run_predictor(run_dir, model_path, device) -> Predictor:
     cfg, model = load_run(run_dir, model_path)
-    return Predictor(TorchNetwork(model, device), cfg.data.image_size, list(FINDINGS),
+    return Predictor(TorchNetwork(model, device, cfg.model), cfg.data.image_size, list(FINDINGS),
                      report.read_operating_points(run_dir), (cfg.phase2 or cfg.phase1).batch_size,
                      workers_for(cfg.data.num_workers, device), f"run {run_dir}", model=model)
 

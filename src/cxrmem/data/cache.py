@@ -43,6 +43,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -341,7 +342,13 @@ def build_cache(data_dir, out=None, size: int = 256, fmt: str = "png", workers: 
     check_arguments(data_dir, out, size, fmt, workers)
     params = cache_parameters(data_dir, size, fmt)
     check_out_folder(out, params)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.TemporaryFile(dir=out)  # a folder that exists can still be read-only
+        probe.close()
+    except OSError as exc:
+        raise UserError(f"cannot write the cache folder {out} ({exc.strerror or exc}); give a writable one "
+                        f"(data.cache.dir, or --out), or set data.cache: null to train from the original images") from None
     with exclusive(out):
         check_out_folder(out, params)
         sources = source_images(data_dir)

@@ -1,9 +1,14 @@
 """fastai DataLoaders from the metadata frame: the only place the data layer meets fastai.
 
 Image files become pixels in :mod:`cxrmem.data.images` (every PNG/JPEG kind: 8-bit L,
-16-bit I;16, RGB, RGBA, 8-bit out); here :func:`read_xray` turns them into the 3-channel
-uint8 tensors of the training pipeline and :func:`open_xray` into fastai PILImages.
-Augmentation and normalisation run as batch transforms (on the GPU when there is one).
+16-bit I;16, RGB, RGBA, 8-bit out); here :func:`read_xray` turns them into the uint8 tensors
+of the training pipeline and :func:`open_xray` into fastai PILImages.
+
+Grey images travel as one channel: from the loader workers, through pinned memory, to the
+GPU, where the batch transforms augment them and :class:`ThreeChannels` replicates them for
+the ImageNet-style backbones, just before normalisation (a third of the bytes and of the
+augmentation work). Augmentation and normalisation run as batch transforms (on the GPU when
+there is one).
 """
 
 from __future__ import annotations
@@ -13,8 +18,8 @@ import os
 import numpy as np
 import torch
 from fastai.vision.all import (
-    ColReader, ColSplitter, DataBlock, IntToFloatTensor, MultiCategoryBlock, Normalize, PILImage, TensorImage,
-    Transform, TransformBlock, aug_transforms, imagenet_stats,
+    ColReader, ColSplitter, DataBlock, DisplayedTransform, IntToFloatTensor, MultiCategoryBlock, Normalize, PILImage,
+    TensorImage, Transform, TransformBlock, aug_transforms, imagenet_stats,
 )
 
 from .findings import FINDINGS
@@ -27,16 +32,43 @@ def open_xray(path) -> PILImage:
 
 
 def read_xray(path, size: int) -> TensorImage:
-    """Read one image file squished to ``size`` x ``size``: a 3 x size x size uint8 TensorImage.
+    """Read one image file squished to ``size`` x ``size``: a C x size x size uint8 TensorImage, C = 1 for a
+    grey image (also one stored as RGB or RGBA with three equal channels), else 3.
 
     The pixels of :func:`cxrmem.data.images.read_squished` (like fastai's ``Resize(size,
     method=Squish)`` with bilinear filtering, in one step; an image already ``size`` x ``size``
-    keeps its exact values), grayscale replicated to three channels only at the end, as a
-    contiguous tensor (cheap to collate).
+    keeps its exact values), as a contiguous tensor (cheap to collate). :class:`ThreeChannels`
+    replicates a grey batch on the device; :func:`collatable` a grey image in a batch with colour ones.
     """
     pixels = torch.from_numpy(read_squished(path, size))
-    pixels = pixels.unsqueeze(0).expand(3, -1, -1) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
+    if pixels.ndim == 3:
+        pixels = pixels.permute(2, 0, 1)
+        if torch.equal(pixels[0], pixels[1]) and torch.equal(pixels[1], pixels[2]):
+            pixels = pixels[:1]
+    else:
+        pixels = pixels.unsqueeze(0)
     return TensorImage(pixels.contiguous())
+
+
+def collatable(samples: list) -> list:
+    """fastai ``before_batch``: a batch that mixes grey (1-channel) and colour images gets its grey ones
+    replicated to three channels, so that the batch stacks; a batch of one kind is left as it is."""
+    if len({sample[0].shape[0] for sample in samples}) == 1:
+        return samples
+    return [(x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x, *rest) for x, *rest in samples]
+
+
+class ThreeChannels(DisplayedTransform):
+    """Batch transform: ``[B, 1, H, W]`` -> ``[B, 3, H, W]`` (the grey channel three times); colour batches pass.
+
+    Ordered after augmentation (fastai's affine and lighting transforms treat every channel alike, so
+    augmenting one channel and copying it equals augmenting three) and before normalisation.
+    """
+
+    order = 90  # fastai: IntToFloatTensor 10, affine and lighting 30-40, Normalize 99
+
+    def encodes(self, x: TensorImage) -> TensorImage:
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
 class ReadXray(Transform):
@@ -80,15 +112,20 @@ def ResizedXrayBlock(size: int):
 
 
 def default_num_workers(on_cuda: bool) -> int:
-    """auto: up to 8 workers on CUDA; on CPU leave a core to the training step."""
+    """``num_workers: auto``. On CUDA: this process's share of the cores, less one for the process itself
+    (the share is the usable cores divided by torchrun's processes on the node, ``LOCAL_WORLD_SIZE``), at
+    least one; 15 on a 16-core machine with one GPU. On the CPU: up to 4, leaving a core to the training step."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(8, cores) if on_cuda else max(0, min(4, cores - 1))
+    if not on_cuda:
+        return max(0, min(4, cores - 1))
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "").strip() or 1)
+    return max(1, cores // max(1, processes) - 1)
 
 
 def batch_transforms(augment: bool):
     augmentation = aug_transforms(do_flip=False, max_rotate=5.0, max_zoom=1.1, max_lighting=0.2,
                                   max_warp=0.0, p_affine=0.75, p_lighting=0.75) if augment else []
-    return [*augmentation, Normalize.from_stats(*imagenet_stats)]
+    return [*augmentation, ThreeChannels(), Normalize.from_stats(*imagenet_stats)]
 
 
 def build_dataloaders(frame, data_cfg, batch_size: int, device: torch.device):
@@ -106,8 +143,10 @@ def build_dataloaders(frame, data_cfg, batch_size: int, device: torch.device):
         batch_tfms=batch_transforms(data_cfg.augment),
     )
     block.item_tfms = []  # the blocks' default ToTensor: items are tensors already
-    return block.dataloaders(frame, bs=batch_size, num_workers=workers, device=device,
-                             pin_memory=on_cuda, persistent_workers=workers > 0)
+    # No persistent_workers: fastai builds a new iterator, so new workers, every epoch and every validation
+    # pass anyway, and workers kept alive would hold a stale copy of the loader's shuffling generator.
+    return block.dataloaders(frame, bs=batch_size, num_workers=workers, device=device, pin_memory=on_cuda,
+                             before_batch=collatable)
 
 
 def labelled_dataloader(dls, frame):

@@ -8,7 +8,7 @@ and split the metadata, then check every image file so that none fails mid-epoch
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -47,13 +47,15 @@ def ensure_synthetic(data_cfg) -> None:
 
 
 def resolve_image_dir(data_cfg) -> Path:
-    """The folder images are read from: data_dir, or its pre-resized cache when configured."""
+    """The folder images are read from: data_dir, or its pre-resized cache when configured (at
+    ``data.cache.size``, or at ``data.image_size`` when that is null, so the loader only decodes)."""
     data_dir = Path(data_cfg.data_dir)
     if data_cfg.cache is None:
         return data_dir
     from .cache import ensure_cache
 
-    return ensure_cache(data_dir, data_cfg.cache, data_cfg.missing_images)
+    cache = data_cfg.cache if data_cfg.cache.size else replace(data_cfg.cache, size=data_cfg.image_size)
+    return ensure_cache(data_dir, cache, data_cfg.missing_images)
 
 
 def drop_damaged(frame: pd.DataFrame, run_dir: Path, policy: str) -> pd.DataFrame:

@@ -246,8 +246,10 @@ class StopOnNonFiniteLoss(Callback):
     """Stops the run when the training loss is NaN or infinite, naming phase, epoch (as the epoch
     log numbers them) and batch (1 is the epoch's first).
 
-    Raised before the backward pass, so no non-finite step is taken; the best
-    checkpoint already on disk is left as it is.
+    Checked after the batch, where fastai reads the loss on the host anyway (its running
+    train_loss), so the check adds no wait for the GPU. The run stops before the epoch ends,
+    so the weights of that step reach no file: the best checkpoint and the resume file on
+    disk are those of the last finished epoch.
     """
 
     order = -10
@@ -258,7 +260,7 @@ class StopOnNonFiniteLoss(Callback):
     def before_fit(self):
         self.run = not hasattr(self.learn, "lr_finder")  # the finder's own stop_div ends its divergence
 
-    def after_loss(self):
+    def after_batch(self):
         if self.training and not torch.isfinite(self.loss).all():
             phase = self.log.phase
             raise UserError(f"loss became non-finite in phase {phase}, epoch {self.log.epoch_number}, "

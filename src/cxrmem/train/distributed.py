@@ -6,9 +6,9 @@ usual command; torchrun gives each one ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
 run (see docs/distributed.md):
 
 * :func:`session` joins the process group (nccl and ``cuda:LOCAL_RANK`` when
-  CUDA is available, gloo and the CPU otherwise) and silences the standard
-  output of every rank but 0, so the configuration, the epoch lines and the
-  report are printed once;
+  CUDA is available, gloo and the CPU otherwise; one GPU per process, checked
+  before joining) and silences the standard output of every rank but 0, so the
+  configuration, the epoch lines and the report are printed once;
 * :func:`make_distributed` makes a Learner train on every rank at once: each
   DataLoader gives each rank its own shard of every epoch (fastai's
   ``DistributedDL``) and every fit trains the model inside torch's
@@ -36,6 +36,7 @@ import functools
 import gc
 import importlib
 import os
+from datetime import timedelta
 from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
@@ -48,7 +49,7 @@ from fastai.distributed import DistributedDL
 from ..errors import UserError
 
 __all__ = [
-    "rank", "world_size", "local_rank", "is_main_process", "is_distributed", "session", "device", "barrier",
+    "rank", "world_size", "local_rank", "is_main_process", "is_distributed", "session", "join", "device", "barrier",
     "unwrap", "seed_per_rank", "per_rank_batch_size", "on_main", "share_main_state", "load_on_main",
     "make_distributed", "DistributedFit", "check_private_apis", "RELIED_ON", "shard_rows", "gather_predictions",
 ]
@@ -106,25 +107,58 @@ def unwrap(model):
 # --------------------------------------------------------------------------- joining and leaving
 
 
+PREPARATION_TIMEOUT = timedelta(hours=6)
+"""How long the other ranks wait for what rank 0 does alone (:func:`on_main`). A first run's cache build
+and damaged-image scan of 112,120 files on slow storage can take longer than the 10 minutes after which
+NCCL's default group gives up; torchrun still ends every rank at once if rank 0 dies."""
+
+_preparation_group = None  # gloo group with PREPARATION_TIMEOUT, for on_main's broadcasts; set by join()
+
+
 def device() -> torch.device:
-    """The device this process trains on: ``cuda:LOCAL_RANK`` under torchrun with CUDA, ``cuda``
-    for one process with CUDA, else the CPU."""
+    """The device this process trains on: ``cuda:LOCAL_RANK`` under torchrun with CUDA (one GPU per
+    process, see :func:`check_gpus_per_process`), ``cuda`` for one process with CUDA, else the CPU.
+    CUDA_VISIBLE_DEVICES decides which GPUs count, as everywhere in PyTorch."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", local_rank()) if world_size() > 1 else torch.device("cuda")
+    if world_size() <= 1:
+        return torch.device("cuda")
+    check_gpus_per_process()
+    return torch.device("cuda", local_rank())
 
 
-def _join() -> bool:
-    """Join torchrun's process group when ``WORLD_SIZE > 1``; return whether this call joined it."""
+def check_gpus_per_process() -> None:
+    """A one-line UserError when torchrun started more processes on this node than GPUs are visible
+    (CUDA's own error would be "invalid device ordinal", or NCCL's refusal of two ranks on one GPU).
+    Every rank of the node sees the same count, so all of them stop with the same line."""
+    count = torch.cuda.device_count()
+    per_node = max(_env_int("LOCAL_WORLD_SIZE", 1), local_rank() + 1)
+    if per_node > count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        shown = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+        raise UserError(f"torchrun started {per_node} processes on this node but {count} GPU(s) are visible"
+                        f"{shown}; each process needs a GPU of its own: use --nproc_per_node {count} or fewer")
+
+
+def join(timeout: timedelta | None = None) -> bool:
+    """Join torchrun's process group when ``WORLD_SIZE > 1``; return whether this call joined it.
+
+    nccl on CUDA, gloo otherwise; ``timeout`` is the default group's (None: PyTorch's default). The
+    broadcasts of :func:`on_main` use a gloo group of their own that waits :data:`PREPARATION_TIMEOUT`.
+    """
+    global _preparation_group
     if world_size() <= 1 or (dist.is_available() and dist.is_initialized()):
         return False
     if not dist.is_available():
         raise UserError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed; run one process")
+    options = {} if timeout is None else {"timeout": timeout}
     if torch.cuda.is_available():
+        check_gpus_per_process()
         torch.cuda.set_device(local_rank())
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", **options)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", **options)
+    _preparation_group = dist.new_group(backend="gloo", timeout=PREPARATION_TIMEOUT)
     return True
 
 
@@ -136,7 +170,8 @@ def session():
     (warnings and errors, on stderr, are kept). There is no barrier at the end:
     the other ranks may leave while rank 0 still writes the report.
     """
-    joined = _join()
+    global _preparation_group
+    joined = join()
     try:
         if is_main_process():
             yield
@@ -147,6 +182,7 @@ def session():
         if joined:
             gc.collect()  # drop unreachable DDP wrappers, which hold the group, while Python is fully alive
             dist.destroy_process_group()
+            _preparation_group = None
 
 
 # --------------------------------------------------------------------------- batches and seeds
@@ -159,7 +195,7 @@ def seed_per_rank(seed: int) -> None:
     if is_distributed():
         from fastai.torch_core import set_seed
 
-        set_seed(seed + rank(), reproducible=True)
+        set_seed(seed + rank())  # cuDNN's settings stay as the run set them (train.deterministic)
 
 
 def per_rank_batch_size(batch_size: int, key: str = "batch_size") -> int:
@@ -183,7 +219,7 @@ def on_main(work):
     While ``work`` runs, fastai is told that this is the only process
     (``WORLD_SIZE=1``: fastai reads the number of processes from it, and would
     otherwise gather losses from, and wait at barriers for, ranks that are not
-    taking part). The result must be picklable. If ``work`` raises a UserError
+    taking part). The other ranks wait up to :data:`PREPARATION_TIMEOUT`. The result must be picklable. If ``work`` raises a UserError
     on rank 0, every rank raises the same UserError; any other exception is
     re-raised on rank 0 and reported as a RuntimeError on the others. With one
     process it simply returns ``work()``.
@@ -197,13 +233,13 @@ def on_main(work):
                 outcome[0] = ("ok", work())
         except UserError as exc:
             outcome[0] = ("user_error", (str(exc), exc.exit_code))
-            dist.broadcast_object_list(outcome, src=0)
+            dist.broadcast_object_list(outcome, src=0, group=_preparation_group)
             raise
         except Exception as exc:  # noqa: BLE001 - the other ranks must learn that rank 0 failed
             outcome[0] = ("failure", f"{type(exc).__name__}: {exc}")
-            dist.broadcast_object_list(outcome, src=0)
+            dist.broadcast_object_list(outcome, src=0, group=_preparation_group)
             raise
-    dist.broadcast_object_list(outcome, src=0)
+    dist.broadcast_object_list(outcome, src=0, group=_preparation_group)
     kind, value = outcome[0]
     if kind == "user_error" and not is_main_process():
         error = UserError(value[0])

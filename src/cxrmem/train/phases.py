@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import sys
 
-import torch
-from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.mixup import MixUp
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import valley
 from fastai.imports import noop  # fastai tells "no logger" by this very function (not fastcore's noop)
 from fastai.learner import Learner
-from fastai.torch_core import set_seed
 
 from .. import io
 from ..data.findings import FINDINGS
@@ -34,7 +31,7 @@ from ..data.split import phase_frame
 from ..errors import UserError
 from ..models.net import build_model, splitter
 from ..report import plot_lr_find, safe_plot
-from . import distributed
+from . import distributed, speed
 from .callbacks import (
     EarlyStop, EpochLog, MeanAUC, MemoryMomentum, MemoryValue, SaveBest, SaveLast, StopOnNonFiniteLoss,
 )
@@ -48,7 +45,7 @@ def train(cfg, frame, device, resume: bool = False) -> Learner:
 
     With ``resume``, finished stages and epochs recorded in the resume file are skipped.
     """
-    set_seed(cfg.train_seed, reproducible=True)
+    speed.seed_run(cfg.train_seed, cfg.train.deterministic)  # deterministic: bit-exact cuDNN, else autotuned
     model = build_model(cfg.model, cfg.memory)
     distributed.seed_per_rank(cfg.train_seed)  # under torchrun: same weights, own augmentation and dropout
     state = ResumeState(resume_path(cfg), resume)
@@ -66,7 +63,7 @@ def train(cfg, frame, device, resume: bool = False) -> Learner:
     # Phase 2: all images; a new Learner from the best phase-1 weights and bank; unfrozen; one cycle.
     if cfg.phase2 is not None:
         p2 = cfg.phase2
-        set_seed(phase_seed(cfg.train_seed, 2), reproducible=True)
+        speed.seed_run(phase_seed(cfg.train_seed, 2), cfg.train.deterministic)
         distributed.seed_per_rank(phase_seed(cfg.train_seed, 2))
         learn = make_learner(cfg, model, frame, p2, phase=2, device=device)
         distributed.make_distributed(learn)
@@ -154,26 +151,10 @@ def make_learner(cfg, model, frame, phase_cfg, phase: int, device) -> Learner:
     learn = Learner(dls, model.to(device), loss_func=build_loss(phase_cfg.loss), wd=phase_cfg.weight_decay,
                     metrics=metrics, splitter=splitter, path=cfg.run_dir, model_dir="models", cbs=callbacks)
     learn.cfg, learn.epoch_log, learn.logger = cfg, log, noop  # the epoch table is the log's
-    apply_cuda_fast_paths(learn, cfg.model, device)
+    speed.apply_to_learner(learn, cfg.model, device)  # mixed precision and channels_last on CUDA
     if not sys.stdout.isatty():
         learn.remove_cb(ProgressCallback)
     return learn
-
-
-def apply_cuda_fast_paths(learn: Learner, model_cfg, device) -> None:
-    """Mixed precision and channels_last on CUDA (``auto``); the bank's buffers stay fp32."""
-    if device.type != "cuda":
-        return
-    precision = model_cfg.precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision == "fp16":
-        learn.to_fp16()
-    elif precision == "bf16":
-        learn.to_bf16()
-    if model_cfg.channels_last in ("auto", "true"):
-        learn.model.to(memory_format=torch.channels_last)
-        learn.add_cb(ChannelsLast())
 
 
 def checkpoint_path(cfg, phase: int):

@@ -7,7 +7,7 @@ import torch
 
 from ..data.loaders import build_dataloaders
 from ..data.split import phase_frame
-from . import distributed
+from . import distributed, speed
 
 EVAL_SPLITS = ("valid", "test")
 
@@ -16,20 +16,22 @@ def predict_splits(cfg, model, frame, device) -> dict:
     """{split: (probs [N, C], targets [N, C], image names)} for valid and, when present, test.
 
     Evaluation sees every image of a split (normal ones included), without augmentation,
-    with the network in eval mode, so the memory bank is read but never written.
+    with the network in eval mode, so the memory bank is read but never written, in the
+    precision and memory format training used (:mod:`cxrmem.train.speed`).
     Under torchrun each rank predicts its share of a split and rank 0 gets all of
     them back, in the split's order, each image exactly once; the other ranks get {}.
     """
     batch_size = distributed.per_rank_batch_size((cfg.phase2 or cfg.phase1).batch_size)
     dls = build_dataloaders(phase_frame(frame, filter_normal=False), cfg.data, batch_size, device)
-    model = distributed.unwrap(model).to(device)
+    model = speed.prepare_for_inference(distributed.unwrap(model), cfg.model, device)
     out = {}
     for split in EVAL_SPLITS:
         rows = frame[frame["split"] == split]
         if rows.empty:
             continue
         mine = distributed.shard_rows(rows)
-        probs, targets = predict_rows(model, dls, mine, batch_size, cfg.model.num_classes)
+        with speed.inference_autocast(cfg.model, device):  # the precision training used
+            probs, targets = predict_rows(model, dls, mine, batch_size, cfg.model.num_classes)
         gathered = distributed.gather_predictions(probs, targets, mine["image_index"].tolist(),
                                                   rows["image_index"].tolist())
         if gathered is not None:  # None on the ranks other than 0
