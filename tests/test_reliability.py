@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -304,3 +305,34 @@ def test_sigkill_then_resume_completes_the_run_as_if_never_killed(tmp_path, tiny
     alone = json.loads((uninterrupted / "metrics.json").read_text())
     for split in ("valid", "test"):
         assert metrics[split]["per_class"] == pytest.approx(alone[split]["per_class"], abs=1e-6, nan_ok=True)
+
+
+def run_on_a_terminal(argv, timeout=300):
+    """train.py with stdout and stderr on a pseudo-terminal (fastai's progress bars on): (status, output)."""
+    leader, follower = os.openpty()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, argv)], cwd=ROOT,
+                            stdin=subprocess.DEVNULL, stdout=follower, stderr=follower)
+    os.close(follower)
+    chunks, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed: the process has exited
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    return proc.wait(timeout=60), b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_resume_on_a_terminal_after_the_first_epoch_of_a_stage(tmp_path, tiny_data):
+    config = tiny_config(tmp_path, freeze=1, total=3, epochs2=1)
+    run_dir = tmp_path / "run"
+    argv = ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir]
+    assert kill_when(argv, lambda: resume_point(run_dir) == (1, "unfrozen", 1, False)) == -signal.SIGKILL
+    status, output = run_on_a_terminal([*argv, "--resume"])
+    assert status == 0, output[-3000:]
+    assert "Epoch 3/3" in output  # fastai's bar was on, and ran to the last epoch of the stage
+    assert rows(run_dir / "history_phase1.csv") == 4 and (run_dir / "metrics.json").is_file()

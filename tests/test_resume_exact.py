@@ -70,3 +70,17 @@ def test_restored_optimizer_state_lands_on_the_device_of_each_parameter():
                 for value in learn.opt.state[param].values() if isinstance(value, torch.Tensor)]
     assert len(restored) >= 4
     assert all(param.device.type == "meta" and value.device == param.device for param, value in restored)
+
+
+def test_skipping_finished_epochs_keeps_fastais_progress_bar_working():
+    """On a terminal fastai's ProgressCallback stays; its master bar must count the skipped epochs,
+    or its first update, at the first epoch that runs, fails."""
+    from fastai.callback.progress import ProgressCallback
+    from fastai.test_utils import synth_learner
+
+    from cxrmem.train.resume import SkipFinishedEpochs
+
+    learn = synth_learner(n_trn=4)
+    assert any(isinstance(cb, ProgressCallback) for cb in learn.cbs)
+    learn.fit(3, cbs=SkipFinishedEpochs(2))
+    assert len(learn.recorder.values) == 1  # epochs 0 and 1 skipped, epoch 2 trained and recorded

@@ -225,7 +225,8 @@ def _plain(value):
 
 class SkipFinishedEpochs(Callback):
     """Skips the first ``n`` epochs of a fit, silencing every other callback for them
-    (fastai's own SkipToEpoch would let the Recorder and trackers see empty epochs), then
+    (fastai's own SkipToEpoch would let the Recorder and trackers see empty epochs) except that the
+    progress bar counts them, then
     gives the Recorder back its running train_loss ``smooth_loss`` ([count, value]) as the
     interrupted fit had it."""
 
@@ -240,6 +241,9 @@ class SkipFinishedEpochs(Callback):
         self.silenced = []
         self.skipping = self.epoch < self.n
         if self.skipping:
+            progress = getattr(self.learn, "progress", None)  # fastai's ProgressCallback (on a terminal)
+            if progress is not None:
+                progress.before_epoch()  # its master bar must see epoch 0, or its first update(k > 0) fails
             self.silenced = [cb for cb in self.learn.cbs if cb is not self and cb.run]
             for cb in self.silenced:
                 cb.run = False
