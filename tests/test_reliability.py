@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -140,6 +141,27 @@ def test_model_path_missing(capsys, finished_run, tiny_data, tmp_path):
     config, run_dir = finished_run
     expect_one_line_error(capsys, ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir,
                                    "--evaluate", "--model_path", tmp_path / "none.pth"], "not found", run_dir)
+
+
+def test_evaluating_another_checkpoint_writes_beside_the_runs_results(capsys, finished_run, tiny_data, tmp_path):
+    config, finished = finished_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    before = snapshot(run_dir)
+    other = run_dir / "models/tiny_phase1.pth"
+    status, out, err = run_cli(train_main, ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir,
+                                            "--evaluate", "--model_path", other], capsys)
+    assert status == 0, err
+    beside = run_dir / "evaluations" / "tiny_phase1"
+    assert f"results go to {beside}" in out
+    after = snapshot(run_dir)
+    assert {k: v for k, v in after.items() if not k.startswith("evaluations/")} == before  # the run's own: untouched
+    for name in ("metrics.json", "report.md", "config.yaml", "roc_test.png"):
+        assert (beside / name).is_file(), name
+    assert (beside / "model_path.txt").read_text().strip() == str(other.resolve())
+    own = json.loads((run_dir / "metrics.json").read_text())["test"]["mean_auc"]
+    theirs = json.loads((beside / "metrics.json").read_text())["test"]["mean_auc"]
+    assert own != theirs  # the phase-1 weights are another model
 
 
 @pytest.mark.parametrize("override", ["model.backbone=resnet34", "model.num_classes=5", "memory.bank_size=32"])

@@ -148,15 +148,19 @@ def run_pipeline(cfg, args, distributed) -> int:
     if args.evaluate:
         from .models.net import build_model
 
-        path = Path(args.model_path) if args.model_path else checkpoint_path(cfg, 2 if cfg.phase2 else 1)
+        own = checkpoint_path(cfg, 2 if cfg.phase2 else 1)
+        path = Path(args.model_path) if args.model_path else own
+        if not path.is_file():
+            raise UserError(f"model file {path} not found; pass --model_path to an existing .pth or train first")
+        if path.resolve() != own.resolve():  # another checkpoint: its results beside the run's, never over them
+            cfg = replace(cfg, output_dir=str(evaluation_dir(cfg, path)))
+            print(f"evaluating {path}: results go to {cfg.run_dir} (the run's own results stay as they are)")
+            if distributed.is_main_process():
+                io.write_text(cfg.run_dir / "config.yaml", dump_yaml(cfg))
+                io.write_text(cfg.run_dir / "model_path.txt", f"{path.resolve()}\n")
         model = build_model(replace(cfg.model, pretrained=False, weights=None), cfg.memory)
 
-        def load():
-            if not path.is_file():
-                raise UserError(f"model file {path} not found; pass --model_path to an existing .pth or train first")
-            load_checkpoint(model, path)
-
-        distributed.load_on_main(model, load)
+        distributed.load_on_main(model, lambda: load_checkpoint(model, path))
     else:
         distributed.on_main(lambda: start_run_folder(cfg, args))
         model = train(cfg, data.frame, device, resume=args.resume).model
@@ -170,6 +174,12 @@ def run_pipeline(cfg, args, distributed) -> int:
         tracking.finish(cfg)  # final AUCs and files to the MLflow run, if any
     print(f"\nrun folder: {cfg.run_dir}")
     return 0
+
+
+def evaluation_dir(cfg, model_path: Path) -> Path:
+    """Where ``--evaluate --model_path P`` of a checkpoint other than the run's own writes its results:
+    ``<run folder>/evaluations/<P's stem>``."""
+    return cfg.run_dir / "evaluations" / model_path.stem
 
 
 TRAINING_INTERRUPTED = ("interrupted: the last finished epoch is saved; run the same command with --resume "
