@@ -17,8 +17,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
+# The demo: trains; after an interruption (Ctrl-C, a kill) continues where it stopped; once finished
+# prints its report (make clean, then make demo, trains it again).
+DEMO_CONFIG := configs/experiments/demo_synthetic.yaml
+DEMO_RUN    := runs/demo_synthetic
 demo: $(STAMP)
-	$(BIN)/python train.py --config configs/experiments/demo_synthetic.yaml
+	@if [ -f $(DEMO_RUN)/models/demo_synthetic_resume.pth ]; then \
+	  echo "continuing the interrupted demo in $(DEMO_RUN)"; \
+	  $(BIN)/python train.py --config $(DEMO_CONFIG) --output_dir $(DEMO_RUN) --resume; \
+	elif [ -f $(DEMO_RUN)/metrics.json ]; then \
+	  echo "$(DEMO_RUN) holds the finished demo (make clean, then make demo, trains it again); its report:"; \
+	  cat $(DEMO_RUN)/report.md; \
+	else \
+	  $(BIN)/python train.py --config $(DEMO_CONFIG) --output_dir $(DEMO_RUN); \
+	fi
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

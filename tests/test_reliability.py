@@ -188,6 +188,31 @@ def test_finished_run_of_another_config_is_not_overwritten(capsys, finished_run,
                                    "--set", "memory.top_k=2"], "--overwrite", run_dir)
 
 
+def test_the_same_command_again_never_retrains_a_finished_run(capsys, finished_run, tiny_data):
+    config, run_dir = finished_run
+    err = expect_one_line_error(capsys, ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir],
+                                "holds a finished run of this configuration", run_dir)
+    assert "--overwrite" in err and "--output_dir" in err
+
+
+def test_the_same_command_again_names_where_an_interrupted_run_stopped(capsys, finished_run, tiny_data, tmp_path):
+    config, finished = finished_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    saved = run_dir / "config.yaml"
+    saved.write_text(saved.read_text().replace(str(finished), str(run_dir)))  # the copy's own folder
+    (run_dir / "metrics.json").unlink()
+    progress = {"phase": 1, "stage": "unfrozen", "epochs_done": 3, "stage_complete": False}
+    io.torch_save({"progress": progress}, run_dir / "models/tiny_resume.pth")
+    err = expect_one_line_error(capsys, ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir],
+                                "interrupted run of this configuration (stopped in phase 1, unfrozen stage, "
+                                "after 3 epochs)", run_dir)
+    assert "--resume" in err and "--overwrite" in err
+    expect_one_line_error(capsys, ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir,
+                                   "--set", "memory.top_k=2"], "interrupted run of a different configuration",
+                          run_dir)
+
+
 def test_resume_with_nothing_to_resume(capsys, finished_run, tiny_data):
     config, run_dir = finished_run
     expect_one_line_error(capsys, ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir,

@@ -34,7 +34,7 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue a killed or interrupted run from its last finished epoch")
     parser.add_argument("--overwrite", action="store_true",
-                        help="allow replacing a finished run of a different configuration in the run folder")
+                        help="train again in a run folder that holds a finished or interrupted run")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
 
@@ -90,17 +90,28 @@ def experiment_config_path(name: str) -> Path:
 
 
 def protect_run_folder(cfg, overwrite: bool, resume: bool) -> None:
-    """Refuse to mix a new configuration into a folder holding a finished run of another one,
-    and to resume a run under another configuration."""
+    """Training never replaces a run's work unasked: a folder holding a finished or interrupted run
+    needs ``--overwrite`` (or ``--resume`` for an interrupted one of the same configuration)."""
+    from .train.phases import resume_path
+    from .train.resume import stopped_at
+
     run_dir, saved = cfg.run_dir, cfg.run_dir / "config.yaml"
     same = saved.is_file() and saved.read_text() == dump_yaml(cfg)
     if resume and not same:
         raise UserError(f"cannot resume: {saved} is missing or holds another configuration; resume with the "
                         f"same config and options as the interrupted run")
-    finished = (run_dir / "metrics.json").is_file() and saved.is_file()
-    if finished and not same and not overwrite:
-        raise UserError(f"{run_dir} holds a finished run of a different configuration; pass --output_dir to "
-                        f"another folder or --overwrite to replace it")
+    if resume or overwrite:
+        return
+    kind = "this" if same else "a different"
+    if resume_path(cfg).is_file() and saved.is_file():
+        then = "add --resume to continue it, or --overwrite to start again" if same else \
+            "pass --output_dir to another folder, or --overwrite to replace it"
+        raise UserError(f"{run_dir} holds an interrupted run of {kind} configuration (stopped in "
+                        f"{stopped_at(resume_path(cfg))}); {then}")
+    if (run_dir / "metrics.json").is_file() and saved.is_file():
+        then = "pass --overwrite to train it again, or --output_dir for a new run" if same else \
+            "pass --output_dir to another folder, or --overwrite to replace it"
+        raise UserError(f"{run_dir} holds a finished run of {kind} configuration; {then}")
 
 
 def start_run_folder(cfg, args) -> None:
@@ -182,8 +193,8 @@ def evaluation_dir(cfg, model_path: Path) -> Path:
     return cfg.run_dir / "evaluations" / model_path.stem
 
 
-TRAINING_INTERRUPTED = ("interrupted: the last finished epoch is saved; run the same command with --resume "
-                        "to continue")
+TRAINING_INTERRUPTED = ("interrupted: the last finished epoch is saved; add --resume to the same command to "
+                        "continue (make demo continues by itself)")
 RERUN_TO_RESUME = "interrupted: finished files are kept; run the same command again to continue"
 
 

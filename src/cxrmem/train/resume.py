@@ -162,6 +162,17 @@ def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+def stopped_at(path) -> str:
+    """Where the run behind resume file ``path`` stopped, e.g. ``phase 1, unfrozen stage, after 3
+    epochs``; ``at an unknown point`` when the file cannot be read."""
+    try:
+        p = Progress(**_load(path)["progress"])
+    except (UserError, KeyError, TypeError):
+        return "at an unknown point"
+    done = "finished" if p.stage_complete else f"after {p.epochs_done} epoch{'s' * (p.epochs_done != 1)}"
+    return f"phase {p.phase}, {p.stage.replace('_', '-')} stage, {done}"
+
+
 def _read(path):
     if not path.is_file():
         raise UserError(f"nothing to resume: {path} not found; run without --resume to start training")
