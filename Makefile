@@ -1,21 +1,29 @@
 # Two commands on a fresh clone: `make demo` and `make test`.
-# Both create .venv on first use and install the project with its test extras.
+# Both create .venv on first use: the demo installs the project and what the demo uses (grad-cam for
+# its heatmaps); the tests add the test extras (pytest, submitit, TensorBoard, MLflow, pydicom, ONNX).
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+PIP    := -m pip install --quiet --disable-pip-version-check
 # The torch build the project is tested with; override for another platform or CUDA version,
-# e.g. make test TORCH="torch==2.9.1 torchvision==0.24.1"
+# e.g. make test TORCH="torch==2.9.1 torchvision==0.24.1"; on a machine without a GPU PyTorch's CPU
+# build is a tenth of the size: make demo TORCH="torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu"
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test test-fast ablations bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/python $(PIP) $(TORCH)
+	$(BIN)/python $(PIP) -e '.[explain]'
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python $(PIP) -e '.[test]'
+	touch $(TEST_STAMP)
 
 # The demo: trains; after an interruption (Ctrl-C, a kill) continues where it stopped; once finished
 # prints its report (make clean, then make demo, trains it again).
@@ -32,13 +40,13 @@ demo: $(STAMP)
 	  $(BIN)/python train.py --config $(DEMO_CONFIG) --output_dir $(DEMO_RUN); \
 	fi
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(BIN)/python bench/memory_bench.py
 	$(BIN)/python bench/data_bench.py
 

@@ -249,7 +249,7 @@ def test_evaluate_with_an_explicit_model_path(memory_run, tiny_data, tmp_path, c
                                           "--output_dir", tmp_path / "eval",
                                           "--evaluate", "--model_path", run_dir / "models/tiny_phase1.pth"], capsys)
     assert status == 0, err
-    assert (tmp_path / "eval" / "metrics.json").is_file()
+    assert (tmp_path / "eval" / "evaluations" / "tiny_phase1" / "metrics.json").is_file()
 
 
 def test_same_config_and_seed_give_identical_aucs(memory_run, tiny_data, capsys):

@@ -219,7 +219,7 @@ def test_evaluate_writes_localisation_into_metrics(tiny_data, tmp_path, capsys):
     status, out, err = run_cli(train_main, ["--config", config, "--data_dir", tiny_data, "--output_dir",
                                             tmp_path / "run", "--evaluate", "--model_path", checkpoint], capsys)
     assert status == 0, err
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "run" / "evaluations" / "untrained" / "metrics.json").read_text())
     assert "localisation" not in metrics["valid"]  # the synthetic set boxes test images only
     localisation = metrics["test"]["localisation"]
     boxes = read_bboxes(tiny_data)

@@ -48,3 +48,17 @@ def test_make_demo_trains_resumes_or_reprints_as_the_run_folder_says(fake_python
     (run_dir / "report.md").write_text("# demo_synthetic\nmean AUC 0.9\n")
     out = make_demo(fake_python, run_dir)  # finished: its report, no training
     assert "holds the finished demo" in out and "mean AUC 0.9" in out and "python" not in out
+
+
+def test_make_demo_installs_what_the_demo_uses_and_make_test_adds_the_test_extras(tmp_path):
+    def planned(target):
+        done = subprocess.run(["make", "-n", "-C", str(ROOT), target, f"VENV={tmp_path / 'venv'}"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return [line for line in done.stdout.splitlines() if "pip install" in line]
+
+    demo = planned("demo")
+    assert any("torch==" in line for line in demo)  # the tested torch pin stays
+    assert any("-e '.[explain]'" in line for line in demo)
+    assert not any("[test]" in line or "mlflow" in line or "onnx" in line for line in demo)
+    assert any("-e '.[test]'" in line for line in planned("test"))
