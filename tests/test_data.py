@@ -127,8 +127,9 @@ def test_damaged_files_are_found_without_decoding(data_copy):
 def test_check_data_prints_and_writes_the_summary(tiny_data, tmp_path, capsys):
     out, summary = check_data(tiny_data, tmp_path / "run", capsys)
     assert set(summary) == {"train", "valid", "test", "phase1_train", "phase1_valid", "missing_images",
-                            "split_source", "bboxes"}
+                            "split_source", "bboxes", "synthetic"}
     assert summary["split_source"] == "official" and summary["missing_images"] == 0
+    assert summary["synthetic"] is True and "data: SYNTHETIC" in out  # tiny_data was drawn by the generator
     frame, _, _ = load_frame(tiny_data, valid_pct=0.1, seed=42)
     for split in ("train", "valid", "test"):
         rows = frame[frame["split"] == split]
@@ -226,3 +227,18 @@ def test_hold_out_with_unit_weights_draws_b_patients_uniformly():
         counts += held
     expected, sd = b / n, np.sqrt(b / n * (1 - b / n) / draws)
     assert np.abs(counts / draws - expected).max() < 4 * sd
+
+
+def test_a_real_data_set_is_not_called_synthetic_and_generation_announces_itself(data_copy, tmp_path, capsys):
+    (data_copy / "synthetic.json").unlink()  # the same files, without the generator's marker
+    out, summary = check_data(data_copy, tmp_path / "run", capsys)
+    assert summary["synthetic"] is False and "SYNTHETIC" not in out
+
+    from cxrmem.data.prepare import ensure_synthetic
+    from types import SimpleNamespace
+
+    target = tmp_path / "mistyped"
+    ensure_synthetic(SimpleNamespace(data_dir=target, synthetic=SimpleNamespace(n_patients=3, size=32, seed=0)))
+    out = capsys.readouterr().out
+    assert out.startswith(f"generating a synthetic ChestX-ray14 in {target}") and out.count("\n") == 1
+    assert (target / "synthetic.json").is_file()

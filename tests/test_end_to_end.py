@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 import sys
 
@@ -196,6 +197,16 @@ def test_epoch_log_one_line_per_epoch_numbered_through_the_phase(tmp_path, tiny_
 def improvements(losses):
     """Whether each loss is below every earlier one of its phase (the first always is)."""
     return [loss < min(losses[:i], default=math.inf) for i, loss in enumerate(losses)]
+
+
+def test_off_a_terminal_every_stage_says_it_has_begun_and_a_synthetic_set_says_so(tmp_path, tiny_data, capsys):
+    run_dir, out = train_tiny(tmp_path, tiny_data, capsys, "stages")
+    lines = [line for line in out.splitlines() if line.startswith(("phase 1: ", "phase 2: ", "evaluating: "))]
+    stages = [" ".join(line.split()[:2]) if line.startswith("evaluating") else re.split(r" \(|,| ->", line)[0]
+              for line in lines]
+    assert stages == ["phase 1: LR finder", "phase 1: LR finder", "phase 1: frozen stage", "phase 1: unfrozen stage",
+                      "phase 2: one_cycle stage", "evaluating: predicting", "evaluating: AUCs"]
+    assert "data: SYNTHETIC" in out and "data: SYNTHETIC" in (run_dir / "report.md").read_text()
 
 
 def test_phase2_starts_from_the_best_phase1_weights_and_bank(memory_run):

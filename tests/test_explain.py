@@ -203,7 +203,7 @@ TINY = """
 experiment_name: tiny_eval
 model: {backbone: resnet18, pretrained: false}
 memory: {use_memory: true, bank_size: 16, top_k: 3, update_strategy: fifo}
-data: {image_size: 64, num_workers: 0, seed: 0, valid_pct: 0.25}
+data: {image_size: 128, num_workers: 0, seed: 0, valid_pct: 0.25}
 phase1: {batch_size: 8, use_lr_finder: false, freeze_epochs: 0, total_epochs: 1}
 evaluation: {bootstrap_resamples: 20}
 """
@@ -234,11 +234,26 @@ def test_evaluate_writes_localisation_into_metrics(tiny_data, tmp_path, capsys):
 
 def test_without_grad_cam_a_run_warns_and_skips_the_pointing_game(net, tiny_data, monkeypatch):
     frame, _, _ = load_frame(tiny_data, valid_pct=0.25, seed=0)
-    cfg = SimpleNamespace(data=SimpleNamespace(data_dir=tiny_data, image_size=64),
+    cfg = SimpleNamespace(data=SimpleNamespace(data_dir=tiny_data, image_size=128),
                           phase1=SimpleNamespace(batch_size=8), phase2=None)
     monkeypatch.setitem(sys.modules, "pytorch_grad_cam", None)
     with pytest.warns(UserWarning, match="pointing game skipped.*cxrmem\\[explain\\]"):
         assert explain.pointing_game_of_run(cfg, net, frame) == {}
+
+
+def test_a_map_too_coarse_for_the_boxes_skips_the_game_and_says_why(net, tiny_data, capsys):
+    """resnet18 maps are image_size / 32 cells across; the tiny set's median box side is 169 px of 1024."""
+    frame, _, _ = load_frame(tiny_data, valid_pct=0.25, seed=0)
+    boxes = read_bboxes(tiny_data)
+    side = float(np.median(np.sqrt(boxes["w"] * boxes["h"])))
+    for size in (64, 96, 128, 160):  # cells of 512, 341, 256, 205 px
+        cell = 1024 / (size // 32)
+        assert (explain.too_coarse(net, size, boxes) is not None) == (cell > 2 * side), size
+    cfg = SimpleNamespace(data=SimpleNamespace(data_dir=tiny_data, image_size=64),
+                          phase1=SimpleNamespace(batch_size=8), phase2=None)
+    assert explain.pointing_game_of_run(cfg, net, frame) == {}
+    out = capsys.readouterr().out
+    assert "pointing game skipped: the Grad-CAM map is 2 x 2 cells at 64 px" in out and "data.image_size" in out
 
 
 # ---- the demo check: a model trained by the test, its pointing game -------------------------------------

@@ -383,3 +383,20 @@ def test_resume_on_a_terminal_after_the_first_epoch_of_a_stage(tmp_path, tiny_da
     assert status == 0, output[-3000:]
     assert "Epoch 3/3" in output  # fastai's bar was on, and ran to the last epoch of the stage
     assert rows(run_dir / "history_phase1.csv") == 4 and (run_dir / "metrics.json").is_file()
+
+
+def test_off_a_terminal_each_line_arrives_when_it_is_printed(tmp_path, tiny_data):
+    """Python buffers a pipe's output in blocks; a run's lines must reach a log file as they happen."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(tiny_config(tmp_path)),
+                             "--data_dir", str(tiny_data), "--output_dir", str(tmp_path / "run")], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("evaluating: predicting"):  # printed without a flush of its own
+                assert not (tmp_path / "run" / "metrics.json").exists()  # read before the results are written
+                break
+        else:
+            raise AssertionError("no evaluation line")
+    finally:
+        proc.kill()
+        proc.wait()

@@ -143,7 +143,8 @@ def run_pipeline(cfg, args, distributed) -> int:
     print(f"# {cfg.experiment_name}: resolved configuration\n{dump_yaml(cfg)}")
     data = distributed.on_main(lambda: prepare_data(cfg))
     if args.check_data:
-        summary = summarize(data.frame, data.split_source, len(data.missing), read_bboxes(cfg.data.data_dir))
+        summary = summarize(data.frame, data.split_source, len(data.missing), read_bboxes(cfg.data.data_dir),
+                            data.synthetic)
         print(format_summary(summary))
         if distributed.is_main_process():
             io.write_json(cfg.run_dir / "data_summary.json", summary)
@@ -175,8 +176,12 @@ def run_pipeline(cfg, args, distributed) -> int:
     else:
         distributed.on_main(lambda: start_run_folder(cfg, args))
         model = train(cfg, data.frame, device, resume=args.resume).model
+    counts = data.frame["split"].value_counts()
+    print(f"evaluating: predicting {counts.get('valid', 0)} valid and {counts.get('test', 0)} test images")
     predictions = predict_splits(cfg, model, data.frame, device)  # every rank predicts its share
     if distributed.is_main_process():
+        print(f"evaluating: AUCs with {cfg.evaluation.bootstrap_resamples} bootstrap resamples "
+              f"(by {cfg.evaluation.bootstrap_unit})")
         write_results(cfg, predictions, data.frame)
         from .explain import pointing_game_of_run
         from .report import add_localisation
@@ -207,6 +212,8 @@ def guarded(main=None, *, interrupted: str = TRAINING_INTERRUPTED):
     def wrapper(argv=None) -> int:
         argv = sys.argv[1:] if argv is None else list(argv)
         debug = "--debug" in argv
+        if not sys.stdout.isatty() and hasattr(sys.stdout, "reconfigure"):
+            sys.stdout.reconfigure(line_buffering=True)  # off a terminal each line shows when printed, not minutes later
         warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
         try:
             return main(argv)

@@ -249,10 +249,43 @@ def pointing_game_of_run(cfg, model, frame) -> dict:
 
     try:
         boxes = read_bboxes(cfg.data.data_dir)
-        splits = {split: frame[frame["split"] == split] for split in ("valid", "test")}
+        splits = {split: rows for split in ("valid", "test")
+                  if not boxes_in_split(boxes, rows := frame[frame["split"] == split]).empty}
+        if not splits:
+            return {}
+        coarse = too_coarse(model, cfg.data.image_size, boxes_in_split(boxes, frame))
+        if coarse:
+            print(f"pointing game skipped: {coarse}")
+            return {}
+        n = sum(len(boxes_in_split(boxes, rows)) for rows in splits.values())
+        print(f"pointing game: Grad-CAM on the {n} boxes of the {' and '.join(splits)} images")
         batch_size = (cfg.phase2 or cfg.phase1).batch_size
         return {split: pointing_game(model, rows, boxes, cfg.data.image_size, batch_size)
-                for split, rows in splits.items() if not boxes_in_split(boxes, rows).empty}
+                for split, rows in splits.items()}
     except UserError as error:
         warnings.warn(f"pointing game skipped: {error}", stacklevel=2)
         return {}
+
+
+def too_coarse(model, image_size: int, boxes) -> str | None:
+    """Why the heatmaps of ``model`` at ``image_size`` cannot play the pointing game on ``boxes``, or None.
+
+    A Grad-CAM map has one cell per position of the body's feature map; upsampled, its maximum
+    sits at a cell's centre, which a box smaller than half a cell rarely contains. So the game is
+    not played when a cell, in the 1024 px frame of the boxes, is wider than twice the median box
+    side (sqrt(w h)); its hit rates would say nothing about the model."""
+    from .data.chestxray14 import BOX_FRAME
+
+    was_training = model.training
+    model.eval()
+    parameter = next(model.parameters())
+    with torch.no_grad():
+        cells = model.body(torch.zeros(1, 3, image_size, image_size, device=parameter.device)).shape[-1]
+    model.train(was_training)
+    cell = BOX_FRAME / max(int(cells), 1)
+    side = float(np.median(np.sqrt(boxes["w"].to_numpy() * boxes["h"].to_numpy())))
+    if cell <= 2 * side:
+        return None
+    return (f"the Grad-CAM map is {cells} x {cells} cells at {image_size} px, one cell spanning {cell:.0f} of the "
+            f"{BOX_FRAME} px image, over twice the median box ({side:.0f} px); its maximum cannot point inside "
+            f"the boxes; train at a larger data.image_size (e.g. 224) for a pointing game")

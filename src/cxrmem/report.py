@@ -47,7 +47,8 @@ from matplotlib.ticker import MaxNLocator
 from . import io
 from .data.findings import FINDINGS
 from .errors import UserError
-from .data.chestxray14 import patient_ids
+from .data.chestxray14 import SYNTHETIC_NOTE, patient_ids
+from .data.synthetic import is_synthetic
 from .metrics import (FIGURES, SUBGROUPS, ImageResampler, at_threshold, auprc, bootstrap_at_threshold, bootstrap_ci,
                       calibration_bins, check_inputs, expected_calibration_error, make_resampler, mean_auc,
                       operating_points, per_class_auc, prevalence, subgroup_auc, to_numpy)
@@ -425,7 +426,8 @@ def write_results(cfg, predictions: dict, metadata: Optional[pd.DataFrame] = Non
                                      operating_point=point, metadata=metadata_rows(metadata, names))
                for split, (probs, targets, names) in predictions.items()}
     write_metrics(cfg.run_dir, metrics)
-    io.write_text(Path(cfg.run_dir) / REPORT_FILE, format_markdown_report(metrics, cfg.experiment_name))
+    synthetic = is_synthetic(cfg.data.data_dir)
+    io.write_text(Path(cfg.run_dir) / REPORT_FILE, format_markdown_report(metrics, cfg.experiment_name, synthetic))
     if evaluation.save_predictions:
         splits = list(predictions)
         save_predictions(
@@ -438,6 +440,8 @@ def write_results(cfg, predictions: dict, metadata: Optional[pd.DataFrame] = Non
         )
     for split, result in metrics.items():
         print("\n" + format_report(split, result))
+    if synthetic:
+        print(f"\n{SYNTHETIC_NOTE}")
     return metrics
 
 
@@ -491,10 +495,11 @@ def split_markdown(split: str, result: dict) -> List[str]:
     return lines
 
 
-def format_markdown_report(metrics: dict, title: str) -> str:
+def format_markdown_report(metrics: dict, title: str, synthetic: bool = False) -> str:
     """report.md: per split, one row per finding (AUC, AUPRC, prevalence, threshold, the five
-    figures at it with intervals, ECE), then the AUC of every finding by subgroup."""
-    lines = [f"# {title}: evaluation", ""]
+    figures at it with intervals, ECE), then the AUC of every finding by subgroup; ``synthetic``
+    says so under the title."""
+    lines = [f"# {title}: evaluation", ""] + ([f"**{SYNTHETIC_NOTE}**", ""] if synthetic else [])
     for split, result in metrics.items():
         lines += split_markdown(split, result) + [""]
     return "\n".join(lines)

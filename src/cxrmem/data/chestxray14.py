@@ -224,9 +224,14 @@ def describe(rows: pd.DataFrame, boxes: pd.DataFrame, box_findings) -> dict:
     }
 
 
-def summarize(frame: pd.DataFrame, split_source: str, missing_images: int, boxes: pd.DataFrame) -> dict:
+SYNTHETIC_NOTE = "data: SYNTHETIC (drawn by cxrmem.data.synthetic, not radiographs; its figures say nothing of real X-rays)"
+
+
+def summarize(frame: pd.DataFrame, split_source: str, missing_images: int, boxes: pd.DataFrame,
+              synthetic: bool) -> dict:
     """The data_summary.json content: per split and for phase 1's train/valid, and ``bboxes``:
-    {finding: boxes on the data set's images} for the findings the box file names (FINDINGS order)."""
+    {finding: boxes on the data set's images} for the findings the box file names (FINDINGS order);
+    ``synthetic``: the set was drawn by cxrmem.data.synthetic."""
     named = set(boxes["finding"])
     box_findings = [f for f in FINDINGS if f in named]
     phase1 = phase_frame(frame, filter_normal=True)
@@ -241,6 +246,7 @@ def summarize(frame: pd.DataFrame, split_source: str, missing_images: int, boxes
     summary["bboxes"] = count_boxes(boxes_in_split(boxes, frame), box_findings)
     summary["missing_images"] = int(missing_images)
     summary["split_source"] = split_source
+    summary["synthetic"] = bool(synthetic)
     return summary
 
 
@@ -262,6 +268,8 @@ def format_summary(summary: dict) -> str:
     else:
         lines.append(f"boxes: none ({BBOX_FILE} absent or empty)")
     lines.append(f"split: {summary['split_source']}; images missing on disk: {summary['missing_images']}")
+    if summary.get("synthetic"):
+        lines.append(SYNTHETIC_NOTE)
     return "\n".join(lines)
 
 

@@ -26,6 +26,7 @@ class PreparedData:
     split_source: str            # "official" or "derived"
     missing: list[str]           # CSV rows without a file (dropped under missing_images: drop)
     data_dir: Path               # where images are read from (the cache when one is used)
+    synthetic: bool              # data.data_dir holds a set drawn by cxrmem.data.synthetic
 
 
 def ensure_synthetic(data_cfg) -> None:
@@ -40,6 +41,8 @@ def ensure_synthetic(data_cfg) -> None:
     from . import synthetic
 
     if synthetic.wants_generating(data_cfg.data_dir):
+        print(f"generating a synthetic ChestX-ray14 in {data_cfg.data_dir} (data.synthetic: {s.n_patients} patients, "
+              f"{s.size} px): drawn images, not radiographs", flush=True)
         synthetic.generate(data_cfg.data_dir, n_patients=s.n_patients, size=s.size, seed=s.seed)
     elif not synthetic.holds(data_cfg.data_dir, n_patients=s.n_patients, size=s.size, seed=s.seed):
         warnings.warn(f"data.synthetic is not used: {data_cfg.data_dir} already holds a data set, which is used "
@@ -84,4 +87,6 @@ def prepare_data(cfg) -> PreparedData:
     image_dir = resolve_image_dir(data)
     frame, source, missing = load_frame(image_dir, data.valid_pct, data.seed, data.missing_images)
     frame = drop_damaged(frame, cfg.run_dir, data.missing_images)
-    return PreparedData(frame, source, missing, image_dir)
+    from .synthetic import is_synthetic
+
+    return PreparedData(frame, source, missing, image_dir, is_synthetic(data.data_dir))

@@ -90,6 +90,7 @@ def choose_lr(learn: Learner, phase_cfg) -> float:
     runs the finder alone, before the model is wrapped for DDP, and the other ranks get its result."""
     if not phase_cfg.use_lr_finder:
         return phase_cfg.base_lr
+    print("phase 1: LR finder (fastai lr_find, up to 100 batches)", flush=True)
     lr = distributed.on_main(lambda: find_lr(learn))
     print(f"phase 1: LR finder (valley) -> {lr:.3g}")
     return lr
@@ -120,6 +121,9 @@ def fit_stage(learn: Learner, state: ResumeState, phase: int, stage: str, epochs
     progress = state.progress
     progress.phase, progress.stage, progress.stage_complete = phase, stage, False
     log.stage = stage
+    if skip < epochs:
+        done = f" ({skip} done before)" if skip else ""
+        print(f"phase {phase}: {stage} stage, {epochs} epoch{'s' * (epochs != 1)}{done}", flush=True)
     callbacks = [SaveProgress(resume_path(learn.cfg), progress, log), SkipFinishedEpochs(skip, state.smooth_loss)]
     learn.fit_one_cycle(epochs, lr, cbs=callbacks, **one_cycle)
 

@@ -12,6 +12,6 @@ DIR --n-patients N --size PX --seed S``, or ``cxrmem-synthetic``) writes the CSV
 - ``__main__``: the command line.
 """
 
-from .writing import generate, holds, wants_generating
+from .writing import generate, holds, is_synthetic, wants_generating
 
-__all__ = ["generate", "holds", "wants_generating"]
+__all__ = ["generate", "holds", "is_synthetic", "wants_generating"]

@@ -247,6 +247,11 @@ def wants_generating(out: str | os.PathLike) -> bool:
     return (marker is not None and not marker.get("complete")) or not any(out.iterdir())
 
 
+def is_synthetic(folder: str | os.PathLike) -> bool:
+    """True when ``folder`` holds a data set this generator wrote (its marker file is there)."""
+    return _read_marker(Path(folder)) is not None
+
+
 def holds(out: str | os.PathLike, n_patients: int, size: int = 256, seed: int = 0) -> bool:
     """True when ``out`` holds the finished set that these arguments of :func:`generate` make."""
     return _is_complete(Path(out), _read_marker(Path(out)), _parameters(n_patients, size, seed))
