@@ -325,6 +325,19 @@ def check_legacy_settings(name, printed):
     assert printed["phase2"]["memory_momentum"] == 0.9999 and printed["phase1"]["memory_momentum"] == 0.9
 
 
+def test_a_legacy_name_and_the_yaml_experiment_of_that_name_never_share_a_run_folder():
+    from cxrmem.config import load_config
+
+    shared = [name for name in legacy_experiments() if (EXPERIMENTS / f"{name}.yaml").is_file()]
+    assert "memory_rarity_effv2s" in shared
+    for name in shared:
+        legacy, yaml_run = load_config(legacy_experiments()[name]), load_config(EXPERIMENTS / f"{name}.yaml")
+        assert legacy.run_dir != yaml_run.run_dir, name
+        assert legacy.run_dir.as_posix() == f"runs/legacy/{name}"
+    readme = (ROOT / "README.md").read_text()
+    assert "same outputs" not in readme and "runs/legacy/" in readme
+
+
 def test_the_table_ships_exactly_the_nine_names():
     assert set(legacy_experiments()) == set(LEGACY)
 
