@@ -119,7 +119,7 @@ class DataConfig:
     valid_pct: float = opt(0.1, "fraction of train_val patients held out for validation; 0: train on every "
                            "train_val image, without early stopping, keeping the last epoch",
                            lo=0.0, hi=1.0, hi_open=True)
-    num_workers: int | str = opt("auto", "DataLoader worker processes: auto or a number", lo=0, kind="auto_int")
+    num_workers: int | str = opt("auto", "DataLoader worker processes: auto (GPU: the cores of each process less one; CPU: 0) or a number", lo=0, kind="auto_int")
     missing_images: str = opt("error", "images listed in the CSV but absent on disk: error or drop",
                               choices=("error", "drop"))
     augment: bool = opt(True, "small random rotations, zoom and lighting changes on training batches (no flips)")
