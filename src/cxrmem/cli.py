@@ -102,16 +102,17 @@ def protect_run_folder(cfg, overwrite: bool, resume: bool) -> None:
                         f"same config and options as the interrupted run")
     if resume or overwrite:
         return
-    kind = "this" if same else "a different"
-    if resume_path(cfg).is_file() and saved.is_file():
-        then = "add --resume to continue it, or --overwrite to start again" if same else \
-            "pass --output_dir to another folder, or --overwrite to replace it"
+    if not saved.is_file():
+        return
+    kind, other = ("this", None) if same else ("a different", "pass --output_dir to another folder, or "
+                                                                  "--overwrite to replace it")
+    if resume_path(cfg).is_file():
         raise UserError(f"{run_dir} holds an interrupted run of {kind} configuration (stopped in "
-                        f"{stopped_at(resume_path(cfg))}); {then}")
-    if (run_dir / "metrics.json").is_file() and saved.is_file():
-        then = "pass --overwrite to train it again, or --output_dir for a new run" if same else \
-            "pass --output_dir to another folder, or --overwrite to replace it"
-        raise UserError(f"{run_dir} holds a finished run of {kind} configuration; {then}")
+                        f"{stopped_at(resume_path(cfg))}); "
+                        f"{other or 'add --resume to continue it, or --overwrite to start again'}")
+    if (run_dir / "metrics.json").is_file():
+        raise UserError(f"{run_dir} holds a finished run of {kind} configuration; "
+                        f"{other or 'pass --overwrite to train it again, or --output_dir for a new run'}")
 
 
 def start_run_folder(cfg, args) -> None:

@@ -38,6 +38,7 @@ import warnings
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor, nn
 
@@ -249,16 +250,17 @@ def pointing_game_of_run(cfg, model, frame) -> dict:
 
     try:
         boxes = read_bboxes(cfg.data.data_dir)
-        splits = {split: rows for split in ("valid", "test")
-                  if not boxes_in_split(boxes, rows := frame[frame["split"] == split]).empty}
+        splits = {split: frame[frame["split"] == split] for split in ("valid", "test")}
+        played = {split: boxes_in_split(boxes, rows) for split, rows in splits.items()}
+        splits = {split: rows for split, rows in splits.items() if not played[split].empty}
         if not splits:
             return {}
-        coarse = too_coarse(model, cfg.data.image_size, boxes_in_split(boxes, frame))
+        in_play = pd.concat([played[split] for split in splits])
+        coarse = too_coarse(model, cfg.data.image_size, in_play)
         if coarse:
             print(f"pointing game skipped: {coarse}")
             return {}
-        n = sum(len(boxes_in_split(boxes, rows)) for rows in splits.values())
-        print(f"pointing game: Grad-CAM on the {n} boxes of the {' and '.join(splits)} images")
+        print(f"pointing game: Grad-CAM on the {len(in_play)} boxes of the {' and '.join(splits)} images")
         batch_size = (cfg.phase2 or cfg.phase1).batch_size
         return {split: pointing_game(model, rows, boxes, cfg.data.image_size, batch_size)
                 for split, rows in splits.items()}

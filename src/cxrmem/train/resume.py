@@ -170,7 +170,7 @@ def stopped_at(path) -> str:
     except (UserError, KeyError, TypeError):
         return "at an unknown point"
     done = "finished" if p.stage_complete else f"after {p.epochs_done} epoch{'s' * (p.epochs_done != 1)}"
-    return f"phase {p.phase}, {p.stage.replace('_', '-')} stage, {done}"
+    return f"phase {p.phase}, {p.stage} stage, {done}"
 
 
 def _read(path):
