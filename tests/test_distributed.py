@@ -177,7 +177,8 @@ def test_one_run_folder_written_by_rank_0_only_and_one_report(ddp_run):
     assert written == present | {"models/tiny_resume.pth"}  # the resume file is removed when the run ends
     assert ddp_run.stdout.count("resolved configuration") == 1
     assert ddp_run.stdout.count("Mean AUC Score") == 2  # valid and test, printed once
-    assert ddp_run.stdout.count("phase 1: LR finder") == 1
+    assert ddp_run.stdout.count("phase 1: LR finder (valley)") == 1  # one report of the finder, from rank 0
+    assert ddp_run.stdout.count("phase 1: LR finder (fastai") == 1  # and one line saying it has begun
     epoch_lines = [line.split()[:3] for line in ddp_run.stdout.splitlines()
                    if line.split()[1:2] in (["frozen"], ["unfrozen"], ["one_cycle"])]
     assert epoch_lines == [["1", "frozen", "1"], ["1", "unfrozen", "2"], ["2", "one_cycle", "1"]]
