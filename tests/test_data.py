@@ -93,6 +93,22 @@ def test_a_finding_outside_the_14_is_an_error():
         encode_labels(pd.Series(["Nodules|Mass"]), "t")
 
 
+def test_a_label_typo_names_its_line_and_the_likely_finding():
+    labels = pd.Series(["No Finding", "Mass", "Effusion|Pneumonai", "Nodule", "Cardiomegally"])
+    with pytest.raises(UserError) as caught:
+        encode_labels(labels, "t.csv")
+    message = str(caught.value)
+    assert "line 6 has the unknown finding label 'Cardiomegally'" in message  # row 4 + the header line
+    assert "did you mean 'Cardiomegaly'?" in message
+    assert "1 other unknown label(s): 'Pneumonai'" in message
+
+
+def test_a_label_unlike_any_finding_gets_the_list_only():
+    with pytest.raises(UserError) as caught:
+        encode_labels(pd.Series(["Mass", "xyzzy"]), "t.csv")
+    assert "line 3" in str(caught.value) and "did you mean" not in str(caught.value)
+
+
 def test_missing_required_columns(data_copy):
     csv_path = data_copy / "Data_Entry_2017.csv"
     csv_path.write_text(csv_path.read_text().replace("Patient ID", "Patient"))

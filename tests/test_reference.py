@@ -255,6 +255,19 @@ def test_values_cxrmem_cannot_honour_are_refused_in_one_line(text, fragment, tmp
     assert fragment.format(path=path) in err
 
 
+@pytest.mark.parametrize("text", [
+    "phase1:\n  num_workers: 4\nphase2:\n  num_workers: 8\n",
+    "data:\n  num_workers: 2\nevaluation:\n  num_workers: 4\n",
+])
+def test_the_command_line_worker_count_wins_over_the_files_per_loader_counts(text, tmp_path, capsys):
+    path = write(tmp_path, "workers.yaml", text)
+    status, out, err = run_cli(train_main, ["--config", path, "--set", "data.num_workers=1", "--print-config"],
+                               capsys)
+    assert status == 0, err
+    assert yaml.safe_load(out)["data"]["num_workers"] == 1
+    assert "num_workers" in err and "ignored" in err  # the note says the file's counts were not used
+
+
 def test_save_best_false_is_the_last_epoch_without_validation(tmp_path):
     path = write(tmp_path, "noval.yaml", "data:\n  valid_pct: 0\nphase1:\n  save_best: false\n")
     assert load_config(path).data.valid_pct == 0.0

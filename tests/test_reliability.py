@@ -94,6 +94,40 @@ def test_config_mistakes(capsys, finished_run, tiny_data, override, fragment):
                                    "--set", override], fragment, run_dir)
 
 
+@pytest.mark.parametrize("override, fragment", [
+    ("memory.bank_sise=3", "memory.bank_sise: unknown key in --set memory.bank_sise=3;"),
+    ("data.foo.bar=1", "data.foo: unknown key in --set data.foo.bar=1;"),
+    ("phase2.lr_max=.inf", "phase2.lr_max: inf in --set phase2.lr_max=.inf is not a finite number"),
+])
+def test_a_set_mistake_is_blamed_on_the_command_line_not_the_file(capsys, finished_run, tiny_data, override,
+                                                                   fragment):
+    config, run_dir = finished_run
+    err = expect_one_line_error(capsys, ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir,
+                                         "--set", override], fragment, run_dir)
+    assert str(config) not in err
+
+
+@pytest.mark.parametrize("backbone, fragment", [
+    ("efficientnet-b0", "did you mean timm/efficientnet_b0?"),
+    ("resnet-18", "did you mean resnet18?"),
+    ("timm/efficentnet_b0", "did you mean timm/efficientnet_b0?"),
+    ("timm/vit_tiny_patch16_224", "timm/vit_tiny_patch16_224 takes 224 px images only, and data.image_size is 32"),
+])
+def test_the_backbone_is_checked_when_the_config_is_loaded(capsys, finished_run, tmp_path, backbone, fragment):
+    """Before any data is read (the data folder does not exist), and by --print-config too."""
+    config, run_dir = finished_run
+    for extra in ([], ["--print-config"]):
+        expect_one_line_error(capsys, ["--config", config, "--data_dir", tmp_path / "nowhere", "--output_dir",
+                                       run_dir, "--set", f"model.backbone={backbone}", *extra], fragment, run_dir)
+
+
+def test_a_vit_at_its_own_size_passes_the_check(capsys, finished_run, tmp_path):
+    config, _ = finished_run
+    status, out, err = run_cli(train_main, ["--config", config, "--set", "model.backbone=timm/vit_tiny_patch16_224",
+                                            "--set", "data.image_size=224", "--print-config"], capsys)
+    assert status == 0, err
+
+
 def test_data_dir_missing(capsys, finished_run, tmp_path):
     config, run_dir = finished_run
     expect_one_line_error(capsys, ["--config", config, "--data_dir", tmp_path / "nowhere", "--output_dir", run_dir],
@@ -111,9 +145,21 @@ def test_csv_missing_columns(capsys, finished_run, data_copy):
 def test_finding_outside_the_14(capsys, finished_run, data_copy):
     config, run_dir = finished_run
     csv_path = data_copy / "Data_Entry_2017.csv"
-    csv_path.write_text(csv_path.read_text().replace("No Finding", "Normal", 1))
+    text = csv_path.read_text()
+    csv_path.write_text(text.replace("No Finding", "Normal", 1))
+    line = next(n for n, row in enumerate(text.splitlines(), 1) if "No Finding" in row)
     expect_one_line_error(capsys, ["--config", config, "--data_dir", data_copy, "--output_dir", run_dir],
-                          "unknown finding label(s) 'Normal'", run_dir)
+                          f"line {line} has the unknown finding label 'Normal'", run_dir)
+
+
+def test_a_label_typo_suggests_the_finding(capsys, finished_run, data_copy):
+    config, run_dir = finished_run
+    csv_path = data_copy / "Data_Entry_2017.csv"
+    text = csv_path.read_text()
+    csv_path.write_text(text.replace("Effusion", "Efusion", 1))
+    err = expect_one_line_error(capsys, ["--config", config, "--data_dir", data_copy, "--output_dir", run_dir],
+                                "unknown finding label 'Efusion'", run_dir)
+    assert "did you mean 'Effusion'?" in err
 
 
 def test_images_missing_on_disk(capsys, finished_run, data_copy):
@@ -162,6 +208,46 @@ def test_evaluating_another_checkpoint_writes_beside_the_runs_results(capsys, fi
     own = json.loads((run_dir / "metrics.json").read_text())["test"]["mean_auc"]
     theirs = json.loads((beside / "metrics.json").read_text())["test"]["mean_auc"]
     assert own != theirs  # the phase-1 weights are another model
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.999])
+def test_a_truncated_checkpoint_says_so_with_its_size(capsys, finished_run, tiny_data, tmp_path, cut):
+    config, run_dir = finished_run
+    whole = (run_dir / "models/tiny_phase2.pth").read_bytes()
+    short = tmp_path / "short.pth"
+    short.write_bytes(whole[: int(len(whole) * cut)])
+    err = expect_one_line_error(capsys, ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir,
+                                         "--evaluate", "--model_path", short],
+                                f"is damaged or truncated ({short.stat().st_size:,} bytes", run_dir)
+    assert err.rstrip().endswith("a complete .pth of this run")  # the advice is whole, not cut mid-word
+
+
+@pytest.mark.parametrize("content, fragment", [(b"", "is empty (0 bytes)"),
+                                               (b"not a checkpoint at all", "is not a PyTorch checkpoint (23 bytes)")])
+def test_a_file_that_is_no_checkpoint_says_what_it_is(capsys, finished_run, tiny_data, tmp_path, content, fragment):
+    config, run_dir = finished_run
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(content)
+    expect_one_line_error(capsys, ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir,
+                                   "--evaluate", "--model_path", bad], fragment, run_dir)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # what a hostile checkpoint does: run a command when unpickled
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_with_code_in_it_is_refused_and_never_run(capsys, finished_run, tiny_data, tmp_path):
+    config, run_dir = finished_run
+    hostile = tmp_path / "hostile.pth"
+    torch.save({"weights": _Payload(tmp_path / "ran")}, hostile)
+    expect_one_line_error(capsys, ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir,
+                                   "--evaluate", "--model_path", hostile], "holds Python objects beyond tensors",
+                          run_dir)
+    assert not (tmp_path / "ran").exists()
 
 
 @pytest.mark.parametrize("override", ["model.backbone=resnet34", "model.num_classes=5", "memory.bank_size=32"])

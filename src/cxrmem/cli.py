@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .config import dump_yaml, load_config
 from .errors import UserError
+from .models.backbones import check_backbone
 
 EXPERIMENTS_DIR = Path("configs") / "experiments"
 
@@ -165,15 +166,14 @@ def run_pipeline(cfg, args, distributed) -> int:
         path = Path(args.model_path) if args.model_path else own
         if not path.is_file():
             raise UserError(f"model file {path} not found; pass --model_path to an existing .pth or train first")
+        model = build_model(replace(cfg.model, pretrained=False, weights=None), cfg.memory)
+        distributed.load_on_main(model, lambda: load_checkpoint(model, path))
         if path.resolve() != own.resolve():  # another checkpoint: its results beside the run's, never over them
             cfg = replace(cfg, output_dir=str(evaluation_dir(cfg, path)))
             print(f"evaluating {path}: results go to {cfg.run_dir} (the run's own results stay as they are)")
             if distributed.is_main_process():
                 io.write_text(cfg.run_dir / "config.yaml", dump_yaml(cfg))
                 io.write_text(cfg.run_dir / "model_path.txt", f"{path.resolve()}\n")
-        model = build_model(replace(cfg.model, pretrained=False, weights=None), cfg.memory)
-
-        distributed.load_on_main(model, lambda: load_checkpoint(model, path))
     else:
         distributed.on_main(lambda: start_run_folder(cfg, args))
         model = train(cfg, data.frame, device, resume=args.resume).model
@@ -230,16 +230,20 @@ def guarded(main=None, *, interrupted: str = TRAINING_INTERRUPTED):
     return wrapper
 
 
+def resolve(path, args):
+    """The run's configuration, its backbone checked before any data is read."""
+    cfg = load_config(path, args.overrides, data_dir=args.data_dir, output_dir=args.output_dir)
+    check_backbone(cfg.model.backbone, cfg.data.image_size)
+    return cfg
+
+
 @guarded
 def train_main(argv) -> int:
     args = train_parser().parse_args(argv)
-    cfg = load_config(args.config, args.overrides, data_dir=args.data_dir, output_dir=args.output_dir)
-    return run(cfg, args)
+    return run(resolve(args.config, args), args)
 
 
 @guarded
 def legacy_main(argv) -> int:
     args = legacy_parser().parse_args(argv)
-    cfg = load_config(experiment_config_path(args.experiment), args.overrides, data_dir=args.data_dir,
-                      output_dir=args.output_dir)
-    return run(cfg, args)
+    return run(resolve(experiment_config_path(args.experiment), args), args)

@@ -309,17 +309,29 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, source: str = "<config>"
     return value
 
 
-def _build(cls, raw: Any, prefix: str, source: str):
-    """Turn a mapping from YAML into dataclass ``cls``, validating every key."""
+def _origin(key: str, source: str, origins: dict[str, str]) -> str:
+    """Where ``key`` was set: the command-line option that set it or a key under it, else ``source``."""
+    for dotted, option in origins.items():
+        if dotted == key or dotted.startswith(key + "."):
+            return option
+    return source
+
+
+def _build(cls, raw: Any, prefix: str, source: str, origins: dict[str, str] | None = None):
+    """Turn a mapping from YAML into dataclass ``cls``, validating every key; ``origins`` maps the
+    dotted keys set on the command line to the option that set them, for the error messages."""
+    origins = origins or {}
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         where = prefix.rstrip(".") or "top level"
-        raise UserError(f"{where} in {source}: expected a mapping of keys, got {raw!r}")
+        raise UserError(f"{where} in {_origin(where, source, origins)}: expected a mapping of keys, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
-            raise UserError(f"{prefix}{key}: unknown key in {source}{_closest(str(key), fields)}")
+            dotted = f"{prefix}{key}"
+            raise UserError(f"{dotted}: unknown key in {_origin(dotted, source, origins)}"
+                            f"{_closest(str(key), fields)}")
     values = {}
     for name, f in fields.items():
         if name not in raw:
@@ -327,9 +339,10 @@ def _build(cls, raw: Any, prefix: str, source: str):
         sub = f.metadata.get("section")
         if sub is not None:
             values[name] = None if raw[name] is None and f.metadata["optional"] else \
-                _build(sub, raw[name], f"{prefix}{name}.", source)
+                _build(sub, raw[name], f"{prefix}{name}.", source, origins)
         else:
-            values[name] = _coerce(f"{prefix}{name}", f, raw[name], source)
+            key = f"{prefix}{name}"
+            values[name] = _coerce(key, f, raw[name], _origin(key, source, origins))
     return cls(**values)
 
 
@@ -346,8 +359,8 @@ def _check_relations(cfg: Config) -> None:
         raise UserError("phase1: freeze_epochs (or warmup_epochs) + total_epochs is 0; train for at least one epoch")
 
 
-def from_dict(raw: dict, source: str = "<config>") -> Config:
-    cfg = _build(Config, raw, "", source)
+def from_dict(raw: dict, source: str = "<config>", origins: dict[str, str] | None = None) -> Config:
+    cfg = _build(Config, raw, "", source, origins)
     _check_relations(cfg)
     return cfg
 
@@ -439,17 +452,17 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return raw
 
 
-def check_finite_everywhere(raw: Any, source: str, prefix: str = "") -> None:
+def check_finite_everywhere(raw: Any, source: str, prefix: str = "", origins: dict[str, str] | None = None) -> None:
     """:func:`check_finite` on every number of a raw mapping, also in lists and keys the schema drops."""
     items = raw.items() if isinstance(raw, dict) else enumerate(raw) if isinstance(raw, list) else ()
     for key, value in items:
         dotted = f"{prefix}[{key}]" if isinstance(raw, list) else f"{prefix}{'.' if prefix else ''}{key}"
-        check_finite(dotted, value, source)
-        check_finite_everywhere(value, source, dotted)
+        check_finite(dotted, value, _origin(dotted, source, origins or {}))
+        check_finite_everywhere(value, source, dotted, origins)
 
 
-def apply_override(raw: dict, assignment: str) -> None:
-    """Apply one ``section.key=value`` to the raw mapping (value parsed as a YAML scalar)."""
+def apply_override(raw: dict, assignment: str) -> str:
+    """Apply one ``section.key=value`` to the raw mapping (value parsed as a YAML scalar); return the key."""
     if "=" not in assignment:
         raise UserError(f"--set {assignment}: expected key=value, e.g. --set memory.top_k=5")
     key, text = assignment.split("=", 1)
@@ -466,6 +479,7 @@ def apply_override(raw: dict, assignment: str) -> None:
         if not isinstance(node, dict):
             raise UserError(f"--set {assignment}: {part} is not a section")
     node[parts[-1]] = value
+    return ".".join(parts)
 
 
 def load_config(path, overrides=(), data_dir=None, output_dir=None) -> Config:
@@ -474,16 +488,15 @@ def load_config(path, overrides=(), data_dir=None, output_dir=None) -> Config:
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
-    for assignment in overrides:
-        apply_override(raw, assignment)
+    origins = {apply_override(raw, assignment): f"--set {assignment}" for assignment in overrides}
     if data_dir is not None:
-        apply_override(raw, f"data.data_dir={data_dir}")
+        origins[apply_override(raw, f"data.data_dir={data_dir}")] = "--data_dir"
     if output_dir is not None:
-        apply_override(raw, f"output_dir={output_dir}")
-    check_finite_everywhere(raw, str(path))
-    translated = reference.translate(raw, str(path))
+        origins[apply_override(raw, f"output_dir={output_dir}")] = "--output_dir"
+    check_finite_everywhere(raw, str(path), origins=origins)
+    translated = reference.translate(raw, str(path), command_line=set(origins))
     translated.announce()
-    return from_dict(translated.raw, str(path))
+    return from_dict(translated.raw, str(path), origins)
 
 
 def iter_schema(cls=Config, prefix: str = ""):

@@ -10,3 +10,11 @@ class UserError(Exception):
     """A problem with the user's input (config, data, paths, checkpoints)."""
 
     exit_code = 2
+
+
+def closest(name: str, candidates, cutoff: float = 0.6) -> str | None:
+    """The candidate most like ``name`` (difflib's ratio >= ``cutoff``), for "did you mean" hints."""
+    import difflib  # noqa: PLC0415 - a standard-library module, needed only on the error path
+
+    match = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=1, cutoff=cutoff)
+    return match[0] if match else None

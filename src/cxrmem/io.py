@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -82,3 +84,22 @@ def torch_save(obj, target) -> None:
 def torch_load(path, map_location="cpu"):
     """Load a checkpoint with ``weights_only=True`` (no arbitrary code runs)."""
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def unreadable_reason(path, exc: BaseException) -> str:
+    """Why :func:`torch_load` failed on ``path``, in words a user can act on.
+
+    ``torch.save`` writes a zip archive whose directory sits at its end, so a file that starts as
+    one but does not open as one was cut short (a full disk, a copy or download that stopped);
+    weights_only loading refuses pickled objects other than tensors and plain containers.
+    """
+    size = Path(path).stat().st_size if Path(path).is_file() else 0
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if size == 0:
+        return "is empty (0 bytes)"
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        return f"is damaged or truncated ({size:,} bytes; its end is missing)"
+    if isinstance(exc, pickle.UnpicklingError) and "GLOBAL" in str(exc):  # torch names the refused global
+        return "holds Python objects beyond tensors, which are not loaded (they could run code)"
+    return f"is not a PyTorch checkpoint ({size:,} bytes)"

@@ -67,6 +67,7 @@ class Translation:
     cautions: list[str] = field(default_factory=list)  # one warning each
     save_names: dict[str, str] = field(default_factory=dict)
     workers: dict[str, Any] = field(default_factory=dict)
+    command_line: set[str] = field(default_factory=set)  # dotted keys set by --set: they win over the file
 
     # dotted-key access; a section that is absent or null holds no keys
     def _parent(self, key: str, create: bool = False) -> tuple[dict | None, str]:
@@ -269,6 +270,9 @@ def settle_num_workers(t: Translation) -> None:
     """The loaders' worker counts -> data.num_workers, the one count cxrmem uses for every loader."""
     if not t.workers:
         return
+    if "data.num_workers" in t.command_line:  # the command line wins over the file's per-loader counts
+        t.dropped += list(t.workers)
+        return
     counts = dict(t.workers)
     if t.has("data.num_workers"):
         counts["data.num_workers"] = t.get("data.num_workers")
@@ -285,9 +289,10 @@ def settle_num_workers(t: Translation) -> None:
 FINISHERS = (settle_save_name, settle_num_workers)
 
 
-def translate(raw: dict, source: str) -> Translation:
-    """Apply every rule whose key is present, then the finishers; ``raw`` itself is not modified."""
-    t = Translation(copy.deepcopy(raw), source)
+def translate(raw: dict, source: str, command_line=()) -> Translation:
+    """Apply every rule whose key is present, then the finishers; ``raw`` itself is not modified.
+    ``command_line``: the dotted keys that ``--set`` gave, which win over what the file says."""
+    t = Translation(copy.deepcopy(raw), source, command_line=set(command_line))
     for key, rule in RULES.items():
         if t.has(key):
             rule(t, key, t.get(key))

@@ -350,7 +350,11 @@ def load_predictions(path: Union[str, Path]) -> dict:
         raise UserError(
             f"predictions file not found: {path}; check the path or run the evaluation first"
         )
-    payload = io.torch_load(path)
+    try:
+        payload = io.torch_load(path)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
+        raise UserError(f"predictions file {path} {io.unreadable_reason(path, exc)}; "
+                        "run the evaluation again (--evaluate)") from None
     missing = [key for key in PREDICTION_KEYS
                if not isinstance(payload, dict) or key not in payload]
     if missing:

@@ -51,6 +51,7 @@ from .cli import guarded
 # The experiment schema's own helpers, so that a sweep file is validated like an experiment file.
 from .config import Config, _build, _closest, dump_yaml, flatten, load_config, opt, read_yaml
 from .errors import UserError
+from .models.backbones import check_backbone
 
 if TYPE_CHECKING:  # report pulls in matplotlib and torch; the sweep imports it only to summarise
     from .report import SplitRows
@@ -238,6 +239,7 @@ def plan_runs(sweep: Sweep, root: Path) -> list[Run]:
             f"seed={seed}", set_argument("experiment_name", f"{sweep.name}-{variant}-seed{seed}")]
         try:
             cfg = load_config(sweep.base, overrides, output_dir=str(run_dir))
+            check_backbone(cfg.model.backbone, cfg.data.image_size)
         except UserError as exc:
             raise UserError(f"{sweep.path} (variant {variant}, seed {seed}): {exc}") from None
         if not cfg.evaluation.save_predictions:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import UserError
+from ..errors import UserError, closest
 from .findings import FINDINGS, NO_FINDING
 from .images import IMAGE_SUFFIXES
 from .split import TEST_LIST, TRAIN_VAL_LIST, OfficialLists, assign_splits, phase_frame
@@ -85,7 +85,13 @@ def encode_labels(finding_labels: pd.Series, source) -> pd.DataFrame:
     exploded = tokens.explode().str.strip()
     unknown = sorted(set(exploded) - set(FINDINGS) - {NO_FINDING, ""})
     if unknown:
-        raise UserError(f"{source}: unknown finding label(s) {', '.join(map(repr, unknown[:5]))}; "
+        first = unknown[0]
+        line = int(exploded.index[exploded.to_numpy() == first][0]) + 2  # the header is line 1
+        guess = closest(first, [*FINDINGS, NO_FINDING])
+        hint = f"did you mean {guess!r}? " if guess else ""
+        more = f" (and {len(unknown) - 1} other unknown label(s): {', '.join(map(repr, unknown[1:4]))})" \
+            if len(unknown) > 1 else ""
+        raise UserError(f"{source}: line {line} has the unknown finding label {first!r}{more}; {hint}"
                         f"labels must be among the 14 findings ({', '.join(FINDINGS)}) or '{NO_FINDING}'")
     onehot = pd.crosstab(exploded.index, exploded).reindex(index=finding_labels.index, columns=FINDINGS,
                                                           fill_value=0)

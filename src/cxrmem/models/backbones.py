@@ -19,7 +19,6 @@ or of the body.
 
 from __future__ import annotations
 
-import difflib
 import os
 import posixpath
 from collections import OrderedDict
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 from torch import Tensor, nn
 
-from cxrmem.errors import UserError
+from cxrmem.errors import UserError, closest
 
 __all__ = [
     "Backbone", "BACKBONES", "TIMM_PREFIX", "TorchCacheFile", "HubFile", "build_backbone", "pretrained_file",
@@ -327,11 +326,8 @@ def _timm_source(name: str) -> _Source:
 
     model_name = name[len(TIMM_PREFIX) :]
     if not timm.is_model(model_name):
-        closest = TIMM_PREFIX + _closest(model_name, timm.list_models())
-        raise UserError(
-            f"model.backbone: unknown timm model {model_name!r} (did you mean {closest}?); "
-            "see timm.list_models() for the names"
-        )
+        raise UserError(f"model.backbone: unknown timm model {model_name!r}{_did_you_mean(model_name)}; "
+                        "see timm.list_models() for the names")
     file = _timm_file(model_name)
     return _Source(name, partial(_create_timm, name, model_name, file), partial(_timm_body, name), file)
 
@@ -344,9 +340,16 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _closest(name: str, candidates) -> str:
-    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.0)
-    return match[0] if match else ""
+def _did_you_mean(name: str) -> str:
+    """`` (did you mean X?)`` over the registry's names and timm's (as ``timm/<name>``), or nothing.
+    Names are compared without the prefix and with ``-`` read as ``_`` (``efficientnet-b0``)."""
+    import timm
+
+    bare = name.removeprefix(TIMM_PREFIX).replace("-", "_").lower()
+    spelled = {n: n for n in BACKBONES}
+    spelled.update({n: TIMM_PREFIX + n for n in timm.list_models() if n not in spelled})
+    match = closest(bare, spelled)
+    return f" (did you mean {spelled[match]}?)" if match else ""
 
 
 def _source_for(name: str) -> _Source:
@@ -354,10 +357,27 @@ def _source_for(name: str) -> _Source:
         return BACKBONES[name](name)
     if name.startswith(TIMM_PREFIX):
         return _timm_source(name)
-    raise UserError(
-        f"model.backbone: unknown backbone {name!r} (did you mean {_closest(name, BACKBONES)}?); "
-        f"use one of {', '.join(BACKBONES)} or {TIMM_PREFIX}<any timm model>"
-    )
+    raise UserError(f"model.backbone: unknown backbone {name!r}{_did_you_mean(name)}; "
+                    f"use one of {', '.join(BACKBONES)} or {TIMM_PREFIX}<any timm model>")
+
+
+def check_backbone(name: str, image_size: int) -> None:
+    """UserError unless ``name`` is a known backbone that takes ``image_size`` px images.
+
+    Reads names and timm's pretrained configuration only (no model is built), so a config can be
+    checked as soon as it is loaded. A timm model whose configuration says ``fixed_input_size``
+    (the ViTs, whose position embeddings are sized for one grid) takes its ``input_size`` only.
+    """
+    _source_for(name)
+    if not name.startswith(TIMM_PREFIX):
+        return
+    import timm.models
+
+    cfg = timm.models.get_pretrained_cfg(name[len(TIMM_PREFIX) :])
+    size = cfg.input_size[-1] if cfg is not None and cfg.fixed_input_size else None
+    if size is not None and size != image_size:
+        raise UserError(f"model.backbone: {name} takes {size} px images only, and data.image_size is "
+                        f"{image_size}; set data.image_size: {size} or choose a backbone without a fixed input size")
 
 
 def _load_file(path: Path):

@@ -176,8 +176,8 @@ def load_checkpoint(model, path) -> None:
     try:
         state = io.torch_load(path)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise UserError(f"checkpoint {path} cannot be read ({str(exc).splitlines()[0][:120]}); "
-                        f"use a .pth written by this toolkit") from None
+        raise UserError(f"checkpoint {path} {io.unreadable_reason(path, exc)}; retrain it, or pass "
+                        f"--model_path to a complete .pth of this run") from None
     if isinstance(state, dict) and set(state) == {"model", "opt"}:
         state = state["model"]
     own = model.state_dict()

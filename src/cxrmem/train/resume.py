@@ -183,8 +183,8 @@ def _load(path):
     try:
         return io.torch_load(path)
     except Exception as exc:  # noqa: BLE001 - any failure means the file cannot be resumed from
-        raise UserError(f"resume file {path} cannot be read ({str(exc).splitlines()[0][:100]}); "
-                        f"run without --resume to start over") from None
+        raise UserError(f"resume file {path} {io.unreadable_reason(path, exc)}; "
+                        f"run with --overwrite to start over") from None
 
 
 class SaveProgress(Callback):
