@@ -168,17 +168,36 @@ def test_overlay_is_the_heatmap_blended_over_the_image(tmp_path):
     image = np.tile(np.linspace(0, 255, 48).astype(np.uint8), (64, 1))  # [H=64, W=48]
     heatmap = np.zeros((4, 3), np.float32)
     heatmap[0, 2] = 1.0  # hot top right corner
-    path = tmp_path / "out" / "overlay.png"
-    explain.save_overlay(image, heatmap, path)
-    with Image.open(path) as png:
-        assert png.format == "PNG" and png.mode == "RGB" and png.size == (48, 64)
-        pixels = np.asarray(png).astype(float)
-    assert not list(path.parent.glob("*.tmp"))
+    pixels = explain.overlay(image, heatmap).astype(float)
+    assert pixels.shape == (64, 48, 3)
     cold = 255 * ((1 - explain.OVERLAY_ALPHA) * image[-1, 10] / 255
                   + explain.OVERLAY_ALPHA * np.array(colormaps[explain.OVERLAY_COLORMAP](0.0)[:3]))
     np.testing.assert_allclose(pixels[-1, 10], cold, atol=1.0)  # bottom left: heatmap 0
     assert pixels[0, -1, 0] > pixels[0, -1, 2] + 50  # top right: red of the hot end
     assert pixels[-1, 10, 2] > pixels[-1, 10, 0] + 50  # bottom left: blue of the cold end
+
+
+def test_a_saved_overlay_carries_its_caption_and_colour_scale(tmp_path):
+    image = np.full((32, 32), 128, np.uint8)
+    heatmap = np.zeros((2, 2), np.float32)
+    heatmap[0, 0] = 1.0
+    path = tmp_path / "out" / "a_Effusion.png"
+    explain.save_overlay(image, heatmap, path, "Effusion: p = 0.830, positive at threshold 0.410",
+                         {"finding": "Effusion", "probability": "0.83"})
+    assert not list(path.parent.glob("*.tmp"))
+    with Image.open(path) as png:
+        assert png.format == "PNG"
+        assert png.text["finding"] == "Effusion" and png.text["probability"] == "0.83"
+        width, height = png.size
+        pixels = np.asarray(png.convert("RGB")).astype(int)
+    assert min(width, height) >= explain.OVERLAY_MIN_SIDE  # a 32 px image is drawn large enough to read
+    assert width > height  # the colour scale sits beside the image
+    scale_strip = pixels[height // 4: 3 * height // 4, width - 110: width - 80]
+    reds = (scale_strip[..., 0] > 200) & (scale_strip[..., 2] < 80)
+    blues = (scale_strip[..., 2] > 200) & (scale_strip[..., 0] < 80)
+    assert reds.any() and blues.any()  # both ends of the colour scale are drawn
+    caption_rows = pixels[:30, : width - 120]
+    assert (caption_rows.sum(axis=-1) < 300).any()  # dark text above the image
 
 
 # ---- the pointing game of a run --------------------------------------------------------------------------

@@ -9,6 +9,7 @@ tests train a tiny run once and compare with ``train.py --evaluate``.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -143,21 +144,43 @@ def test_paths_folders_and_lists_are_collected_in_order(tmp_path):
     (lists / "first_col.csv").write_text("file,label\nfive.png,x\n")
     (lists / "headless.csv").write_text("six.dcm,1\nseven.png,0\n")
     (lists / "empty.csv").write_text("")
+    (tmp_path / "single.png").write_bytes(b"x")
     got = collect_images([str(tmp_path / "d"), str(lists / "l.txt"), str(lists / "with_col.csv"),
                           str(lists / "first_col.csv"), str(lists / "headless.csv"), str(lists / "empty.csv"),
-                          "single.png"])
+                          str(tmp_path / "single.png")])
     assert got == [tmp_path / "d/a.JPG", tmp_path / "d/b.png", tmp_path / "d/sub/c.dcm", tmp_path / "d/x.jpeg",
                    lists / "rel/one.png", Path("/abs/two.dcm"), lists / "p/three.png", Path("/abs/four.png"),
-                   lists / "five.png", lists / "six.dcm", lists / "seven.png", Path("single.png")]
+                   lists / "five.png", lists / "six.dcm", lists / "seven.png", tmp_path / "single.png"]
 
 
-def test_nothing_to_predict_is_one_line(tmp_path, fake_run, capsys):
+def test_a_folder_in_a_list_is_searched_as_on_the_command_line(tmp_path):
+    (tmp_path / "scans" / "sub").mkdir(parents=True)
+    for rel in ("scans/b.png", "scans/sub/a.dcm", "scans/readme.md", "extra.png"):
+        (tmp_path / rel).write_bytes(b"x")
+    listing = tmp_path / "list.txt"
+    listing.write_text("scans\nextra.png\n")
+    assert collect_images([str(listing)]) == collect_images([str(tmp_path / "scans"), str(tmp_path / "extra.png")])
+    assert collect_images([str(listing)]) == [tmp_path / "scans/b.png", tmp_path / "scans/sub/a.dcm",
+                                              tmp_path / "extra.png"]
+
+
+def test_a_command_line_path_that_does_not_exist_stops_before_anything_runs(tmp_path, capsys, pngs):
+    # the run folder does not exist either: the path is checked first, before any model is loaded
+    status, _, _, err = predict(capsys, tmp_path, "--run", tmp_path / "no_run", pngs[0], tmp_path / "typo.png")
+    assert status == 2 and err == f"error: {tmp_path / 'typo.png'} does not exist; check the path\n"
+    assert not (tmp_path / "out.csv").exists()
+    status, _, _, err = predict(capsys, tmp_path, "--run", tmp_path / "no_run", "--heatmaps", tmp_path / "maps",
+                                "--heatmap-findings", "Effusion", "Mass", pngs[0])
+    assert status == 2 and "Mass is a finding: name findings as --heatmap-findings A,B" in err
+
+
+def test_nothing_to_predict_is_one_line(tmp_path, fake_run, capsys, pngs):
     (tmp_path / "empty").mkdir()
     status, _, _, err = predict(capsys, tmp_path, "--run", fake_run[0], tmp_path / "empty")
     assert status == 2 and err.startswith("error: no images in") and err.count("\n") == 1
     status, _, _, err = predict(capsys, tmp_path, tmp_path / "empty")
     assert status == 2 and "--run RUN_DIR" in err
-    status, _, _, err = predict(capsys, tmp_path, "--run", tmp_path / "nowhere", tmp_path / "empty")
+    status, _, _, err = predict(capsys, tmp_path, "--run", tmp_path / "nowhere", pngs[0])
     assert status == 2 and "config.yaml not found" in err
 
 
@@ -235,8 +258,10 @@ def test_unreadable_files_are_named_on_stderr_and_left_out(fake_run, pngs, tmp_p
     damaged.write_bytes(damaged.read_bytes()[:60])
     text = tmp_path / "in" / "nested" / "notes.png"
     text.write_text("not an image")
-    absent = tmp_path / "absent.png"
-    status, table, out, err = predict(capsys, tmp_path, "--run", run_dir, tmp_path / "in", absent)
+    absent = tmp_path / "absent.png"  # listed, not named on the command line: skipped like a damaged file
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{absent}\n")
+    status, table, out, err = predict(capsys, tmp_path, "--run", run_dir, tmp_path / "in", listing)
     assert status == 0, err
     good = [p for p in pngs if p != damaged]
     assert sorted(table["path"]) == sorted(map(str, good))
@@ -273,9 +298,10 @@ def fake_explain(monkeypatch):
         side = images.shape[-1]
         return np.full((images.shape[0], len(class_indices), side, side), 0.5, np.float32)
 
-    def save_overlay(image, heatmap, path):
+    def save_overlay(image, heatmap, path, caption, metadata):
         assert image.dtype == np.uint8 and image.ndim == 2 and heatmap.ndim == 2
         calls["save_overlay"].append(Path(path))
+        calls.setdefault("captions", []).append((caption, metadata))
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(path)
 
@@ -307,7 +333,7 @@ def test_heatmaps_for_the_positive_calls(fake_run, pngs, tmp_path, capsys, fake_
 def test_heatmaps_for_chosen_findings(fake_run, pngs, tmp_path, capsys, fake_explain):
     with pytest.warns(UserWarning):
         status, _, _, err = predict(capsys, tmp_path, "--run", fake_run[0], "--heatmaps", tmp_path / "maps",
-                                    *pngs[:3], "--heatmap-findings", "Hernia", "Mass")
+                                    "--heatmap-findings", "Hernia,Mass", *pngs[:3])  # paths after the option
     assert status == 0, err
     assert fake_explain["grad_cam"] == [(3, [FINDINGS.index("Mass"), FINDINGS.index("Hernia")])]
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == sorted(
@@ -397,11 +423,32 @@ def test_real_heatmaps_of_the_trained_run(trained_run, tiny_data, tmp_path, caps
     pytest.importorskip("cxrmem.explain")
     run_dir, predictions = trained_run
     names = list(evaluated(predictions).index[:2])
-    status, _, _, err = predict(capsys, tmp_path, "--run", run_dir, "--heatmaps", tmp_path / "maps",
-                                *data_set_paths(tiny_data, names), "--heatmap-findings", "Cardiomegaly")
+    status, table, out, err = predict(capsys, tmp_path, "--run", run_dir, "--heatmaps", tmp_path / "maps",
+                                      *data_set_paths(tiny_data, names), "--heatmap-findings", "Cardiomegaly")
     assert status == 0, err
+    assert f"wrote 2 heatmap(s) to {tmp_path / 'maps'}" in out
     written = sorted((tmp_path / "maps").iterdir())
     assert [p.name for p in written] == sorted(f"{Path(n).stem}_Cardiomegaly.png" for n in names)
+    probability = dict(zip(table["path"].map(lambda p: Path(p).stem), table["Cardiomegaly"]))
     for path in written:
         with Image.open(path) as image:
-            assert image.format == "PNG" and image.size == (SIZE, SIZE)
+            assert image.format == "PNG" and min(image.size) > SIZE  # the caption and colour scale around it
+            assert image.text["finding"] == "Cardiomegaly"
+            stem = path.stem.removesuffix("_Cardiomegaly")
+            assert float(image.text["probability"]) == pytest.approx(probability[stem], abs=1e-5)
+
+
+def test_a_command_off_a_terminal_prints_only_its_own_lines(trained_run, tiny_data, tmp_path):
+    """No library deprecation warning, no progress-bar glyph before 'wrote', the heatmaps mentioned."""
+    run_dir, predictions = trained_run
+    images = data_set_paths(tiny_data, list(evaluated(predictions).index[:2]))
+    done = subprocess.run([sys.executable, "-m", "cxrmem.predict", "--run", str(run_dir), "--out",
+                           str(tmp_path / "p.csv"), "--heatmaps", str(tmp_path / "maps"), *map(str, images)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "jit" not in done.stderr and "FutureWarning" not in done.stderr, done.stderr
+    assert all(line.startswith("warning: ") for line in done.stderr.splitlines()), done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"wrote {tmp_path / 'p.csv'}: 2 image(s)", done.stdout  # nothing drawn before it
+    written = len(list((tmp_path / "maps").glob("*.png")))
+    assert lines[1] == f"wrote {written} heatmap(s) to {tmp_path / 'maps'} (<image stem>_<finding>.png)"

@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import dump_yaml, load_config
-from .errors import UserError
+from .errors import UserError, closest
 from .models.backbones import check_backbone
 
 EXPERIMENTS_DIR = Path("configs") / "experiments"
@@ -79,11 +79,9 @@ def experiment_config_path(name: str) -> Path:
     for folder in experiment_dirs():
         if (folder / f"{name}.yaml").is_file():
             return folder / f"{name}.yaml"
-    import difflib
-
     names = sorted(set(legacy) | {p.stem for d in experiment_dirs() for p in d.glob("*.yaml")})
-    close = difflib.get_close_matches(name, names, n=1)
-    hint = f"did you mean {close[0]}?" if close else f"choose one of {', '.join(names)}"
+    close = closest(name, names)
+    hint = f"did you mean {close}?" if close else f"choose one of {', '.join(names)}"
     raise UserError(f"no experiment named {name!r} in the legacy table or {EXPERIMENTS_DIR}; {hint}")
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import math
 import os
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from typing import Any
 import yaml
 
 from . import reference
-from .errors import UserError
+from .errors import UserError, closest
 
 # --------------------------------------------------------------------------- schema helpers
 
@@ -242,8 +241,8 @@ class Config:
 
 
 def _closest(name: str, valid) -> str:
-    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
-    return f"; did you mean {match[0]}?" if match else f"; valid keys: {', '.join(valid)}"
+    match = closest(name, valid, cutoff=0.5)
+    return f"; did you mean {match}?" if match else f"; valid keys: {', '.join(valid)}"
 
 
 def _value_type(f: dataclasses.Field) -> type:

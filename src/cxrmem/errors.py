@@ -5,6 +5,8 @@ The command-line entry points print it as ``error: <message>`` on stderr and
 exit with status 2, without a traceback (``--debug`` shows one).
 """
 
+import difflib
+
 
 class UserError(Exception):
     """A problem with the user's input (config, data, paths, checkpoints)."""
@@ -14,7 +16,5 @@ class UserError(Exception):
 
 def closest(name: str, candidates, cutoff: float = 0.6) -> str | None:
     """The candidate most like ``name`` (difflib's ratio >= ``cutoff``), for "did you mean" hints."""
-    import difflib  # noqa: PLC0415 - a standard-library module, needed only on the error path
-
     match = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=1, cutoff=cutoff)
     return match[0] if match else None

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from .errors import UserError
 
-__all__ = ["grad_cam", "grad_cam_pairs", "target_layer", "save_overlay", "prepare_images", "pointing_game",
+__all__ = ["grad_cam", "grad_cam_pairs", "target_layer", "overlay", "save_overlay", "prepare_images", "pointing_game",
            "pointing_game_of_run"]
 
 INSTALL_HINT = "pip install 'cxrmem[explain]'"
@@ -187,14 +187,12 @@ def prepare_images(paths: Sequence, size: int) -> Tensor:
                         for p in paths])
 
 
-def save_overlay(image: np.ndarray, heatmap: np.ndarray, path) -> None:
-    """Write a PNG of ``heatmap`` (any h x w, values in [0, 1]) resized (bilinear) to the grayscale
-    ``image`` (uint8 [H, W]) and blended over it: (1 - a) gray + a colormap(heatmap), a = OVERLAY_ALPHA.
-    Written atomically."""
+def overlay(image: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
+    """RGB uint8 [H, W, 3]: ``heatmap`` (any h x w, values in [0, 1]) resized (bilinear) to the
+    grayscale ``image`` (uint8 [H, W]) and blended over it: (1 - a) gray + a colormap(heatmap),
+    a = OVERLAY_ALPHA."""
     from matplotlib import colormaps
     from PIL import Image
-
-    from .io import atomic_path
 
     image = np.asarray(image)
     if image.ndim != 2:
@@ -204,9 +202,46 @@ def save_overlay(image: np.ndarray, heatmap: np.ndarray, path) -> None:
     colours = colormaps[OVERLAY_COLORMAP](np.clip(np.asarray(resized), 0.0, 1.0))[..., :3]
     gray = (image.astype(np.float32) / 255.0)[..., None]
     blended = (1.0 - OVERLAY_ALPHA) * gray + OVERLAY_ALPHA * colours
-    pixels = np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8)
+
+
+OVERLAY_MIN_SIDE = 384  # px an overlay is drawn at, at least: a caption stays legible beside a 32 px image
+COLOUR_SCALE_LABEL = "Grad-CAM: 0 least, 1 most (this image and finding)"
+
+
+def save_overlay(image: np.ndarray, heatmap: np.ndarray, path, caption: str = "", metadata=None) -> None:
+    """Write a PNG of :func:`overlay` with ``caption`` above it and the colour scale beside it.
+
+    The overlay is drawn at its own pixels (enlarged, without smoothing, to OVERLAY_MIN_SIDE px
+    when smaller); ``metadata`` (text keys and values) goes into the PNG's text chunks, so that a
+    program finds what the caption says. Written atomically.
+    """
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    from .io import atomic_path
+
+    pixels = overlay(image, heatmap)
+    height, width = pixels.shape[:2]
+    scale = max(1.0, OVERLAY_MIN_SIDE / min(height, width))
+    dpi, bar, top = 100, 120, 40  # px beside the image for the colour scale, above it for the caption
+    h, w = height * scale, width * scale
+    fig = Figure(figsize=((w + bar) / dpi, (h + top) / dpi), dpi=dpi)
+    FigureCanvasAgg(fig)
+    axes = fig.add_axes((0, 0, w / (w + bar), h / (h + top)))
+    axes.imshow(pixels, interpolation="nearest")
+    axes.set_axis_off()
+    axes.set_title(caption, fontsize=10, loc="left", pad=6)
+    scale_axes = fig.add_axes((w / (w + bar) + 12 / (w + bar), 0.05, 14 / (w + bar), 0.85 * h / (h + top)))
+    colourbar = fig.colorbar(ScalarMappable(Normalize(0, 1), colormaps[OVERLAY_COLORMAP]), cax=scale_axes)
+    colourbar.set_label(COLOUR_SCALE_LABEL, fontsize=8)
+    colourbar.ax.tick_params(labelsize=8)
     with atomic_path(os.fspath(path)) as tmp:
-        Image.fromarray(pixels, mode="RGB").save(tmp, format="PNG")
+        fig.savefig(tmp, format="png", dpi=dpi,
+                    metadata={"Software": "cxrmem", **{str(k): str(v) for k, v in (metadata or {}).items()}})
 
 
 # --------------------------------------------------------------------------- the pointing game of a run

@@ -44,7 +44,7 @@ from .cli import guarded
 from .data.findings import FINDINGS
 from .data.images import IMAGE_SUFFIXES, READ_ERRORS, open_image
 from .data.loaders import ResizedXrayBlock, batch_transforms, collatable, default_num_workers, read_xray
-from .errors import UserError
+from .errors import UserError, closest
 from .train import speed
 
 DEFAULT_THRESHOLD = 0.5  # the call where a run has no operating point
@@ -76,17 +76,30 @@ def read_csv_list(path: Path) -> list[str]:
 LIST_READERS: dict[str, Callable[[Path], list[str]]] = {".txt": read_text_list, ".csv": read_csv_list}
 
 
+def images_in(folder: Path) -> list[Path]:
+    """The image files under ``folder``, recursively, sorted."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
 def collect_images(inputs: Sequence[str]) -> list[Path]:
-    """PATH arguments -> image paths, in the order given: folders sorted, lists in their own order."""
+    """PATH arguments -> image paths, in the order given: folders sorted, lists in their own order.
+
+    A folder is searched as a folder wherever it is named, on the command line or in a list. A
+    path named on the command line must exist (UserError, before anything runs); an entry of a
+    list that does not is kept, to be skipped with its reason like any other unreadable file.
+    """
     found: list[Path] = []
     for item in map(Path, inputs):
         list_reader = LIST_READERS.get(item.suffix.lower())
+        if not item.exists():
+            hint = (f"; {item} is a finding: name findings as --heatmap-findings A,B" if str(item) in FINDINGS
+                    else "; check the path")
+            raise UserError(f"{item} does not exist{hint}")
         if item.is_dir():
-            found += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found += images_in(item)
         elif list_reader is not None:
-            if not item.is_file():
-                raise UserError(f"list file {item} not found; check the path")
-            found += [item.parent / entry for entry in list_reader(item)]  # absolute entries stay absolute
+            entries = [item.parent / entry for entry in list_reader(item)]  # absolute entries stay absolute
+            found += [path for entry in entries for path in (images_in(entry) if entry.is_dir() else [entry])]
         else:
             found.append(item)
     if not found:
@@ -246,8 +259,12 @@ class Heatmaps:
     explain: object
     folder: Path
     findings: Optional[list[int]]
+    written: int = 0
 
-    def write(self, model, images: torch.Tensor, paths: Sequence[Path], calls: np.ndarray, labels) -> None:
+    def write(self, model, images: torch.Tensor, paths: Sequence[Path], probs: np.ndarray, thresholds: np.ndarray,
+              labels) -> None:
+        """Overlays for one batch; each is captioned with its finding, probability and call."""
+        calls = probs.astype(np.float64) >= thresholds
         wanted = [self.findings if self.findings is not None else list(np.flatnonzero(row)) for row in calls]
         chosen = [j for j, classes in enumerate(wanted) if classes]
         if not chosen:
@@ -257,19 +274,21 @@ class Heatmaps:
         for row, j in enumerate(chosen):
             grey = np.asarray(open_image(paths[j]).convert("L"))
             for c in wanted[j]:
+                call = "positive" if calls[j, c] else "negative"
+                caption = f"{labels[c]}: p = {probs[j, c]:.3f}, {call} at threshold {thresholds[c]:.3f}"
+                metadata = {"finding": labels[c], "probability": f"{probs[j, c]:.6g}", "call": call,
+                            "threshold": f"{thresholds[c]:.6g}", "image": str(paths[j])}
                 self.explain.save_overlay(grey, maps[row, classes.index(c)],
-                                          self.folder / f"{Path(paths[j]).stem}_{labels[c]}.png")
+                                          self.folder / f"{Path(paths[j]).stem}_{labels[c]}.png", caption, metadata)
+                self.written += 1
 
 
 def finding_indexes(names: Sequence[str], labels: Sequence[str]) -> list[int]:
-    import difflib
-
     unknown = [name for name in names if name not in labels]
     if unknown:
-        close = difflib.get_close_matches(unknown[0], labels, n=1)
-        hint = f"did you mean {close[0]}?" if close else f"choose among {', '.join(labels)}"
-        raise UserError(f"--heatmap-findings: unknown finding {unknown[0]!r} (give image PATHs before the option "
-                        f"or after --); {hint}")
+        close = closest(unknown[0], labels)
+        hint = f"did you mean {close}?" if close else f"choose among {', '.join(labels)}"
+        raise UserError(f"--heatmap-findings: unknown finding {unknown[0]!r}; {hint}")
     return [list(labels).index(name) for name in names]
 
 
@@ -289,7 +308,8 @@ def predict_images(predictor: Predictor, paths: Sequence[Path], device: torch.de
                                          num_workers=predictor.num_workers, collate_fn=collate_readable)
     transforms = eval_transforms(predictor.image_size)
     kept, probs = [], []
-    for indexes, images, failures in progress_bar(loader, display=sys.stdout.isatty(), leave=False):
+    batches = progress_bar(loader, leave=False) if sys.stdout.isatty() else loader  # display=False still draws a glyph
+    for indexes, images, failures in batches:
         for i, error in failures:
             if isinstance(error, UserError):
                 raise error
@@ -300,8 +320,8 @@ def predict_images(predictor: Predictor, paths: Sequence[Path], device: torch.de
         batch = transforms(images.to(device)).as_subclass(torch.Tensor)
         batch_probs = torch.sigmoid(torch.from_numpy(predictor.network(batch)).float()).numpy()
         if heatmaps is not None:
-            calls = (batch_probs.astype(np.float64) >= thresholds).astype(int)
-            heatmaps.write(predictor.model, batch, [paths[i] for i in indexes], calls, predictor.labels)
+            heatmaps.write(predictor.model, batch, [paths[i] for i in indexes], batch_probs, thresholds,
+                           predictor.labels)
         kept += [paths[i] for i in indexes]
         probs.append(batch_probs)
     probs = np.concatenate(probs) if probs else np.zeros((0, len(predictor.labels)), np.float32)
@@ -338,8 +358,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv here)")
     p.add_argument("--heatmaps", metavar="DIR", help="write Grad-CAM overlays DIR/<image stem>_<finding>.png "
                    "for the findings called positive")
-    p.add_argument("--heatmap-findings", nargs="+", metavar="F", help="draw these findings for every image "
-                   "instead of the positive calls")
+    p.add_argument("--heatmap-findings", action="extend", type=lambda text: [f.strip() for f in text.split(",")],
+                   metavar="F[,F...]", help="draw these findings for every image instead of the positive calls "
+                   "(comma-separated or repeated, e.g. --heatmap-findings Effusion,Mass)")
     p.add_argument("--batch-size", type=int, help="images per batch (default: the run's evaluation batch size)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return p
@@ -356,10 +377,10 @@ def main(argv) -> int:
         raise UserError("--heatmaps needs the PyTorch model; pass --run RUN_DIR without --model")
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    paths = collect_images(args.paths)  # before anything loads: a path that does not exist stops here
     device = default_device()
     predictor = (exported_predictor(args.model, args.run, device) if args.model
                  else run_predictor(args.run, args.model_path, device))
-    paths = collect_images(args.paths)
     if args.batch_size:
         predictor.batch_size = args.batch_size
     heatmaps = None
@@ -379,6 +400,8 @@ def main(argv) -> int:
     write_table(prediction_table(kept, probs, calls, predictor.labels), out)
     skipped = len(paths) - len(kept)
     print(f"wrote {out}: {len(kept)} image(s)" + (f", {skipped} skipped (named on stderr)" if skipped else ""))
+    if heatmaps is not None:
+        print(f"wrote {heatmaps.written} heatmap(s) to {heatmaps.folder} (<image stem>_<finding>.png)")
     return 0
 
 
