@@ -14,7 +14,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from test_metrics import direct_delong
 
-from cxrmem import compare
+from cxrmem import compare, report
 from cxrmem.metrics import PatientResampler, paired_bootstrap
 from cxrmem.report import predictions_path, save_predictions
 
@@ -150,14 +150,16 @@ def assert_png(path):
 def test_auc_bars_writes_png_with_nulls(tmp_path):
     values = [[0.8, None, 0.6], [0.7, 0.9, None]]
     intervals = [[[0.7, 0.9], None, [0.5, 0.7]], [None, [0.85, 0.95], None]]
-    path = compare.plot_auc_bars(["a", "b"], LABELS[:3], values, tmp_path / "bars.png", "t", intervals=intervals)
+    errors = [compare.interval_errors(v, i) for v, i in zip(values, intervals)]
+    np.testing.assert_allclose(errors[0], [[0.1, 0.0, 0.1], [0.1, 0.0, 0.1]])
+    path = report.plot_auc_bars(["a", "b"], LABELS[:3], values, tmp_path / "bars.png", "t", errors=errors)
     assert path == tmp_path / "bars.png"
     assert_png(path)
 
 
 def test_auc_bars_reject_values_of_another_shape(tmp_path):
     with pytest.raises(ValueError, match="shape"):
-        compare.plot_auc_bars(["a", "b"], LABELS[:3], [[0.8, 0.7, 0.6]], tmp_path / "bars.png", "t")
+        report.plot_auc_bars(["a", "b"], LABELS[:3], [[0.8, 0.7, 0.6]], tmp_path / "bars.png", "t")
     assert not (tmp_path / "bars.png").exists()
 
 

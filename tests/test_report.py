@@ -686,3 +686,104 @@ def test_plot_run_survives_broken_files(tmp_path):
     assert "roc_" in messages and "reliability_" in messages and "loss_phase2.png" in messages
     assert "loss_phase1.png" in {p.name for p in written}
     assert_png(run / "loss_phase1.png")
+
+
+# --------------------------------------------------------------------------- what the figures show
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The Figures the plot functions save, kept for inspection (every plot goes through report.save_figure)."""
+    figures = []
+    real = report.save_figure
+
+    def keep(figure, path):
+        figures.append(figure)
+        return real(figure, path)
+
+    monkeypatch.setattr(report, "save_figure", keep)
+    return figures
+
+
+def boxes_overlap(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def assert_legends_off_the_data(figure):
+    renderer = figure.canvas.get_renderer()
+    legends = [(axes, axes.get_legend()) for axes in figure.axes if axes.get_legend() is not None]
+    assert legends
+    for owner, legend in legends:
+        box = legend.get_window_extent(renderer)
+        for axes in figure.axes:
+            area = axes.get_window_extent(renderer) if axes is owner else axes.get_tightbbox(renderer)
+            assert not boxes_overlap(box, area), (legend.get_texts()[0].get_text(), axes.get_ylabel())
+
+
+def test_loss_plot_numbers_epochs_from_one_as_the_log_does(tmp_path, drawn):
+    csv = tmp_path / "history_phase1.csv"
+    csv.write_text(HISTORY1)
+    report.plot_history(csv, tmp_path / "loss_phase1.png", "fake: phase 1")
+    axes = drawn[0].axes[0]
+    train = next(line for line in axes.get_lines() if line.get_label() == "train loss")
+    assert list(train.get_xdata()) == [1, 2, 3]
+    assert axes.get_xlim() == (0.5, 3.5)
+    frozen = next(p for p in axes.patches if p.get_label() == "frozen body")
+    assert frozen.get_x() == 0.5 and frozen.get_width() == 2.0  # epochs 1 and 2 were frozen
+    assert_legends_off_the_data(drawn[0])
+
+
+def test_memory_plot_numbers_epochs_from_one_across_the_phases(tmp_path, drawn):
+    (tmp_path / "h1.csv").write_text(HISTORY1)
+    (tmp_path / "h2.csv").write_text(HISTORY2)
+    report.plot_memory([tmp_path / "h1.csv", tmp_path / "h2.csv"], tmp_path / "memory.png")
+    fill = drawn[0].axes[0]
+    assert [list(line.get_xdata()) for line in fill.get_lines() if line.get_label().startswith("phase")] == \
+        [[1, 2, 3], [4, 5]]
+    assert_legends_off_the_data(drawn[0])
+
+
+def test_lr_finder_legend_is_off_the_curve(tmp_path, drawn):
+    lrs = np.logspace(-7, 1, 60)
+    report.plot_lr_find(lrs, 0.7 - 0.2 * np.exp(-((np.log10(lrs) + 3) ** 2)), 1e-3, tmp_path / "lr.png")
+    assert_legends_off_the_data(drawn[0])
+
+
+def test_reliability_is_the_pooled_curve_and_one_small_panel_per_finding(tmp_path, drawn):
+    preds = fake_predictions(n=200)
+    report.plot_reliability(preds["probs"], preds["targets"], LABELS, tmp_path / "reliability.png", "t")
+    titles = [axes.get_title() for axes in drawn[0].axes]
+    assert titles[0].startswith("all findings pooled (ECE ")
+    for label in LABELS:
+        panel = [axes for axes, title in zip(drawn[0].axes, titles) if title.startswith(f"{label} (ECE ")]
+        assert len(panel) == 1, label
+        assert len(panel[0].get_lines()) == 3  # the diagonal, the pooled curve and this finding: no tangle
+        positives = int(preds["targets"][:, LABELS.index(label)].sum())
+        assert f"{positives} pos.)" in panel[0].get_title()
+
+
+def error_bar_tops(axes) -> list[float]:
+    tops = []
+    for container in axes.containers:
+        if getattr(container, "errorbar", None) is not None:
+            for collection in container.errorbar.lines[2]:
+                tops += [max(y for _, y in segment) for segment in collection.get_segments()]
+    return tops
+
+
+def test_auc_bars_rise_from_chance_on_a_fixed_axis_and_never_pass_one(tmp_path, drawn):
+    values = [[0.95, 0.6, None], [0.99, 0.4, 0.7]]
+    errors = [np.array([[0.1, 0.1, 0.0], [0.2, 0.1, 0.0]]), np.array([[0.05, 0.3, 0.1], [0.3, 0.1, 0.1]])]
+    report.plot_auc_bars(["a", "b"], ["x", "y", "z"], values, tmp_path / "bars.png", "t", errors=errors,
+                         marks=[[True, False, False], [False, False, True]])
+    axes = drawn[0].axes[0]
+    assert axes.get_ylim()[0] == 0.0  # the same axis whatever the values: differences keep their size
+    bars = [patch for patch in axes.patches]
+    assert len(bars) == 5  # no bar where there is no value
+    assert all(bar.get_y() == 0.5 for bar in bars)  # from chance
+    assert sorted(round(bar.get_y() + bar.get_height(), 6) for bar in bars) == [0.4, 0.6, 0.7, 0.95, 0.99]
+    tops = error_bar_tops(axes)
+    assert tops and max(tops) <= 1.0  # SD or interval whiskers clipped at AUC 1
+    assert sum(text.get_text() == "*" for text in axes.texts) == 2
+    assert any(text.get_text() == "n/a" for text in axes.texts)
+    assert_legends_off_the_data(drawn[0])

@@ -496,3 +496,26 @@ def test_a_killed_sweep_finishes_without_repeating_finished_runs(real_sweep, cap
     assert {p: p.stat().st_mtime_ns for p in others} == others
     status, out, _ = run_cli(main, [path, "--output_dir", out_dir, "--dry-run"], capsys)
     assert status == 0 and out == ""
+
+
+def test_the_summary_chart_keeps_sd_bars_below_auc_one(tmp_path, monkeypatch):
+    from cxrmem import report
+    from cxrmem.sweep import plot_summary
+
+    figures = []
+    real = report.save_figure
+    monkeypatch.setattr(report, "save_figure", lambda figure, path: figures.append(figure) or real(figure, path))
+    stat = lambda mean, sd: {"mean": mean, "sd": sd}  # noqa: E731
+    labels = ["Atelectasis", "Hernia"]
+    variant = lambda mean: {"mean_auc": stat(mean, 0.08), "per_class": {"Atelectasis": stat(0.97, 0.1),  # noqa: E731
+                                                                        "Hernia": stat(None, None)},
+                            "significant": {"mean_auc": False, "per_class": {"Atelectasis": True, "Hernia": False}}}
+    summary = {"labels": labels, "variants": {"ref": variant(0.9), "other": variant(0.98)}, "split": "test",
+               "sweep": "s", "reference": "ref"}
+    plot_summary(summary, tmp_path / "summary.png")
+    axes = figures[0].axes[0]
+    tops = [max(y for _, y in segment) for container in axes.containers
+            if getattr(container, "errorbar", None) is not None
+            for collection in container.errorbar.lines[2] for segment in collection.get_segments()]
+    assert tops and max(tops) <= 1.0
+    assert axes.get_ylim()[0] == 0.0

@@ -56,8 +56,8 @@ from .config import DataConfig, EvaluationConfig
 from .data.chestxray14 import patient_ids
 from .errors import UserError
 from .io import write_json, write_text
-from .report import (RunFileError, find_predictions, format_auc, load_split, markdown_table, new_figure, palette,
-                     read_config, read_metrics, safe_plot, save_figure)
+from .report import (RunFileError, find_predictions, format_auc, load_split, markdown_table, plot_auc_bars,
+                     read_config, read_metrics, safe_plot)
 
 SPLITS = ("test", "valid")
 FIXED_COLUMNS = ("experiment", "backbone", "strategy", "bank size", "top_k", "mean AUC", "95% CI")
@@ -261,60 +261,22 @@ def output_paths(out: Optional[str]) -> Tuple[Optional[Path], Optional[Path], Pa
 
 
 def draw_chart(runs: Sequence[RunResult], split: str, path: Path):
-    """The per-finding grouped bar chart (via safe_plot: a failure is a warning). Path or None."""
+    """The per-finding grouped bar chart with 95 % intervals (via safe_plot: a failure is a warning). Path or None."""
     labels = list(runs[0].per_class)
     values = [[run.per_class[label] for label in labels] for run in runs]
-    intervals = [[run.ci95.get(label) for label in labels] for run in runs]
+    errors = [interval_errors([run.per_class[label] for label in labels], [run.ci95.get(label) for label in labels])
+              for run in runs]
     return safe_plot(plot_auc_bars, run_names(runs), labels, values, path,
-                     f"ROC AUC per finding, {split} split", intervals=intervals)
+                     f"ROC AUC per finding, {split} split (95 % intervals)", errors=errors)
 
 
-def plot_auc_bars(names: Sequence[str], labels: Sequence[str], values, path, title: str,
-                  intervals=None) -> Path:
-    """Grouped bars: one group per label, one bar per run (named by ``names``).
-
-    ``values`` is [runs][labels] of AUC or None (None draws no bar and writes
-    "n/a"); ``intervals`` (optional) is the same shape with [lo, hi] or None,
-    drawn as error bars.
-    """
-    n_runs, n_labels = len(names), len(labels)
-    heights = np.array([[np.nan if v is None else float(v) for v in row] for row in values], dtype=float)
-    if heights.shape != (n_runs, n_labels):
-        raise ValueError(f"values have shape {heights.shape}, expected ({n_runs}, {n_labels})")
-    figure = new_figure(max(8.0, 0.55 * n_labels * max(n_runs, 2) * 0.6 + 3), 5.5)
-    axes = figure.add_subplot()
-    width = 0.8 / max(n_runs, 1)
-    centres = np.arange(n_labels)
-    colours = palette(n_runs)
-    finite = heights[np.isfinite(heights)]
-    bottom = max(0.0, min(0.5, float(finite.min()) - 0.05) if finite.size else 0.5)
-    for run, name in enumerate(names):
-        x = centres - 0.4 + width * (run + 0.5)
-        errors = error_bars(heights[run], None if intervals is None else intervals[run])
-        axes.bar(x, np.nan_to_num(heights[run], nan=0.0), width, color=colours[run], label=name,
-                 yerr=errors, capsize=2, error_kw={"linewidth": 0.7})
-        for position, height in zip(x, heights[run]):
-            if np.isnan(height):
-                axes.text(position, bottom + 0.01, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
-    axes.set_ylim(bottom, 1.0)
-    axes.set_xticks(centres)
-    axes.set_xticklabels(labels, rotation=45, ha="right")
-    axes.set_ylabel("ROC AUC")
-    axes.set_title(title)
-    axes.grid(True, axis="y", alpha=0.3)
-    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
-    return save_figure(figure, path)
-
-
-def error_bars(heights: np.ndarray, intervals) -> Optional[np.ndarray]:
-    """[2, L] distances below/above each bar from [lo, hi] intervals (0 where missing)."""
-    if intervals is None:
-        return None
-    errors = np.zeros((2, heights.size))
-    for i, (height, interval) in enumerate(zip(heights, intervals)):
-        if interval is not None and np.isfinite(height):
-            errors[0, i] = max(0.0, height - float(interval[0]))
-            errors[1, i] = max(0.0, float(interval[1]) - height)
+def interval_errors(values, intervals) -> np.ndarray:
+    """[2, L] distances below/above each value from its [lo, hi] interval (0 where either is missing)."""
+    errors = np.zeros((2, len(values)))
+    for i, (value, interval) in enumerate(zip(values, intervals)):
+        if interval is not None and value is not None:
+            errors[0, i] = max(0.0, value - float(interval[0]))
+            errors[1, i] = max(0.0, float(interval[1]) - value)
     return errors
 
 

@@ -563,6 +563,60 @@ def palette(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
+def legend_outside(axes, handles=None, right: float = 1.02, **kwargs) -> None:
+    """The legend to the right of ``axes`` (``right``: where it starts, in axes widths), never on the data."""
+    kwargs = {"fontsize": "small", **kwargs}
+    if handles is not None:
+        kwargs["handles"] = handles
+    axes.legend(loc="upper left", bbox_to_anchor=(right, 1.0), borderaxespad=0.0, **kwargs)
+
+
+CHANCE_AUC = 0.5
+
+
+def plot_auc_bars(names: Sequence[str], labels: Sequence[str], values, path, title: str, errors=None,
+                  marks=None, ylabel: str = "ROC AUC") -> Path:
+    """Grouped bars: one group per label, one bar per run (named by ``names``), on a fixed 0-1 axis.
+
+    ``values`` is [runs][labels] of AUC or None (no bar; "n/a" is written). Each bar rises from
+    chance (AUC 0.5, a dotted line), or falls below it, so that its length is the distance from
+    chance and the axis never stretches small differences. ``errors`` (optional) is [runs] of
+    [2, labels] distances below and above each value, drawn clipped to [0, 1]; ``marks`` (optional)
+    is [runs][labels] of booleans, a star above each marked bar.
+    """
+    n_runs, n_labels = len(names), len(labels)
+    heights = np.array([[np.nan if v is None else float(v) for v in row] for row in values], dtype=float)
+    if heights.shape != (n_runs, n_labels):
+        raise ValueError(f"values have shape {heights.shape}, expected ({n_runs}, {n_labels})")
+    figure = new_figure(max(8.0, 0.16 * n_labels * n_runs + 4), 5.5)
+    axes = figure.add_subplot()
+    width = 0.8 / max(n_runs, 1)
+    colours = palette(n_runs)
+    for run, name in enumerate(names):
+        x = np.arange(n_labels) - 0.4 + width * (run + 0.5)
+        shown = np.isfinite(heights[run])
+        yerr = None
+        if errors is not None:  # clipped: no whisker above AUC 1 or below 0
+            below, above = np.asarray(errors[run], dtype=float)
+            yerr = np.vstack([np.minimum(below, heights[run]), np.minimum(above, 1.0 - heights[run])])[:, shown]
+        axes.bar(x[shown], heights[run][shown] - CHANCE_AUC, width, bottom=CHANCE_AUC, color=colours[run],
+                 label=name, yerr=yerr, capsize=2, error_kw={"linewidth": 0.7})
+        for i in np.flatnonzero(~shown):
+            axes.text(x[i], CHANCE_AUC + 0.01, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
+        for i in np.flatnonzero(shown & np.asarray(marks[run] if marks is not None else [False] * n_labels)):
+            top = heights[run][i] + (0.0 if yerr is None else yerr[1][np.flatnonzero(shown).tolist().index(i)])
+            axes.text(x[i], min(top, 1.0) + 0.005, "*", ha="center", va="bottom", fontsize=11)
+    axes.axhline(CHANCE_AUC, color="black", linestyle=":", linewidth=0.8)
+    axes.set_ylim(0.0, 1.05)
+    axes.set_xticks(np.arange(n_labels))
+    axes.set_xticklabels(labels, rotation=45, ha="right")
+    axes.set_ylabel(f"{ylabel} (bars from chance, 0.5)")
+    axes.set_title(title)
+    axes.grid(True, axis="y", alpha=0.3)
+    legend_outside(axes)
+    return save_figure(figure, path)
+
+
 def as_array(values) -> np.ndarray:
     """A float64 ndarray from a list of numbers or 0-d tensors, an ndarray or a (fastai) tensor."""
     if isinstance(values, (list, tuple)):
@@ -628,33 +682,33 @@ def plot_lr_find(lrs, losses, chosen_lr: Optional[float], path) -> Path:
     bottom = float(losses.min())
     pad = 0.1 * (top - bottom) or 0.1 * abs(top) or 0.1
     axes.set_ylim(bottom - pad, top + pad)
-    axes.legend(loc="best")
+    legend_outside(axes)
     return save_figure(figure, path)
 
 
 def plot_history(history_csv, path, title: str) -> Path:
     """Train and valid loss per epoch, valid AUC on a second y axis, frozen epochs shaded.
 
-    x is the row number of the CSV (epochs of every fit of the phase in order).
-    Rows whose ``stage`` is "frozen" get a grey background. NaN cells leave gaps.
+    x is the epoch of the phase, counted from 1 over every fit of the phase in order as the log
+    counts them. Epochs whose ``stage`` is "frozen" get a grey background. NaN cells leave gaps.
     """
     frame = read_history(history_csv)
-    x = np.arange(len(frame))
-    figure = new_figure(7, 4.5)
+    x = np.arange(1, len(frame) + 1)
+    figure = new_figure(8, 4.5)
     axes = figure.add_subplot()
     handles = []
     for column, colour in (("train_loss", "tab:blue"), ("valid_loss", "tab:orange")):
         if column in frame:
             handles += axes.plot(x, frame[column].astype(float), "o-", color=colour,
                                  label=column.replace("_", " "))
-    axes.set_xlabel("epoch (row of the history)")
+    axes.set_xlabel("epoch")
     axes.set_ylabel("loss")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(True, alpha=0.3)
 
     if "stage" in frame:
         for number, (first, last) in enumerate(stage_spans(frame["stage"].astype(str).tolist())):
-            span = axes.axvspan(first - 0.5, last + 0.5, color="grey", alpha=0.15,
+            span = axes.axvspan(first + 0.5, last + 1.5, color="grey", alpha=0.15,
                                 label="frozen body" if number == 0 else None)
             if number == 0:
                 handles.append(span)
@@ -664,9 +718,9 @@ def plot_history(history_csv, path, title: str) -> Path:
         handles += auc_axes.plot(x, frame["valid_auc"].astype(float), "s--", color="tab:green",
                                  label="valid AUC")
         auc_axes.set_ylabel("valid mean AUC")
-    axes.set_xlim(-0.5, len(frame) - 0.5)
+    axes.set_xlim(0.5, len(frame) + 0.5)
     axes.set_title(title)
-    axes.legend(handles=handles, loc="best", fontsize="small")
+    legend_outside(axes, handles, right=1.15 if "valid_auc" in frame else 1.02)  # clear of the AUC axis
     return save_figure(figure, path)
 
 
@@ -708,35 +762,47 @@ def plot_roc(probs, targets, labels: Sequence[str], path, title: str) -> Path:
 
 def plot_reliability(probs, targets, labels: Sequence[str], path, title: str,
                      n_bins: int = CALIBRATION_BINS) -> Path:
-    """Reliability diagram: observed frequency of positives against mean predicted probability
-    in ``n_bins`` equal-width bins, all findings pooled (bold, ECE in the legend) and each finding
-    alone (thin); the diagonal is perfect calibration. Below, the pooled bin counts (log scale).
-    Empty bins leave gaps.
+    """Reliability diagrams: observed frequency of positives against mean predicted probability in
+    ``n_bins`` equal-width bins; the diagonal is perfect calibration, empty bins leave gaps.
+
+    The first panel pools all findings (ECE in its title) with its bin counts (log scale) below;
+    then one small panel per finding on the same axes (its ECE and positives in its title), each
+    with the pooled curve in grey for reference, so that no two findings' lines cross.
     """
     scores, positive, labels = check_inputs(probs, targets, labels)
-    figure = new_figure(9, 7)
-    grid = figure.add_gridspec(2, 1, height_ratios=(3, 1))
-    axes = figure.add_subplot(grid[0])
-    counts_axes = figure.add_subplot(grid[1], sharex=axes)
-    axes.plot([0, 1], [0, 1], color="black", linestyle=":", linewidth=0.8, label="perfect calibration")
-    for column, (label, colour) in enumerate(zip(labels, palette(len(labels)))):
-        bins = calibration_bins(scores[:, column], positive[:, column], n_bins)
-        axes.plot(bins.mean_predicted, bins.observed, ".-", color=colour, linewidth=0.8, alpha=0.6, label=label)
+    columns = 4
+    rows = 1 + math.ceil(len(labels) / columns)
+    figure = new_figure(2.6 * columns, 2.6 * rows + 1.2)
+    grid = figure.add_gridspec(rows + 1, columns, height_ratios=(2.0, 0.7, *([1.6] * (rows - 1))))
     pooled = calibration_bins(scores, positive, n_bins)
-    axes.plot(pooled.mean_predicted, pooled.observed, "o-", color="black", linewidth=2,
-              label=f"all findings (ECE {pooled.ece:.3f})")
-    axes.set_xlim(0, 1)
-    axes.set_ylim(-0.02, 1.02)
-    axes.set_ylabel("observed frequency of positives")
-    axes.set_title(title)
-    axes.grid(True, alpha=0.3)
-    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    axes = figure.add_subplot(grid[0, :2])
+    counts_axes = figure.add_subplot(grid[1, :2], sharex=axes)
+    axes.plot([0, 1], [0, 1], color="black", linestyle=":", linewidth=0.8)
+    axes.plot(pooled.mean_predicted, pooled.observed, "o-", color="black", linewidth=2)
+    axes.set_title(f"all findings pooled (ECE {pooled.ece:.3f})", fontsize="medium")
+    axes.set_ylabel("observed frequency")
     counts_axes.bar(pooled.centres, pooled.counts, width=1.0 / n_bins, color="grey", edgecolor="white")
     if pooled.counts.any():
         counts_axes.set_yscale("log")
     counts_axes.set_xlabel("mean predicted probability")
     counts_axes.set_ylabel("pairs per bin")
-    counts_axes.grid(True, alpha=0.3)
+    key = figure.add_subplot(grid[:2, 2:])
+    key.set_axis_off()
+    key.text(0.05, 0.9, f"{title}\n\ndotted: perfect calibration\nblack, and grey below: all findings pooled\n"
+             f"blue: one finding", ha="left", va="top", fontsize="medium", transform=key.transAxes)
+    for column, label in enumerate(labels):
+        panel = figure.add_subplot(grid[2 + column // columns, column % columns], sharex=axes, sharey=axes)
+        bins = calibration_bins(scores[:, column], positive[:, column], n_bins)
+        panel.plot([0, 1], [0, 1], color="black", linestyle=":", linewidth=0.8)
+        panel.plot(pooled.mean_predicted, pooled.observed, "-", color="grey", linewidth=1, alpha=0.7)
+        panel.plot(bins.mean_predicted, bins.observed, ".-", color="tab:blue", linewidth=1.2)
+        panel.set_title(f"{label} (ECE {bins.ece:.3f}, {int(positive[:, column].sum())} pos.)", fontsize="small")
+        panel.tick_params(labelsize="x-small")
+    for panel in figure.axes:
+        if panel is not key:
+            panel.grid(True, alpha=0.3)
+    axes.set_xlim(0, 1)
+    axes.set_ylim(-0.02, 1.02)
     return save_figure(figure, path)
 
 
@@ -756,19 +822,19 @@ def plot_memory(history_csvs: Iterable, path) -> Optional[Path]:
     if not frames:
         return None
 
-    figure = new_figure(7, 5.5)
+    figure = new_figure(8, 5.5)
     fill_axes = figure.add_subplot(2, 1, 1)
     moved_axes = figure.add_subplot(2, 1, 2, sharex=fill_axes)
     start = 0
     for number, frame in frames:
-        x = np.arange(start, start + len(frame))
+        x = np.arange(start + 1, start + len(frame) + 1)  # epochs counted from 1, phase 2's after phase 1's
         for axes, column, marker in ((fill_axes, "memory_fill", "o-"), (moved_axes, "memory_moved", "s-")):
             if column in frame:
                 axes.plot(x, frame[column].astype(float), marker, color=f"C{number - 1}",
                           label=f"phase {number}")
         if start:
             for axes in (fill_axes, moved_axes):
-                axes.axvline(start - 0.5, color="black", linestyle=":", linewidth=1)
+                axes.axvline(start + 0.5, color="black", linestyle=":", linewidth=1)
         start += len(frame)
     moved = np.concatenate([frame["memory_moved"].astype(float).to_numpy()
                             for _, frame in frames if "memory_moved" in frame] or [np.zeros(0)])
@@ -783,7 +849,7 @@ def plot_memory(history_csvs: Iterable, path) -> Optional[Path]:
     moved_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     for axes in (fill_axes, moved_axes):
         axes.grid(True, alpha=0.3)
-        axes.legend(loc="best", fontsize="small")
+        legend_outside(axes)
     return save_figure(figure, path)
 
 

@@ -549,44 +549,24 @@ def summary_markdown(summary: dict) -> str:
 
 
 def plot_summary(summary: dict, path) -> Path:
-    """Test AUC per finding and their mean: one bar per variant (mean over seeds, SD as error bar),
-    a star above a bar that differs from the reference by the significance rule."""
-    from .report import new_figure, palette, save_figure
+    """Test AUC per finding and their mean: one bar per variant (mean over seeds, SD as error bar,
+    clipped to [0, 1]), a star above a bar that differs from the reference by the significance rule."""
+    from .report import plot_auc_bars
 
     groups = ["Mean AUC"] + summary["labels"]
     names = list(summary["variants"])
-    figure = new_figure(max(9.0, 0.16 * len(groups) * len(names) + 4), 5.5)
-    axes = figure.add_subplot()
-    colours = palette(len(names))
-    width = 0.8 / len(names)
-    lowest, unscored = 1.0, []
-    for i, name in enumerate(names):
+    values, errors, marks = [], [], []
+    for name in names:
         v = summary["variants"][name]
         stats = [v["mean_auc"]] + [v["per_class"][label] for label in summary["labels"]]
-        stars = [v["significant"]["mean_auc"]] + [v["significant"]["per_class"][label] for label in summary["labels"]]
-        means = np.array([np.nan if s["mean"] is None else s["mean"] for s in stats])
-        sds = np.array([0.0 if s["sd"] is None else s["sd"] for s in stats])
-        sds[np.isnan(means)] = np.nan
-        x = np.arange(len(groups)) - 0.4 + width * (i + 0.5)
-        axes.bar(x, means, width, yerr=sds, color=colours[i], label=name, capsize=2,
-                 error_kw={"linewidth": 0.7})
-        for position, mean, sd, star in zip(x, means, sds, stars):
-            if star and np.isfinite(mean):
-                axes.text(position, mean + sd + 0.005, "*", ha="center", va="bottom", fontsize=11)
-        if np.isfinite(means).any():
-            lowest = min(lowest, float(np.nanmin(means - sds)))
-        unscored.extend(position for position, mean in zip(x, means) if np.isnan(mean))
-    bottom = max(0.0, min(0.5, lowest - 0.05))
-    for position in unscored:
-        axes.text(position, bottom + 0.01, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
-    axes.set_ylim(bottom, 1.02)
-    axes.set_xticks(np.arange(len(groups)))
-    axes.set_xticklabels(groups, rotation=45, ha="right")
-    axes.set_ylabel(f"{summary['split']} ROC AUC (mean ± SD over seeds)")
-    axes.set_title(f"Sweep {summary['sweep']}: * differs from {summary['reference']}")
-    axes.grid(True, axis="y", alpha=0.3)
-    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
-    return save_figure(figure, path)
+        values.append([s["mean"] for s in stats])
+        sds = [0.0 if s["sd"] is None else s["sd"] for s in stats]
+        errors.append(np.array([sds, sds]))
+        marks.append([v["significant"]["mean_auc"]] + [v["significant"]["per_class"][label]
+                                                       for label in summary["labels"]])
+    return plot_auc_bars(names, groups, values, path,
+                         f"Sweep {summary['sweep']}: * differs from {summary['reference']}", errors=errors,
+                         marks=marks, ylabel=f"{summary['split']} ROC AUC, mean ± SD over seeds")
 
 
 def write_summary(sweep: Sweep, runs: list[Run], root: Path) -> Optional[dict]:
