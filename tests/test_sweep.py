@@ -293,6 +293,24 @@ def test_slurm_executor_submits_one_job_array(tmp_path, tiny_data, capsys, monke
         assert f"seed={run.seed}" in argv and submitted.function.__name__ == "run_training"
 
 
+@pytest.mark.parametrize("present, absent", [((), "sbatch and srun"), (("sbatch",), "srun")])
+def test_slurm_executor_without_slurm_is_one_line_before_anything_runs(tmp_path, tiny_data, capsys, monkeypatch,
+                                                                       present, absent):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in present:
+        (bin_dir / name).write_text("#!/bin/sh\nexit 1\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    path = write_sweep(tmp_path, tiny_data, executor="{name: slurm, partition: short}")
+    status, out, err = run_cli(main, [path, "--output_dir", tmp_path / "out"], capsys)
+    assert status == 2 and err.count("\n") == 1
+    assert f"executor slurm: {absent} not found on this machine" in err and "--executor local" in err
+    assert not (tmp_path / "out").exists()
+    status, out, _ = run_cli(main, [path, "--output_dir", tmp_path / "out", "--dry-run"], capsys)
+    assert status == 0 and out.count("\n") == 4  # a dry run needs no SLURM
+
+
 # --------------------------------------------------------------------------- the summary's statistics
 
 

@@ -37,6 +37,7 @@ import itertools
 import os
 import re
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -387,6 +388,14 @@ def run_local(sweep: Sweep, work: list[tuple[Run, list[str]]], root: Path) -> li
     return failed
 
 
+def check_slurm() -> None:
+    """UserError unless SLURM's sbatch and srun are on PATH (submitit needs both), before anything is planned."""
+    absent = [command for command in ("sbatch", "srun") if shutil.which(command) is None]
+    if absent:
+        raise UserError(f"executor slurm: {' and '.join(absent)} not found on this machine (no SLURM here); run "
+                        f"from a SLURM login node, or pass --executor local, or --dry-run to print the commands")
+
+
 def submit_slurm(sweep: Sweep, work: list[tuple[Run, list[str]]], root: Path) -> None:
     """Submit every run as one SLURM job array (``jobs`` tasks at a time) and return at once."""
     submitit = _submitit()
@@ -612,6 +621,8 @@ def main(argv) -> int:
                     "gpus_per_job": args.gpus_per_job}
     sweep = load_sweep(args.sweep, args.overrides, {k: v for k, v in cli_executor.items() if v is not None})
     root = Path(args.output_dir) if args.output_dir else Path("runs") / sweep.name
+    if sweep.executor.name == "slurm" and not (args.dry_run or args.summary):
+        check_slurm()
     runs = plan_runs(sweep, root)
     if args.summary:
         return report_summary(sweep, runs, root)
