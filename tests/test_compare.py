@@ -178,13 +178,14 @@ def test_main_writes_markdown_csv_and_chart(tmp_path, two_runs, capsys):
     assert_png(out.with_suffix(".png"))
 
 
-def test_main_without_out_prints_and_draws_in_cwd(tmp_path, two_runs, capsys, monkeypatch):
+def test_main_without_out_prints_and_writes_nothing(tmp_path, two_runs, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
     assert compare.main([*two_runs, "--split", "valid"]) == 0
     captured = capsys.readouterr()
     assert "valid split" in captured.out and "| baseline |" in captured.out
-    assert_png(tmp_path / "compare.png")
-    assert not list(tmp_path.glob("*.md")) and not list(tmp_path.glob("*.csv"))
+    assert "--out FILE.md" in captured.err
+    assert sorted(tmp_path.rglob("*")) == before  # no compare.png (or anything else) in the working directory
 
 
 def test_main_exits_2_with_one_line_when_no_run_is_usable(tmp_path, capsys):
@@ -285,7 +286,7 @@ def test_reference_comparison_per_finding_and_paired_bootstrap(tmp_path, capsys)
 
 def test_reference_outside_the_run_list_is_added_and_image_bootstrap_follows_its_config(tmp_path, capsys,
                                                                                         monkeypatch):
-    monkeypatch.chdir(tmp_path)                                                  # without --out: ./compare.png
+    monkeypatch.chdir(tmp_path)
     targets, reference, candidate, names = clustered_scores(seed=2)
     run_a = predictions_run(tmp_path / "ref", reference, targets, names, unit="image", resamples=100, seed=3)
     run_b = predictions_run(tmp_path / "cand", candidate, targets, names)
@@ -296,7 +297,7 @@ def test_reference_outside_the_run_list_is_added_and_image_bootstrap_follows_its
     expected = paired_bootstrap(targets, reference, candidate, 100, 3)
     assert result["runs"][0]["delta_mean_auc_ci95"] == pytest.approx(expected.ci, abs=1e-12)
     assert "| ref |" in capsys.readouterr().out                                # in the table too
-    assert (tmp_path / "compare.png").is_file()
+    assert not (tmp_path / "compare.png").exists()
 
 
 @pytest.mark.parametrize("damage, fragment", [

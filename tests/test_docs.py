@@ -26,3 +26,11 @@ def test_the_demo_figures_in_performance_md_are_those_of_its_recorded_run():
     assert f"**{record['training_and_report_s']:.1f}**" in demo
     for stage, seconds in record["stages"].items():
         assert f"| {stage} | {seconds:.1f} |" in demo, stage
+
+
+def test_ablations_md_shows_the_demo_sweep_file_as_it_is():
+    text = (ROOT / "docs" / "ablations.md").read_text()
+    opening = "`demo_ablation.yaml`, as it is:\n\n```yaml\n"
+    assert opening in text
+    shown = text.split(opening, 1)[1].split("```\n", 1)[0]
+    assert shown == (ROOT / "configs" / "sweeps" / "demo_ablation.yaml").read_text()

@@ -486,3 +486,31 @@ def test_off_a_terminal_each_line_arrives_when_it_is_printed(tmp_path, tiny_data
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize("leftover", [False, True])
+def test_an_interrupted_lr_finder_leaves_no_copy_of_the_weights(capsys, tiny_data, tmp_path, monkeypatch, leftover):
+    """fastai's finder saves the weights to models/tmp*/_tmp.pth and removes them only when it ends normally;
+    a copy left by a finder killed outright in an earlier run goes when the next finder starts."""
+    from fastai.callback.schedule import LRFinder
+
+    config = tiny_config(tmp_path)
+    run_dir = tmp_path / "run"
+    if leftover:
+        (run_dir / "models" / "tmpdead").mkdir(parents=True)
+        (run_dir / "models" / "tmpdead" / "_tmp.pth").write_bytes(b"x" * 1000)
+    calls = []
+
+    def interrupt(self):
+        calls.append(1)
+        if len(calls) == 2:
+            assert list((run_dir / "models").glob("tmp*/_tmp.pth"))  # the finder's copy exists meanwhile
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(LRFinder, "after_batch", interrupt)
+    status, _, err = run_cli(train_main, ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir,
+                                          "--set", "phase1.use_lr_finder=true"] + (["--overwrite"] if leftover else []),
+                             capsys)
+    assert status == 130 and len(calls) == 2, err
+    assert not list((run_dir / "models").glob("tmp*")), list((run_dir / "models").iterdir())
+

@@ -10,9 +10,8 @@ the columns experiment, backbone, strategy, bank size, top_k, mean AUC,
 95% CI, then one column per finding (AUC to 4 decimals, "n/a" for null).
 
 * It is printed as Markdown on stdout; with ``--out FILE.md`` it is also
-  written to FILE.md, and as CSV to FILE.csv. A grouped bar chart of the AUC
-  per finding goes to FILE.png (``compare.png`` in the working directory
-  without ``--out``).
+  written to FILE.md, and as CSV to FILE.csv, with a grouped bar chart of the
+  AUC per finding in FILE.png. Without ``--out`` nothing is written.
 * The best value of the mean-AUC column and of every finding column is
   marked -- bold in Markdown, a trailing ``*`` in CSV. Values are compared as
   printed (4 decimals), so equal-looking values are all marked; nulls never are.
@@ -250,10 +249,10 @@ def format_csv(table: Table) -> str:
     return buffer.getvalue()
 
 
-def output_paths(out: Optional[str]) -> Tuple[Optional[Path], Optional[Path], Path]:
-    """(markdown, csv, png) targets: FILE.md, FILE.csv, FILE.png, or (None, None, ./compare.png)."""
+def output_paths(out: Optional[str]) -> Tuple[Optional[Path], Optional[Path], Optional[Path]]:
+    """(markdown, csv, png) targets: FILE.md, FILE.csv, FILE.png, or nothing (None, None, None)."""
     if out is None:
-        return None, None, Path("compare.png")
+        return None, None, None
     markdown = Path(out)
     if markdown.suffix.lower() in (".csv", ".png"):
         raise UserError(f"--out names the Markdown file (got {out}); pass e.g. --out results.md")
@@ -415,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", choices=SPLITS, default="test", help="split to compare (default: test)")
     parser.add_argument("--out", metavar="FILE.md",
                         help="write the table to FILE.md and FILE.csv, the chart to FILE.png "
-                             "(default: print only, chart to ./compare.png)")
+                             "(default: print only, write nothing)")
     parser.add_argument("--reference", metavar="RUN_DIR",
                         help="compare every other run with this one on the same images: DeLong and Holm per finding, "
                              "paired bootstrap of the mean AUC (reads the runs' predictions files)")
@@ -454,8 +453,10 @@ def compare(run_dirs: Sequence, split: str, out: Optional[str], reference: Optio
     if json_path is not None:
         write_json(Path(json_path), comparison)
         print(f"wrote {json_path}", file=sys.stderr)
-    if draw_chart(runs, split, png_path) is not None:
+    if png_path is not None and draw_chart(runs, split, png_path) is not None:
         print(f"wrote {png_path}", file=sys.stderr)
+    if markdown_path is None:
+        print("(printed only: --out FILE.md writes the table, its CSV and a chart)", file=sys.stderr)
     return 0
 
 

@@ -16,6 +16,7 @@ after ``early_stopping_patience`` epochs without improvement (null: never); with
 
 from __future__ import annotations
 
+import shutil
 import sys
 
 from fastai.callback.mixup import MixUp
@@ -101,10 +102,16 @@ def find_lr(learn: Learner) -> float:
     model, bank = learn.model, learn.model.bank
     if distributed.is_distributed():
         model.bank = None  # its updates are collective, and rank 0 runs the finder alone; it is still empty
+    copies = learn.path / learn.model_dir
+    for leftover in copies.glob("tmp*/_tmp.pth"):  # of a finder killed outright (SIGKILL) in an earlier run
+        shutil.rmtree(leftover.parent, ignore_errors=True)
     try:
         lr = float(learn.lr_find(suggest_funcs=(valley,), show_plot=False).valley)
     finally:
         model.bank = bank
+        # fastai deletes its copy of the weights (models/tmp*/_tmp.pth) only when the finder ends normally
+        for leftover in copies.glob("tmp*/_tmp.pth"):
+            shutil.rmtree(leftover.parent, ignore_errors=True)
     learn.opt = None  # the first fit makes a fresh optimizer, as on ranks that did not run the finder,
     model.zero_grad()  # and no gradients: fastai's optimizer decays frozen weights that hold a (zero) gradient
     safe_plot(plot_lr_find, learn.recorder.lrs, learn.recorder.losses, lr, learn.cfg.run_dir / "lr_find_phase1.png")
