@@ -148,6 +148,32 @@ def test_format_report_layout():
     assert format_report("test", report_input()) == expected
 
 
+def test_findings_with_fewer_than_ten_positives_are_flagged_in_both_reports():
+    probs, targets = synthetic_split(300, n_classes=14, prevalence=0.2, seed=4)
+    targets[:, 13] = 0.0
+    targets[[5, 9], 13] = 1.0                      # Hernia: 2 positives
+    targets[:, 6] = 0.0
+    targets[np.arange(9) * 30, 6] = 1.0            # Fibrosis: 9, still too few
+    targets[:, 0] = 0.0
+    targets[np.arange(10) * 30, 0] = 1.0           # Atelectasis: 10, enough
+    targets[:, 1] = 0.0                            # Consolidation: none, no AUC at all (n/a, not flagged)
+    result = evaluate_split(probs, targets, FINDINGS, n_resamples=20)
+    printed = format_report("test", result).splitlines()
+    line = {l.split(":")[0].strip(): l for l in printed[2:16]}
+    assert line["Hernia"].endswith("† 2 positives") and line["Fibrosis"].endswith("† 9 positives")
+    assert "†" not in line["Atelectasis"] and "†" not in line["Consolidation"]
+    assert sum("†" in l for l in printed[2:16]) == 2
+    assert any(l.startswith("† fewer than 10 positives in this split") for l in printed)
+    markdown = "\n".join(report.split_markdown("test", result))
+    assert "| Hernia † | 2 |" in markdown and "| Fibrosis † | 9 |" in markdown
+    assert "| Atelectasis | 10 |" in markdown and "| Consolidation | 0 |" in markdown
+    assert "† fewer than 10 positives in this split" in markdown
+    plenty_probs, plenty = synthetic_split(300, n_classes=14, prevalence=0.2, seed=4)
+    assert plenty.sum(axis=0).min() >= 10
+    plenty_result = evaluate_split(plenty_probs, plenty, FINDINGS, n_resamples=20)
+    assert "†" not in format_report("test", plenty_result) + "\n".join(report.split_markdown("test", plenty_result))
+
+
 def test_format_report_without_interval_or_mean():
     without_ci = format_report("valid", report_input(mean_ci=None))
     assert without_ci.splitlines()[-1] == "Mean AUC Score: 0.8345"

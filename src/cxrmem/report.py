@@ -233,6 +233,21 @@ def format_auc(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+#: Below this many positives in a split a finding's AUC and interval rest on too few cases: flagged.
+FEW_POSITIVES = 10
+FEW_MARK = "†"
+FEW_NOTE = (f"{FEW_MARK} fewer than {FEW_POSITIVES} positives in this split: the AUC and its interval rest on too "
+            "few cases to trust (the interval is narrower than the uncertainty), and bootstrap resamples without "
+            "a positive leave the finding out of the mean")
+
+
+def few_positives(result: dict) -> dict[str, int]:
+    """{finding: positives} of the findings with 1 to FEW_POSITIVES - 1 positives in a split's result
+    (none has no AUC at all, and says so as n/a)."""
+    counts = result.get("n_positive", {})
+    return {f: n for f, n in counts.items() if 0 < n < FEW_POSITIVES and result["per_class"].get(f) is not None}
+
+
 def format_report(split_name: str, result: dict) -> str:
     """The terminal report of one split::
 
@@ -248,13 +263,18 @@ def format_report(split_name: str, result: dict) -> str:
     """
     per_class = result["per_class"]
     width = max((len(label) for label in per_class), default=0) + 1
+    few = few_positives(result)
     lines = [f"== {split_name} ({result['n_images']} images) ==", "ROC AUC Labels:"]
-    lines += [f"  {label:<{width}}: {format_auc(auc)}" for label, auc in per_class.items()]
+    lines += [f"  {label:<{width}}: {format_auc(auc)}"
+              + (f"  {FEW_MARK} {few[label]} positive{'s' * (few[label] != 1)}" if label in few else "")
+              for label, auc in per_class.items()]
     mean_line = f"Mean AUC Score: {format_auc(result['mean_auc'])}"
     interval = result.get("mean_auc_ci95")
     if result["mean_auc"] is not None and interval is not None:
         mean_line += f"  (95% CI {interval[0]:.4f}-{interval[1]:.4f})"
     lines += ["", mean_line]
+    if few:
+        lines += [FEW_NOTE]
     if "at_threshold" in result:
         lines += ["", *clinical_lines(result)]
     return "\n".join(lines)
@@ -480,14 +500,18 @@ def split_markdown(split: str, result: dict) -> List[str]:
     header = ["finding", "positives", "prevalence", "AUC", "AUPRC", "threshold",
               *(FIGURE_HEADERS[name] for name in FIGURES), "ECE"]
     rows = []
+    few = few_positives(result)
     for f in findings:
         figures, intervals = result["at_threshold"][f], result["at_threshold_ci95"][f]
-        rows.append([f, str(result["n_positive"][f]), format_number(result["prevalence"][f]),
+        rows.append([f"{f} {FEW_MARK}" if f in few else f, str(result["n_positive"][f]),
+                     format_number(result["prevalence"][f]),
                      with_interval(result["per_class"][f], result["ci95"].get(f), 4),
                      format_number(result["auprc"][f]), format_number(result["thresholds"][f], 4),
                      *(with_interval(figures[name], intervals[name]) for name in FIGURES),
                      format_number(result["ece"]["per_class"][f])])
     lines += markdown_table(header, rows)
+    if few:
+        lines += ["", FEW_NOTE + "."]
     groups = [(f"{grouping} {group}", entry) for grouping, entries in result["subgroups"].items()
               for group, entry in entries.items()]
     if groups:
