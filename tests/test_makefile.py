@@ -62,3 +62,14 @@ def test_make_demo_installs_what_the_demo_uses_and_make_test_adds_the_test_extra
     assert any("-e '.[explain]'" in line for line in demo)
     assert not any("[test]" in line or "mlflow" in line or "onnx" in line for line in demo)
     assert any("-e '.[test]'" in line for line in planned("test"))
+
+
+def test_the_readme_names_the_cpu_build_of_the_pinned_torch():
+    import re
+
+    makefile = (ROOT / "Makefile").read_text()
+    pinned = re.search(r"^TORCH\s+\?=\s+(.+)$", makefile, re.M).group(1).split()
+    readme = (ROOT / "README.md").read_text()
+    line = next(l for l in readme.splitlines() if "download.pytorch.org/whl/cpu" in l)
+    assert line.startswith("make demo TORCH=")
+    assert all(pin in line for pin in pinned), (pinned, line)  # the same versions as the CUDA default
