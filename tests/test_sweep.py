@@ -8,6 +8,7 @@ import math
 import os
 import shlex
 import stat
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from cxrmem.data.prepare import prepare_data
 from cxrmem.errors import UserError
 from cxrmem.sweep import (
     ALPHA, gpu_groups, grid_variants, load_sweep, main, plan_runs, predictions_path, run_state,
-    set_argument, significant,
+    set_argument, significant, train_argv, train_command,
 )
 from cxrmem.train.phases import resume_path
 
@@ -309,6 +310,59 @@ def test_slurm_executor_without_slurm_is_one_line_before_anything_runs(tmp_path,
     assert not (tmp_path / "out").exists()
     status, out, _ = run_cli(main, [path, "--output_dir", tmp_path / "out", "--dry-run"], capsys)
     assert status == 0 and out.count("\n") == 4  # a dry run needs no SLURM
+
+
+@pytest.mark.parametrize("value", ["x\ntouch {marker} #\n", "touch {marker}\n", "a\n\nb"])
+def test_a_line_break_in_a_sweep_value_is_refused_before_anything_is_printed(tmp_path, tiny_data, capsys, value):
+    marker = tmp_path / "owned"
+    extra = f"description: sweep\n"
+    path = write_sweep(tmp_path, tiny_data)
+    text = path.read_text().replace("  fifo: {}", f"  fifo: {{description: {json.dumps(value.format(marker=marker))}}}")
+    path.write_text(text + extra)
+    status, out, err = run_cli(main, [path, "--output_dir", tmp_path / "out", "--dry-run"], capsys)
+    assert status == 2 and out == "" and err.count("\n") == 1, (out, err)
+    assert "(variant fifo)" in err and "control character" in err and "one command line" in err
+
+
+def test_shell_syntax_in_sweep_values_stays_data_when_the_dry_run_is_run_line_by_line(tmp_path, tiny_data, capsys):
+    """Each printed line, given to bash as docs/ablations.md says, runs one command with exactly the
+    run's arguments (the program swapped for printf, so that nothing trains): nothing else executes."""
+    marks = [tmp_path / f"owned{i}" for i in range(5)]
+    values = [f"x; touch {marks[0]} #", f"$(touch {marks[1]})", f"`touch {marks[2]}`", f"a' && touch {marks[3]} '",
+              f"x\rtouch {marks[4]}"]  # a carriage return: YAML writes it escaped, so the run stays one line
+    path = write_sweep(tmp_path, tiny_data)
+    variants = "\n".join(f"  v{i}: {{description: {json.dumps(v)}}}" for i, v in enumerate(values))
+    path.write_text(path.read_text().replace("  fifo: {}", variants))
+    status, out, err = run_cli(main, [path, "--output_dir", tmp_path / "out", "--dry-run"], capsys)
+    assert status == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 2 * (len(values) + 1)  # one line per run (5 variants x 2 seeds)
+    runs = plan_runs(load_sweep(path), tmp_path / "out")
+    for line, run in zip(lines, runs):
+        program = shlex.join(train_command())
+        assert line.startswith(program + " ")
+        shown = subprocess.run(["bash", "-c", "printf '%s\\0' " + line[len(program) + 1:]], capture_output=True,
+                               cwd=tmp_path, check=True).stdout.decode().split("\0")[:-1]
+        assert shown == train_argv(load_sweep(path), run, "start")
+    assert not any(mark.exists() for mark in marks)
+
+
+@pytest.mark.parametrize("field, value", [("partition", "gpu\ntouch {marker} #"), ("partition", "gpu;touch {marker}"),
+                                          ("account", "lab $(touch {marker})"), ("partition", "a,,b")])
+def test_executor_fields_are_refused_unless_slurm_allows_them(tmp_path, tiny_data, capsys, monkeypatch, field,
+                                                              value):
+    marker = tmp_path / "owned"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("sbatch", "srun"):  # a stand-in SLURM that runs the batch script it is given
+        (bin_dir / name).write_text('#!/bin/sh\nsh "$1" > /dev/null 2>&1; echo "Submitted batch job 7"\n')
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    path = write_sweep(tmp_path, tiny_data, executor=f"{{name: slurm, {field}: {json.dumps(value.format(marker=marker))}}}")
+    status, out, err = run_cli(main, [path, "--output_dir", tmp_path / "out"], capsys)
+    assert status == 2 and err.count("\n") == 1, err
+    assert f"executor.{field}:" in err and "SLURM" in err
+    assert not marker.exists() and not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- the summary's statistics

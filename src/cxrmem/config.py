@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,14 +35,15 @@ from .errors import UserError, closest
 
 
 def opt(default, doc: str, *, lo=None, hi=None, lo_open=False, hi_open=False, choices=None, kind=None,
-        nullable=False, value_type=None):
+        nullable=False, value_type=None, pattern=None):
     """A schema field: default, meaning and allowed values (closed [lo, hi] unless *_open).
 
     ``nullable``: null is also allowed (its meaning is in ``doc``); ``value_type``: the value's type
-    when the default (null) does not show it.
+    when the default (null) does not show it; ``pattern``: a regular expression a string value must
+    match as a whole, as ``(regex, what it allows in words)``.
     """
     meta = dict(doc=doc, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, choices=choices, kind=kind,
-                nullable=nullable, value_type=value_type)
+                nullable=nullable, value_type=value_type, pattern=pattern)
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -298,6 +300,8 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, source: str = "<config>"
     check_finite(key, value, source)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise UserError(f"{key}: expected {_type_name(f)}, got {value!r}")
+    if m.get("pattern") and not re.fullmatch(m["pattern"][0], value):
+        raise UserError(f"{key}: {value!r} is not allowed here; use {m['pattern'][1]}")
     if m.get("choices") and value not in m["choices"]:
         raise UserError(f"{key}: {value!r} is not one of {', '.join(m['choices'])}"
                         + _closest(str(value), m["choices"]).replace("valid keys", "choices"))

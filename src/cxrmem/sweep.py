@@ -69,6 +69,7 @@ SWEEP_KEYS = {
     "executor": "how runs are executed: name, jobs, partition, account, time, gpus_per_job, cpus_per_job, mem_gb",
 }
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.,=+-]*")
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")  # a newline in one run's arguments would make two commands
 TEST_SPLIT = "test"
 ALPHA = 0.05
 POLL_SECONDS = 1.0
@@ -81,8 +82,11 @@ SIGNIFICANCE_RULE = (f"p < {ALPHA} (p_holm per finding, paired bootstrap p for t
 class ExecutorOptions:
     name: str = opt("local", "local (processes on this machine) or slurm (one job array)", choices=("local", "slurm"))
     jobs: int = opt(1, "runs at a time (local: processes, each on its own GPU(s); slurm: array tasks)", lo=1)
-    partition: str | None = opt(None, "slurm: partition (default: the cluster's)")
-    account: str | None = opt(None, "slurm: account to charge")
+    partition: str | None = opt(None, "slurm: partition, or several separated by commas (default: the cluster's)",
+                                pattern=(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*",
+                                         "a SLURM partition name (letters, digits, _ . -), or several separated by commas"))
+    account: str | None = opt(None, "slurm: account to charge",
+                              pattern=(r"[A-Za-z0-9_.-]+", "a SLURM account name (letters, digits, _ . -)"))
     time: int = opt(1440, "minutes a run may take before it is stopped", lo=1)
     gpus_per_job: int = opt(1, "GPUs per run (0: CPU; several: one process per GPU, as under torchrun)", lo=0)
     cpus_per_job: int = opt(8, "slurm: CPU cores per run", lo=1)
@@ -238,6 +242,10 @@ def plan_runs(sweep: Sweep, root: Path) -> list[Run]:
         run_dir = root / variant / f"seed{seed}"
         overrides = sweep.common + [set_argument(k, v) for k, v in settings.items()] + [
             f"seed={seed}", set_argument("experiment_name", f"{sweep.name}-{variant}-seed{seed}")]
+        for argument in (sweep.base, str(run_dir), *overrides):
+            if CONTROL_CHARACTER.search(argument):
+                raise UserError(f"{sweep.path} (variant {variant}): {argument!r} holds a line break or another "
+                                f"control character, and each run must stay one command line; remove it")
         try:
             cfg = load_config(sweep.base, overrides, output_dir=str(run_dir))
             check_backbone(cfg.model.backbone, cfg.data.image_size)
