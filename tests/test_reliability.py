@@ -514,3 +514,45 @@ def test_an_interrupted_lr_finder_leaves_no_copy_of_the_weights(capsys, tiny_dat
     assert status == 130 and len(calls) == 2, err
     assert not list((run_dir / "models").glob("tmp*")), list((run_dir / "models").iterdir())
 
+
+
+def billion_laughs(levels=9, width=9) -> str:
+    lines = ['a0: &a0 "lol"']
+    for level in range(1, levels + 1):
+        lines.append(f"a{level}: &a{level} [{', '.join([f'*a{level - 1}'] * width)}]")
+    return "\n".join(lines) + f"\nexperiment_name: *a{levels}\n"
+
+
+@pytest.mark.parametrize("text, fragment", [
+    (billion_laughs(), "aliases expand to over 100,000 values"),
+    ("experiment_name: tiny\ndescription: &x [*x]\n", "recursive alias"),
+    ("experiment_name: tiny\nmemory: &m {sub: *m}\n", "recursive alias"),
+    ("experiment_name: tiny\nmemory: &m {a: [1, {b: *m}]}\n", "recursive alias"),
+])
+def test_yaml_alias_bombs_are_refused_at_once(capsys, tmp_path, text, fragment):
+    import resource
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(text)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    err = expect_one_line_error(capsys, ["--config", bomb, "--print-config"], fragment)
+    assert time.perf_counter() - started < 1.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # kB: memory stays bounded
+    assert str(bomb) in err and "write the values out" in err
+
+
+def test_aliases_a_config_uses_for_sharing_still_work(capsys, tmp_path):
+    shared = tmp_path / "shared.yaml"
+    text = TINY % {"freeze": 1, "total": 1, "epochs2": 1}
+    text = text.replace("base_lr: 0.001", "base_lr: &lr 0.002").replace("lr_max: 0.001", "lr_max: *lr")
+    shared.write_text(text)
+    status, out, err = run_cli(train_main, ["--config", shared, "--print-config"], capsys)
+    assert status == 0, err
+    assert "base_lr: 0.002" in out and "lr_max: 0.002" in out
+
+
+def test_an_alias_bomb_in_set_is_refused(capsys, finished_run):
+    config, run_dir = finished_run
+    expect_one_line_error(capsys, ["--config", config, "--set", "description=&x [*x]", "--print-config"],
+                          "--set description=&x [*x]: an alias refers to a value that contains it")

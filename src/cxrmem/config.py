@@ -395,6 +395,51 @@ class RepeatedKey(Exception):
     """A key named twice in one mapping: (dotted key, first line, second line), lines from 1."""
 
 
+#: Values a document may expand to, aliases followed: a config holds a few hundred; a "billion laughs"
+#: file (nine levels of nine aliases) would hold 9^9, and every walk over it would never end.
+MAX_YAML_VALUES = 100_000
+
+
+class AliasRefused(Exception):
+    """A YAML document whose aliases refer to themselves or expand past MAX_YAML_VALUES: (reason, line)."""
+
+
+def _children(node) -> list:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def check_aliases(root) -> None:
+    """AliasRefused unless the composed node graph is acyclic and expands to at most MAX_YAML_VALUES.
+
+    An alias is the anchored node itself, so the graph is a DAG of shared nodes (or, with a
+    recursive alias such as ``&x [*x]``, has a cycle). One depth-first pass: a node met again while
+    it is still open closes a cycle; a node's expanded size is 1 plus its children's, each counted
+    as often as it is referred to, computed once per node.
+    """
+    size: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, leaving = stack.pop()
+        key = id(node)
+        if leaving:
+            open_nodes.discard(key)
+            size[key] = 1 + sum(size[id(child)] for child in _children(node))
+            if size[key] > MAX_YAML_VALUES:
+                raise AliasRefused(f"its aliases expand to over {MAX_YAML_VALUES:,} values", node.start_mark.line + 1)
+            continue
+        if key in size:
+            continue
+        if key in open_nodes:
+            raise AliasRefused("an alias refers to a value that contains it (a recursive alias)",
+                               node.start_mark.line + 1)
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack += [(child, False) for child in _children(node) if id(child) not in size]
+
+
 class StrictLoader(yaml.SafeLoader):
     """PyYAML's safe loader, except that a key named twice in one mapping is an error.
 
@@ -404,11 +449,12 @@ class StrictLoader(yaml.SafeLoader):
 
     def construct_document(self, node):
         self._paths = {}  # id(mapping node) -> its dotted key, for the error message
+        check_aliases(node)
         stack = [(node, "")]
-        while stack:
+        while stack:  # a tree now (check_aliases refused cycles), small enough to walk with its repeats
             current, path = stack.pop()
             if isinstance(current, yaml.MappingNode):
-                self._paths[id(current)] = path
+                self._paths.setdefault(id(current), path)
                 stack += [(value, f"{path}{key.value}.") for key, value in current.value
                           if isinstance(key, yaml.ScalarNode)]
             elif isinstance(current, yaml.SequenceNode):
@@ -436,6 +482,9 @@ def parse_yaml(text: str, source: str) -> Any:
     except RepeatedKey as exc:
         key, first, second = exc.args
         raise UserError(f"{source}: {key} is set twice (lines {first} and {second}); keep one of them") from None
+    except AliasRefused as exc:
+        reason, line = exc.args
+        raise UserError(f"{source}: line {line}: {reason}; write the values out instead of through aliases") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -473,6 +522,8 @@ def apply_override(raw: dict, assignment: str) -> str:
         value = yaml.load(text, Loader=StrictLoader) if text.strip() else None  # noqa: S506
     except (yaml.YAMLError, RepeatedKey):
         value = text
+    except AliasRefused as exc:
+        raise UserError(f"--set {assignment}: {exc.args[0]}; write the value out") from None
     parts = key.strip().split(".")
     node = raw
     for part in parts[:-1]:

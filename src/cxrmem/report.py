@@ -45,6 +45,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from . import io
+from .config import AliasRefused, RepeatedKey, StrictLoader
 from .data.findings import FINDINGS
 from .errors import UserError
 from .data.chestxray14 import SYNTHETIC_NOTE, patient_ids
@@ -105,7 +106,7 @@ def read_mapping(path: Path, parse: Callable[[str], object]) -> dict:
     """Parse a YAML/JSON file that must hold a mapping; RunFileError naming the reason otherwise."""
     try:
         content = parse(path.read_text())
-    except (OSError, ValueError, yaml.YAMLError) as error:
+    except (OSError, ValueError, yaml.YAMLError, RepeatedKey, AliasRefused) as error:
         raise RunFileError(f"cannot read {path.name} ({type(error).__name__})") from error
     if not isinstance(content, dict):
         raise RunFileError(f"{path.name} does not hold a mapping")
@@ -125,7 +126,7 @@ def read_config(run_dir) -> dict:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise RunFileError(f"no {CONFIG_FILE}")
-    return read_mapping(path, yaml.safe_load)
+    return read_mapping(path, lambda text: yaml.load(text, Loader=StrictLoader))  # noqa: S506 - a SafeLoader
 
 
 def write_metrics(run_dir, metrics: dict) -> Path:
