@@ -556,3 +556,39 @@ def test_an_alias_bomb_in_set_is_refused(capsys, finished_run):
     config, run_dir = finished_run
     expect_one_line_error(capsys, ["--config", config, "--set", "description=&x [*x]", "--print-config"],
                           "--set description=&x [*x]: an alias refers to a value that contains it")
+
+
+def test_a_run_cut_short_after_training_keeps_its_resume_file_and_resume_finishes_it(capsys, finished_run,
+                                                                                    tiny_data, tmp_path,
+                                                                                    monkeypatch):
+    """The window between the end of training and the results (prediction, bootstrap, report, pointing
+    game, plots) is long on a real data set: a kill there must not throw the training away."""
+    from cxrmem import report
+
+    config, finished = finished_run
+    run_dir = tmp_path / "run"
+    common = ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(report, "write_results", killed)
+        status, _, err = run_cli(train_main, common, capsys)
+    assert status == 130, err
+    assert phases.resume_path(phases_cfg(config, tiny_data, run_dir)).is_file()
+    assert not (run_dir / "metrics.json").exists()
+    status, out, err = run_cli(train_main, [*common, "--resume"], capsys)
+    assert status == 0, err
+    assert "training had finished before the interruption: evaluating its final checkpoint" in out
+    assert "phase 1:" not in out and "phase 2:" not in out  # nothing trained again
+    assert not phases.resume_path(phases_cfg(config, tiny_data, run_dir)).exists()
+    ours = json.loads((run_dir / "metrics.json").read_text())
+    theirs = json.loads((finished / "metrics.json").read_text())
+    assert ours["test"]["mean_auc"] == theirs["test"]["mean_auc"]  # the uninterrupted run's results
+
+
+def phases_cfg(config, data_dir, run_dir):
+    from cxrmem.config import load_config
+
+    return load_config(config, data_dir=str(data_dir), output_dir=str(run_dir))

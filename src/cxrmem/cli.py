@@ -152,12 +152,16 @@ def run_pipeline(cfg, args, distributed) -> int:
         return 0
 
     from .train import tracking
-    from .train.phases import checkpoint_path, load_checkpoint, train
+    from .train.phases import checkpoint_path, finish_run, load_checkpoint, train, training_finished
     from .report import plot_run, write_results
     from .train.predict import predict_splits
 
     device = distributed.device()
-    if args.evaluate:
+    finished_before = args.resume and not args.evaluate and training_finished(cfg)
+    if finished_before:
+        print("training had finished before the interruption: evaluating its final checkpoint")
+        distributed.on_main(lambda: start_run_folder(cfg, args))
+    if args.evaluate or finished_before:
         from .models.net import build_model
 
         own = checkpoint_path(cfg, 2 if cfg.phase2 else 1)
@@ -187,6 +191,8 @@ def run_pipeline(cfg, args, distributed) -> int:
         add_localisation(cfg.run_dir, pointing_game_of_run(cfg, model, data.frame))  # when boxes exist
         plot_run(cfg.run_dir)
         tracking.finish(cfg)  # final AUCs and files to the MLflow run, if any
+    if not args.evaluate:
+        finish_run(cfg)  # only now: until the results exist, --resume can still produce them
     print(f"\nrun folder: {cfg.run_dir}")
     return 0
 

@@ -37,7 +37,7 @@ from .callbacks import (
     EarlyStop, EpochLog, MeanAUC, MemoryMomentum, MemoryValue, SaveBest, SaveLast, StopOnNonFiniteLoss,
 )
 from .losses import build_loss
-from .resume import ResumeState, SaveProgress, SkipFinishedEpochs, phase_seed
+from .resume import ResumeState, SaveProgress, SkipFinishedEpochs, phase_seed, saved_progress
 from .tracking import callbacks as tracking_callbacks
 
 
@@ -70,9 +70,27 @@ def train(cfg, frame, device, resume: bool = False) -> Learner:
         distributed.make_distributed(learn)
         distributed.load_on_main(learn.model, lambda: load_checkpoint(learn.model, checkpoint_path(cfg, phase=1)))
         fit_stage(learn, state, 2, "one_cycle", p2.epochs, slice(p2.lr_min, p2.lr_max))
+    return learn  # the resume file stays until the run's results are written (finish_run)
+
+
+def final_stage(cfg) -> tuple[int, str]:
+    """(phase, stage) of the last stage that trains: phase 2's one cycle, else phase 1's last stage."""
+    if cfg.phase2 is not None and cfg.phase2.epochs > 0:
+        return 2, "one_cycle"
+    return 1, [stage for stage, epochs, _, _ in phase1_stages(cfg.phase1, 1.0) if epochs > 0][-1]
+
+
+def training_finished(cfg) -> bool:
+    """Whether the run's resume file records its final stage as complete: training is done and only
+    the evaluation (prediction, results, pointing game, plots) was cut short."""
+    progress = saved_progress(resume_path(cfg))
+    return progress is not None and progress.stage_complete and (progress.phase, progress.stage) == final_stage(cfg)
+
+
+def finish_run(cfg) -> None:
+    """The run's results are written: the resume file has served its purpose."""
     if distributed.is_main_process():
         resume_path(cfg).unlink(missing_ok=True)
-    return learn
 
 
 def phase1_stages(p1, lr: float) -> list:

@@ -27,6 +27,8 @@ import random
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from pathlib import Path
+
 import torch
 from fastai.callback.core import Callback, CancelEpochException
 from fastcore.foundation import L
@@ -160,6 +162,14 @@ def set_bank_state(learn, states: dict) -> None:
 def _tuples(value):
     """A ``random`` state as ``setstate`` wants it (tuples all the way down)."""
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def saved_progress(path) -> Progress | None:
+    """The progress a resume file records; None when there is none or it cannot be read."""
+    try:
+        return Progress(**_load(path)["progress"]) if Path(path).is_file() else None
+    except (UserError, KeyError, TypeError):
+        return None
 
 
 def stopped_at(path) -> str:
