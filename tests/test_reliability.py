@@ -592,3 +592,29 @@ def phases_cfg(config, data_dir, run_dir):
     from cxrmem.config import load_config
 
     return load_config(config, data_dir=str(data_dir), output_dir=str(run_dir))
+
+
+def test_a_second_command_on_a_run_folder_in_use_stops_at_once(capsys, finished_run, tiny_data, tmp_path):
+    from cxrmem.cli import RUN_LOCK
+
+    config, finished = finished_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    before = snapshot(run_dir)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+                               f"f = open({str(run_dir / RUN_LOCK)!r}, 'a+')\n"
+                               "fcntl.flock(f, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for extra in (["--overwrite"], ["--evaluate"]):
+            err = expect_one_line_error(capsys, ["--config", config, "--data_dir", tiny_data, "--output_dir",
+                                                 run_dir, *extra], f"another cxrmem command is using {run_dir}")
+            assert "--output_dir" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert snapshot(run_dir) == before
+    status, _, err = run_cli(train_main, ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir,
+                                          "--evaluate"], capsys)
+    assert status == 0, err  # the lock went with the process that held it

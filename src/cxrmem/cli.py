@@ -132,7 +132,24 @@ def run(cfg, args) -> int:
     from .train import distributed
 
     with distributed.session():  # under torchrun: one process group; only rank 0 prints and writes
-        return run_pipeline(cfg, args, distributed)
+        if not distributed.is_main_process():
+            return run_pipeline(cfg, args, distributed)
+        with run_folder_lock(cfg.run_dir):
+            return run_pipeline(cfg, args, distributed)
+
+
+RUN_LOCK = ".cxrmem.lock"
+
+
+def run_folder_lock(run_dir: Path):
+    """The run folder for this process alone: a second command on the same folder stops at once."""
+    from . import io
+
+    def busy():
+        raise UserError(f"another cxrmem command is using {run_dir} right now (it holds {run_dir / RUN_LOCK}); "
+                        f"wait for it to end, or pass --output_dir for another folder")
+
+    return io.folder_lock(run_dir, RUN_LOCK, busy)
 
 
 def run_pipeline(cfg, args, distributed) -> int:

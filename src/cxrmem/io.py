@@ -14,6 +14,11 @@ import pickle
 import tempfile
 import zipfile
 from contextlib import contextmanager
+
+try:  # advisory locks (POSIX); where fcntl is missing a lock is a no-op
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 from pathlib import Path
 
 import torch
@@ -103,3 +108,29 @@ def unreadable_reason(path, exc: BaseException) -> str:
     if isinstance(exc, pickle.UnpicklingError) and "GLOBAL" in str(exc):  # torch names the refused global
         return "holds Python objects beyond tensors, which are not loaded (they could run code)"
     return f"is not a PyTorch checkpoint ({size:,} bytes)"
+
+
+@contextmanager
+def folder_lock(folder, name: str, busy=None):
+    """Hold an exclusive advisory lock on ``folder/name`` (created with the folder if need be).
+
+    When another process holds it, ``busy()`` is called first: it may raise (the caller gives up)
+    or return (the caller then waits for the lock). Without ``busy`` the caller waits. The lock goes
+    with the process, however it ends; the empty lock file stays (deleting it would race a waiter).
+    """
+    if fcntl is None:
+        yield
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with open(Path(folder) / name, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if busy is not None:
+                busy()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+

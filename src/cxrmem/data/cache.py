@@ -59,11 +59,6 @@ from .chestxray14 import METADATA_FILES, find_metadata_csv, image_folders
 from .images import IMAGE_SUFFIXES, READ_ERRORS, find_damaged_images, read_shrunk
 from .split import TEST_LIST, TRAIN_VAL_LIST
 
-try:  # advisory lock so that concurrent builders (e.g. torchrun ranks) take turns
-    import fcntl
-except ImportError:  # pragma: no cover - not on Linux/macOS
-    fcntl = None
-
 MARKER_NAME = "cache.json"
 ERRORS_NAME = "cache_errors.txt"
 LOCK_NAME = ".cache.lock"
@@ -247,22 +242,12 @@ def is_current(out: Path, data_dir: Path, size: int, fmt: str) -> bool:
     return marker.get("source_images") == len(source_images(data_dir))
 
 
-@contextlib.contextmanager
 def exclusive(out: Path):
-    """Hold an advisory lock on ``out`` (a no-op where fcntl is missing)."""
-    if fcntl is None:
-        yield
-        return
-    with open(out / LOCK_NAME, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another process building the cache in {out} ...", file=sys.stderr, flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """Hold the cache's lock on ``out``; a second builder says so and waits its turn."""
+    def busy():
+        print(f"waiting for another process building the cache in {out} ...", file=sys.stderr, flush=True)
+
+    return io.folder_lock(out, LOCK_NAME, busy)
 
 
 # --------------------------------------------------------------------------- building
