@@ -618,3 +618,39 @@ def test_a_second_command_on_a_run_folder_in_use_stops_at_once(capsys, finished_
     status, _, err = run_cli(train_main, ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir,
                                           "--evaluate"], capsys)
     assert status == 0, err  # the lock went with the process that held it
+
+
+def test_an_overwrite_removes_the_old_results_before_it_trains(capsys, finished_run, tiny_data, tmp_path,
+                                                               monkeypatch):
+    """Killed after its first epoch, an overwrite leaves the new config.yaml and no old results: a sweep or
+    compare can never take the old metrics for the new configuration's."""
+    from fastai.learner import Learner
+
+    config, finished = finished_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    (run_dir / "notes.txt").write_text("mine")  # a file the toolkit did not write stays
+    original = Learner.fit
+
+    def fit_then_stop(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Learner, "fit", fit_then_stop)
+    status, _, err = run_cli(train_main, ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir,
+                                          "--set", "memory.top_k=2", "--overwrite"], capsys)
+    assert status == 130, err
+    assert "top_k: 2" in (run_dir / "config.yaml").read_text()
+    left = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file())
+    for old in ("metrics.json", "report.md", "tiny_predictions.pt", "operating_points.json", "models/tiny_phase2.pth",
+                "roc_test.png", "history_phase2.csv"):
+        assert old not in left, left
+    assert "notes.txt" in left and "models/tiny_resume.pth" in left
+
+
+def test_a_moved_run_folder_is_still_the_same_run(capsys, finished_run, tiny_data, tmp_path):
+    config, finished = finished_run
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(finished, moved)
+    expect_one_line_error(capsys, ["--config", config, "--data_dir", tiny_data, "--output_dir", moved],
+                          "holds a finished run of this configuration", moved)

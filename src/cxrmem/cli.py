@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import shutil
 import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from .config import dump_yaml, load_config
+from .config import dump_yaml, load_config, same_experiment
 from .errors import UserError, closest
 from .models.backbones import check_backbone
 
@@ -95,7 +96,7 @@ def protect_run_folder(cfg, overwrite: bool, resume: bool) -> None:
     from .train.resume import stopped_at
 
     run_dir, saved = cfg.run_dir, cfg.run_dir / "config.yaml"
-    same = saved.is_file() and saved.read_text() == dump_yaml(cfg)
+    same = saved.is_file() and same_experiment(saved.read_text(), cfg)
     if resume and not same:
         raise UserError(f"cannot resume: {saved} is missing or holds another configuration; resume with the "
                         f"same config and options as the interrupted run")
@@ -120,7 +121,29 @@ def start_run_folder(cfg, args) -> None:
 
     protect_run_folder(cfg, args.overwrite, args.resume)
     io.remove_stale_temporaries(cfg.run_dir)
+    if args.overwrite and not args.resume:
+        clear_results(cfg)  # before the new config.yaml: never old results beside a new configuration
     io.write_text(cfg.run_dir / "config.yaml", dump_yaml(cfg))
+
+
+def run_outputs(cfg) -> list[Path]:
+    """What a run writes into its folder, config.yaml apart, as far as it exists (nothing else is named)."""
+    stem, run_dir = cfg.checkpoint_stem, cfg.run_dir
+    patterns = ["metrics.json", "report.md", "operating_points.json", "data_summary.json", "damaged_images.txt",
+                "model_path.txt", "mlflow_run_id.txt", f"{cfg.experiment_name}_predictions.pt", "history_phase*.csv",
+                "loss_phase*.png", "roc_*.png", "reliability_*.png", "memory.png", "lr_find_phase*.png",
+                f"models/{stem}_phase*.pth", f"models/{stem}_resume.pth", "models/tmp*", "tensorboard",
+                "evaluations"]
+    return sorted({path for pattern in patterns for path in run_dir.glob(pattern)})
+
+
+def clear_results(cfg) -> None:
+    """Remove the results of the run a folder held, so that a new run in it never sits beside them."""
+    for path in run_outputs(cfg):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def run(cfg, args) -> int:

@@ -388,6 +388,19 @@ def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
 
 
+def same_experiment(saved_yaml: str, cfg: Config) -> bool:
+    """Whether a run folder's config.yaml (its text) describes ``cfg``'s experiment: every key equal
+    except ``output_dir``, which says where the folder was, not what was trained (a copied or moved
+    run folder is the same run)."""
+    try:
+        saved = yaml.load(saved_yaml, Loader=StrictLoader)  # noqa: S506 - a SafeLoader
+    except (yaml.YAMLError, RepeatedKey, AliasRefused):
+        return False
+    current = yaml.safe_load(dump_yaml(cfg))  # the form config.yaml has
+    return isinstance(saved, dict) and {k: v for k, v in saved.items() if k != "output_dir"} == \
+        {k: v for k, v in current.items() if k != "output_dir"}
+
+
 # --------------------------------------------------------------------------- loading
 
 

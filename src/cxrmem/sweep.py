@@ -50,7 +50,7 @@ import yaml
 from . import io
 from .cli import guarded
 # The experiment schema's own helpers, so that a sweep file is validated like an experiment file.
-from .config import Config, _build, _closest, dump_yaml, flatten, load_config, opt, read_yaml
+from .config import Config, _build, _closest, flatten, load_config, opt, read_yaml, same_experiment
 from .errors import UserError
 from .models.backbones import check_backbone
 
@@ -267,7 +267,7 @@ def run_state(run: Run) -> str:
     from .train.phases import resume_path
 
     saved = run.run_dir / "config.yaml"
-    same = saved.is_file() and saved.read_text() == dump_yaml(run.config)
+    same = saved.is_file() and same_experiment(saved.read_text(), run.config)
     finished = (run.run_dir / "metrics.json").is_file()
     if finished and saved.is_file() and not same:
         raise UserError(f"{run.run_dir} holds a finished run of another configuration (the sweep file changed?); "
