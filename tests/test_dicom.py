@@ -279,3 +279,13 @@ def test_a_data_set_of_dicom_files_is_found_and_read_like_its_pngs(data_copy, tm
         cached_file = next(p for p in cached if p.name == name)
         np.testing.assert_array_equal(np.asarray(Image.open(cached_file)),
                                       np.asarray(read_shrunk(tmp_path / name, 16)))
+
+
+def test_pixel_data_shorter_than_the_dimensions_need_is_found_without_decoding(tmp_path):
+    path = write_dicom(tmp_path / "short.dcm", picture(255).astype(np.uint8))
+    ds = pydicom.dcmread(path)
+    ds.Rows, ds.Columns = ROWS * 4, COLS * 4  # the header now promises 16 times the pixels the file holds
+    ds.save_as(path, enforce_file_format=True)
+    found = dict(find_damaged_images([path]))
+    assert found[str(path)].startswith(f"pixel data shorter than its dimensions need ({ROWS * COLS:,} of "
+                                       f"{ROWS * COLS * 16:,} bytes")

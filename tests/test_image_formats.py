@@ -167,3 +167,45 @@ def test_the_dataloaders_deliver_every_kind(image_files):
     np.testing.assert_array_equal(labels.cpu().numpy(), frame.loc[frame["is_valid"], FINDINGS].to_numpy())
     train_images, _ = dls.train.one_batch()
     assert train_images.shape == (len(names), 3, SIDE, SIDE)
+
+
+def png_bytes(width: int, height: int, rows: bytes) -> bytes:
+    """A PNG file written by hand: IHDR (8-bit grey), one IDAT of ``rows`` (zlib), IEND."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def test_a_decompression_bomb_is_found_by_its_header(tmp_path):
+    from cxrmem.data.images import find_damaged_images
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_bytes(30000, 30000, b"\x00" * 30001))  # 900 Mpx promised, a few bytes stored
+    found = dict(find_damaged_images([bomb]))
+    assert found[str(bomb)].startswith("too large to decode (over Pillow's limit of")
+
+
+def test_damage_inside_the_compressed_data_is_found_by_decoding_and_named_by_the_loader(tmp_path):
+    from cxrmem.data.images import find_damaged_images
+    from cxrmem.errors import UserError
+
+    good = tmp_path / "good.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(good)
+    data = bytearray(good.read_bytes())
+    middle = len(data) // 2
+    data[middle: middle + 200] = np.random.default_rng(1).integers(0, 255, 200, dtype=np.uint8).tobytes()
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(bytes(data))
+    assert find_damaged_images([good, bad]) == []  # header and end marker are whole
+    found = dict(find_damaged_images([good, bad], decode=True))
+    assert list(found) == [str(bad)] and found[str(bad)].startswith("cannot be decoded (")
+    with pytest.raises(UserError) as caught:
+        read_xray(bad, 32)
+    message = str(caught.value)
+    assert message.startswith(f"{bad} cannot be decoded (") and "--check-data" in message and "--resume" in message
+    assert "\n" not in message

@@ -654,3 +654,35 @@ def test_a_moved_run_folder_is_still_the_same_run(capsys, finished_run, tiny_dat
     shutil.copytree(finished, moved)
     expect_one_line_error(capsys, ["--config", config, "--data_dir", tiny_data, "--output_dir", moved],
                           "holds a finished run of this configuration", moved)
+
+
+def corrupt_the_middle(path):
+    """Random bytes inside the compressed data: header and end marker stay whole."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle: middle + 64] = bytes(range(64))
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_undecodable_test_image_is_one_line_and_resume_finishes_after_the_fix(capsys, data_copy, tmp_path,
+                                                                                 workers):
+    config = tiny_config(tmp_path)
+    test_names = (data_copy / "test_list.txt").read_text().split()
+    image = next(data_copy.glob(f"images_*/images/{test_names[0]}"))
+    whole = image.read_bytes()
+    corrupt_the_middle(image)
+    run_dir = tmp_path / "run"
+    common = ["--config", config, "--data_dir", data_copy, "--output_dir", run_dir, "--set",
+              f"data.num_workers={workers}"]
+    status, out, err = run_cli(train_main, [*common, "--check-data"], capsys)
+    assert status == 2 and str(image) in err and "cannot be decoded" in err  # the full check decodes
+    status, _, err = run_cli(train_main, common, capsys)  # training checks structure only: trains, then stops
+    assert status == 2, err
+    assert err.startswith(f"error: {image} cannot be decoded (") and err.count("\n") == 1, err
+    assert "--resume" in err
+    assert (run_dir / "models" / "tiny_resume.pth").is_file() and not (run_dir / "metrics.json").exists()
+    image.write_bytes(whole)
+    status, out, err = run_cli(train_main, [*common, "--resume"], capsys)
+    assert status == 0, err
+    assert (run_dir / "metrics.json").is_file() and "training had finished" in out

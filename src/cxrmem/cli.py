@@ -181,7 +181,7 @@ def run_pipeline(cfg, args, distributed) -> int:
     from .data.prepare import prepare_data
 
     print(f"# {cfg.experiment_name}: resolved configuration\n{dump_yaml(cfg)}")
-    data = distributed.on_main(lambda: prepare_data(cfg))
+    data = distributed.on_main(lambda: prepare_data(cfg, decode=args.check_data))
     if args.check_data:
         summary = summarize(data.frame, data.split_source, len(data.missing), read_bboxes(cfg.data.data_dir),
                             data.synthetic)
@@ -265,8 +265,10 @@ def guarded(main=None, *, interrupted: str = TRAINING_INTERRUPTED):
         except UserError as exc:
             if debug:
                 raise
-            # fastai prefixes errors raised inside callbacks with a line of its own: keep ours
-            print(f"error: {str(exc).splitlines()[-1].strip()}", file=sys.stderr)
+            # fastai prefixes errors raised inside callbacks with a line of its own, and a DataLoader worker's
+            # error comes back as its traceback text ending "cxrmem.errors.UserError: <ours>": keep ours
+            line = str(exc).splitlines()[-1].strip().removeprefix(f"{UserError.__module__}.UserError: ")
+            print(f"error: {line}", file=sys.stderr)
             return exc.exit_code
         except KeyboardInterrupt:
             print(f"\n{interrupted}", file=sys.stderr)

@@ -224,7 +224,21 @@ def dicom_damage(path: Path, size: int) -> str | None:
         return None if SEQUENCE_DELIMITER[syntax.is_little_endian] in tail else "truncated (no end marker)"
     if length is None or start + header + length > size:
         return "truncated (pixel data incomplete)"
+    frame = _frame_bytes(dataset)
+    if frame is not None and length < frame:
+        return f"pixel data shorter than its dimensions need ({length:,} of {frame:,} bytes for one frame)"
     return None
+
+
+def _frame_bytes(dataset) -> int | None:
+    """Bytes one uncompressed frame needs: Rows x Columns x SamplesPerPixel x BitsAllocated / 8."""
+    try:
+        values = [int(dataset.Rows), int(dataset.Columns), int(dataset.get("SamplesPerPixel", 1)),
+                  int(dataset.BitsAllocated)]
+    except (AttributeError, TypeError, ValueError):
+        return None  # the decoder will say what is missing
+    rows, columns, samples, bits = values
+    return rows * columns * samples * bits // 8
 
 
 # --------------------------------------------------------------------------- any file
@@ -239,7 +253,8 @@ class Reader:
 
 
 def signature_damage(path: Path, size: int) -> str | None:
-    """PNG and JPEG: the format's first bytes, and its end marker near the end of the file."""
+    """PNG and JPEG: the format's first bytes, its end marker near the end of the file, and
+    dimensions Pillow agrees to decode (a decompression bomb is refused by the header alone)."""
     head_sig, tail_sig = _SIGNATURES.get(path.suffix.lower(), (b"", b""))
     with path.open("rb") as fh:
         head = fh.read(len(head_sig))
@@ -249,6 +264,12 @@ def signature_damage(path: Path, size: int) -> str | None:
         return "not a valid image header"
     if tail_sig not in tail:
         return "truncated (no end marker)"
+    try:
+        pillow_size(path)  # the header only; Pillow refuses a decompression bomb already here
+    except Image.DecompressionBombError:
+        return f"too large to decode (over Pillow's limit of {2 * Image.MAX_IMAGE_PIXELS:,} px)"
+    except OSError:
+        return "unreadable image header"
     return None
 
 
@@ -326,20 +347,32 @@ def read_squished(path: str | os.PathLike, size: int) -> np.ndarray:
 # --------------------------------------------------------------------------- checking
 
 
-def find_damaged_images(paths) -> list[tuple[str, str]]:
-    """Cheap structural check of every file (no decoding): (path, reason) for each bad one.
+def find_damaged_images(paths, decode: bool = False) -> list[tuple[str, str]]:
+    """Check every file: (path, reason) for each bad one.
 
-    Empty files, a wrong header, or a missing end marker (truncated download; for DICOM,
-    pixel data shorter than its header says) are caught before training starts, so no
-    epoch crashes on them.
+    The structural check decodes nothing: empty files, a wrong header, a missing end marker
+    (a truncated download), dimensions Pillow refuses (a decompression bomb) and, for DICOM,
+    pixel data shorter than its header or its dimensions say. It runs before every training.
+    With ``decode`` each file is also decoded in full, which finds damage inside the compressed
+    data (what only decoding sees) at the cost of reading every byte: ``--check-data`` does it.
     """
     damaged = []
     for path in map(Path, paths):
         try:
             size = path.stat().st_size
             reason = "empty file" if size == 0 else reader_for(path).damage(path, size)
+            if reason is None and decode:
+                open_image(path)
         except OSError as exc:
-            reason = f"unreadable ({exc.strerror})"
+            reason = f"unreadable ({exc.strerror})" if exc.strerror else f"cannot be decoded ({describe_error(exc)})"
+        except READ_ERRORS as exc:
+            reason = f"cannot be decoded ({describe_error(exc)})"
         if reason:
             damaged.append((str(path), reason))
     return damaged
+
+
+def describe_error(exc: BaseException) -> str:
+    """An exception as one short line: its first line, else its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__

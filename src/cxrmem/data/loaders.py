@@ -22,8 +22,9 @@ from fastai.vision.all import (
     TensorImage, Transform, TransformBlock, aug_transforms, imagenet_stats,
 )
 
+from ..errors import UserError
 from .findings import FINDINGS
-from .images import open_image, read_squished
+from .images import READ_ERRORS, describe_error, open_image, read_squished
 
 
 def open_xray(path) -> PILImage:
@@ -40,7 +41,12 @@ def read_xray(path, size: int) -> TensorImage:
     keeps its exact values), as a contiguous tensor (cheap to collate). :class:`ThreeChannels`
     replicates a grey batch on the device; :func:`collatable` a grey image in a batch with colour ones.
     """
-    pixels = torch.from_numpy(read_squished(path, size))
+    try:
+        pixels = torch.from_numpy(read_squished(path, size))
+    except READ_ERRORS as exc:  # damage inside the compressed data, which the structural check cannot see
+        raise UserError(f"{path} cannot be decoded ({describe_error(exc)}); "
+                        f"replace or remove it (--check-data decodes every image and lists the damaged ones), "
+                        f"then add --resume to the same command") from None
     if pixels.ndim == 3:
         pixels = pixels.permute(2, 0, 1)
         if torch.equal(pixels[0], pixels[1]) and torch.equal(pixels[1], pixels[2]):

@@ -61,9 +61,9 @@ def resolve_image_dir(data_cfg) -> Path:
     return ensure_cache(data_dir, cache, data_cfg.missing_images)
 
 
-def drop_damaged(frame: pd.DataFrame, run_dir: Path, policy: str) -> pd.DataFrame:
-    """Check every file; list the damaged ones in the run folder; error or drop them."""
-    damaged = find_damaged_images(frame["path"])
+def drop_damaged(frame: pd.DataFrame, run_dir: Path, policy: str, decode: bool = False) -> pd.DataFrame:
+    """Check every file (``decode``: decode it too); list the damaged ones in the run folder; error or drop them."""
+    damaged = find_damaged_images(frame["path"], decode)
     if not damaged:
         return frame
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,8 @@ def drop_damaged(frame: pd.DataFrame, run_dir: Path, policy: str) -> pd.DataFram
     return frame[~frame["path"].isin(bad)].reset_index(drop=True)
 
 
-def prepare_data(cfg) -> PreparedData:
+def prepare_data(cfg, decode: bool = False) -> PreparedData:
+    """The run's data frame, every image checked (``decode``: decoded in full too, as --check-data does)."""
     data = cfg.data
     ensure_synthetic(data)
     if not Path(data.data_dir).is_dir():
@@ -86,7 +87,7 @@ def prepare_data(cfg) -> PreparedData:
                         f"(or add data.synthetic to generate a synthetic set there)")
     image_dir = resolve_image_dir(data)
     frame, source, missing = load_frame(image_dir, data.valid_pct, data.seed, data.missing_images)
-    frame = drop_damaged(frame, cfg.run_dir, data.missing_images)
+    frame = drop_damaged(frame, cfg.run_dir, data.missing_images, decode)
     from .synthetic import is_synthetic
 
     return PreparedData(frame, source, missing, image_dir, is_synthetic(data.data_dir))
