@@ -686,3 +686,27 @@ def test_an_undecodable_test_image_is_one_line_and_resume_finishes_after_the_fix
     status, out, err = run_cli(train_main, [*common, "--resume"], capsys)
     assert status == 0, err
     assert (run_dir / "metrics.json").is_file() and "training had finished" in out
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ("copy", "as an exact copy"),
+    ("other_patient", "under patients"),
+])
+def test_an_image_listed_twice_is_refused_naming_its_lines(capsys, finished_run, data_copy, change, fragment):
+    config, run_dir = finished_run
+    csv_path = data_copy / "Data_Entry_2017.csv"
+    header, first, *rest = csv_path.read_text().splitlines()
+    cells = first.split(",")
+    if change == "other_patient":
+        cells[1], cells[3] = "Mass", "99999"  # Finding Labels, Patient ID
+    csv_path.write_text("\n".join([header, first, *rest, ",".join(cells)]) + "\n")
+    err = expect_one_line_error(capsys, ["--config", config, "--data_dir", data_copy, "--output_dir", run_dir],
+                                f"image {cells[0]} is listed 2 times (lines 2, {len(rest) + 3})", run_dir)
+    assert fragment in err and "keep one row per image" in err
+
+
+def test_an_empty_metadata_csv_is_one_line(capsys, finished_run, data_copy):
+    config, run_dir = finished_run
+    (data_copy / "Data_Entry_2017.csv").write_text("")
+    expect_one_line_error(capsys, ["--config", config, "--data_dir", data_copy, "--output_dir", run_dir],
+                          "Data_Entry_2017.csv is empty (no header, no rows)", run_dir)

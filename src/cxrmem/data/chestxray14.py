@@ -57,6 +57,8 @@ def read_entries(csv_path: Path) -> pd.DataFrame:
     """
     try:
         raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{csv_path} is empty (no header, no rows); restore the original file") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise UserError(f"{csv_path}: not a readable CSV ({str(exc).splitlines()[0]}); "
                         f"restore the original file") from None
@@ -70,8 +72,28 @@ def read_entries(csv_path: Path) -> pd.DataFrame:
         "patient_id": raw["Patient ID"].str.strip().str.lstrip("0").replace("", "0"),
         **{name: raw[column].str.strip() if column in raw else "" for column, name in METADATA_COLUMNS.items()},
     })
+    refuse_repeated_images(frame, raw["Finding Labels"], csv_path)
     labels = encode_labels(raw["Finding Labels"], csv_path)
     return pd.concat([frame, labels], axis=1)
+
+
+def refuse_repeated_images(frame: pd.DataFrame, finding_labels: pd.Series, source) -> None:
+    """UserError when an image is listed twice: it would be scored twice, or sit under two patients
+    with two label sets (maybe in train and valid at once). Names the rows (lines of the file)."""
+    repeated = frame["image_index"].duplicated(keep=False)
+    if not repeated.any():
+        return
+    name = frame.loc[repeated, "image_index"].iloc[0]
+    rows = frame.index[frame["image_index"] == name]
+    lines = ", ".join(str(int(i) + 2) for i in rows[:5])  # the header is line 1
+    patients = frame.loc[rows, "patient_id"].unique()
+    labels = finding_labels.loc[rows].str.strip().unique()
+    how = (f"under patients {', '.join(patients)}" if len(patients) > 1 else
+           f"with labels {' and '.join(map(repr, labels))}" if len(labels) > 1 else "as an exact copy")
+    others = int(frame.loc[repeated, "image_index"].nunique()) - 1
+    more = f" ({others} other image(s) are repeated too)" if others else ""
+    raise UserError(f"{source}: image {name} is listed {len(rows)} times (lines {lines}), {how}{more}; "
+                    f"keep one row per image")
 
 
 def patient_ids(image_index) -> np.ndarray:
