@@ -452,3 +452,15 @@ def test_a_command_off_a_terminal_prints_only_its_own_lines(trained_run, tiny_da
     assert lines[0] == f"wrote {tmp_path / 'p.csv'}: 2 image(s)", done.stdout  # nothing drawn before it
     written = len(list((tmp_path / "maps").glob("*.png")))
     assert lines[1] == f"wrote {written} heatmap(s) to {tmp_path / 'maps'} (<image stem>_<finding>.png)"
+
+
+def test_heatmaps_when_nothing_is_called_positive_say_so(fake_run, pngs, tmp_path, capsys, fake_explain):
+    run_dir, _ = fake_run
+    write_points(run_dir, {f: 2.0 for f in FINDINGS})  # never positive
+    try:
+        status, _, out, err = predict(capsys, tmp_path, "--run", run_dir, "--heatmaps", tmp_path / "maps", *pngs[:2])
+    finally:
+        (run_dir / "operating_points.json").unlink()
+    assert status == 0, err
+    assert "no heatmaps: no finding was called positive on these images" in out
+    assert not (tmp_path / "maps").exists()

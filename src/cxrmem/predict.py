@@ -400,8 +400,11 @@ def main(argv) -> int:
     write_table(prediction_table(kept, probs, calls, predictor.labels), out)
     skipped = len(paths) - len(kept)
     print(f"wrote {out}: {len(kept)} image(s)" + (f", {skipped} skipped (named on stderr)" if skipped else ""))
-    if heatmaps is not None:
+    if heatmaps is not None and heatmaps.written:
         print(f"wrote {heatmaps.written} heatmap(s) to {heatmaps.folder} (<image stem>_<finding>.png)")
+    elif heatmaps is not None:
+        print("no heatmaps: no finding was called positive on these images (--heatmap-findings F,... draws "
+              "chosen findings on every image)")
     return 0
 
 

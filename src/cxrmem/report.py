@@ -237,9 +237,8 @@ def format_auc(value: Optional[float]) -> str:
 #: Below this many positives in a split a finding's AUC and interval rest on too few cases: flagged.
 FEW_POSITIVES = 10
 FEW_MARK = "†"
-FEW_NOTE = (f"{FEW_MARK} fewer than {FEW_POSITIVES} positives in this split: the AUC and its interval rest on too "
-            "few cases to trust (the interval is narrower than the uncertainty), and bootstrap resamples without "
-            "a positive leave the finding out of the mean")
+FEW_NOTE = (f"{FEW_MARK} fewer than {FEW_POSITIVES} positives in this split: too few to trust this AUC or its "
+            "interval, and resamples without a positive leave the finding out of the mean")
 
 
 def few_positives(result: dict) -> dict[str, int]:
