@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -710,3 +711,39 @@ def test_an_empty_metadata_csv_is_one_line(capsys, finished_run, data_copy):
     (data_copy / "Data_Entry_2017.csv").write_text("")
     expect_one_line_error(capsys, ["--config", config, "--data_dir", data_copy, "--output_dir", run_dir],
                           "Data_Entry_2017.csv is empty (no header, no rows)", run_dir)
+
+
+@pytest.mark.parametrize("failing_write, error", [
+    (3, OSError(28, "No space left on device")),                                    # errno ENOSPC
+    (4, RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                     "data/0: file write failed")),                                 # torch.save's own wording
+])
+def test_a_full_disk_is_one_line_keeps_what_was_written_and_resume_finishes(capsys, finished_run, tiny_data,
+                                                                           tmp_path, monkeypatch, failing_write,
+                                                                           error):
+    config, finished = finished_run
+    run_dir = tmp_path / "run"
+    common = ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir]
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == failing_write:
+            Path(f).write_bytes(b"partial")  # what a full disk leaves: part of the file
+            raise error
+        return real_save(obj, f, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", save)
+        status, _, err = run_cli(train_main, common, capsys)
+    assert status == 2, err
+    assert err.startswith("error: no space left on the device holding ") and err.count("\n") == 1, err
+    assert "--resume" in err
+    assert not list(run_dir.rglob("*.tmp"))  # the partial file went with the failed write
+    for path in (run_dir / "models").glob("*.pth"):
+        io.torch_load(path)  # every file that exists is whole
+    status, _, err = run_cli(train_main, [*common, "--resume"], capsys)
+    assert status == 0, err
+    ours = json.loads((run_dir / "metrics.json").read_text())
+    theirs = json.loads((finished / "metrics.json").read_text())
+    assert ours["test"]["mean_auc"] == theirs["test"]["mean_auc"]

@@ -16,6 +16,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+from . import io
 from .config import dump_yaml, load_config, same_experiment
 from .errors import UserError, closest
 from .models.backbones import check_backbone
@@ -117,8 +118,6 @@ def protect_run_folder(cfg, overwrite: bool, resume: bool) -> None:
 
 def start_run_folder(cfg, args) -> None:
     """Check the run folder may take this run, clear a killed run's temporaries, write config.yaml."""
-    from . import io
-
     protect_run_folder(cfg, args.overwrite, args.resume)
     io.remove_stale_temporaries(cfg.run_dir)
     if args.overwrite and not args.resume:
@@ -166,8 +165,6 @@ RUN_LOCK = ".cxrmem.lock"
 
 def run_folder_lock(run_dir: Path):
     """The run folder for this process alone: a second command on the same folder stops at once."""
-    from . import io
-
     def busy():
         raise UserError(f"another cxrmem command is using {run_dir} right now (it holds {run_dir / RUN_LOCK}); "
                         f"wait for it to end, or pass --output_dir for another folder")
@@ -176,7 +173,6 @@ def run_folder_lock(run_dir: Path):
 
 
 def run_pipeline(cfg, args, distributed) -> int:
-    from . import io
     from .data.chestxray14 import format_summary, read_bboxes, summarize
     from .data.prepare import prepare_data
 
@@ -273,6 +269,13 @@ def guarded(main=None, *, interrupted: str = TRAINING_INTERRUPTED):
         except KeyboardInterrupt:
             print(f"\n{interrupted}", file=sys.stderr)
             return 130
+        except OSError as exc:
+            if debug or not io.out_of_space(exc):
+                raise
+            where = f" writing {exc.filename}" if exc.filename else ""
+            print(f"error: no space left on the device{where}; free some space, then run the same command again "
+                  f"(with --resume when it was training: finished epochs are kept)", file=sys.stderr)
+            return UserError.exit_code
     return wrapper
 
 

@@ -8,9 +8,11 @@ previous file, if any, is untouched.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from contextlib import contextmanager
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import torch
 import yaml
+
+from .errors import UserError
 
 
 def _plain_file_mode() -> int:
@@ -43,19 +47,43 @@ def atomic_path(target, durable: bool = True):
     writers of files that are cheap to redo (generated or cached images) skip it for speed.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.fchmod(fd, PLAIN_FILE_MODE)  # mkstemp makes 0o600; the file ends up as a plain write would make it
-    os.close(fd)
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.fchmod(fd, PLAIN_FILE_MODE)  # mkstemp makes 0o600; the file ends up as a plain write would make it
+        os.close(fd)
         yield Path(tmp)
         if durable:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp, target)
+    except (OSError, RuntimeError) as exc:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)  # first: the space it took is what the message reports as free
+        if out_of_space(exc):
+            raise UserError(f"no space left on the device holding {target.parent} (writing {target.name}; "
+                            f"{free_mb(target.parent)} MB free); free some space, then run the same command again "
+                            f"(with --resume when it was training: finished epochs are kept)") from None
+        raise
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """A write that failed for want of space (or quota). torch.save's zip writer reports it as a
+    RuntimeError ("... file write failed") without the errno; that message counts too."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "write failed" in str(exc)
+
+
+def free_mb(folder) -> int:
+    try:
+        return shutil.disk_usage(folder).free // 2**20
+    except OSError:
+        return 0
 
 
 def remove_stale_temporaries(folder) -> list[Path]:
