@@ -747,3 +747,23 @@ def test_a_full_disk_is_one_line_keeps_what_was_written_and_resume_finishes(caps
     ours = json.loads((run_dir / "metrics.json").read_text())
     theirs = json.loads((finished / "metrics.json").read_text())
     assert ours["test"]["mean_auc"] == theirs["test"]["mean_auc"]
+
+
+def test_sigterm_says_what_to_do_and_the_run_resumes(tmp_path, tiny_data, uninterrupted):
+    config = tiny_config(tmp_path, **RESUMED)
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, str(ROOT / "train.py"), "--config", str(config), "--data_dir", str(tiny_data),
+            "--output_dir", str(run_dir)]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and resume_point(run_dir) != (1, "unfrozen", 1, False):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == ("terminated (SIGTERM): the last finished epoch is saved; add --resume to "
+                                            "the same command to continue (make demo continues by itself)")
+    assert "Traceback" not in err
+    done = subprocess.run([*argv, "--resume"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((run_dir / "metrics.json").read_text()) == json.loads((uninterrupted / "metrics.json").read_text())

@@ -11,7 +11,9 @@ import argparse
 import functools
 import os
 import shutil
+import signal
 import sys
+import threading
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -244,6 +246,21 @@ TRAINING_INTERRUPTED = ("interrupted: the last finished epoch is saved; add --re
 RERUN_TO_RESUME = "interrupted: finished files are kept; run the same command again to continue"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, ``kill``, ``timeout``): handled as Ctrl-C is, exit status 143."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def handle_sigterm() -> None:
+    """SIGTERM raises :class:`Terminated` in the main thread, unless something else (a launcher such as
+    submitit) has installed a handler of its own."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
+
+
 def guarded(main=None, *, interrupted: str = TRAINING_INTERRUPTED):
     """Run ``main(argv)`` for every command line: a user mistake becomes one line on stderr and exit
     status 2, Ctrl-C the line ``interrupted`` and status 130. ``@guarded`` or ``@guarded(interrupted=...)``."""
@@ -256,6 +273,7 @@ def guarded(main=None, *, interrupted: str = TRAINING_INTERRUPTED):
         if not sys.stdout.isatty() and hasattr(sys.stdout, "reconfigure"):
             sys.stdout.reconfigure(line_buffering=True)  # off a terminal each line shows when printed, not minutes later
         warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
+        handle_sigterm()
         try:
             return main(argv)
         except UserError as exc:
@@ -266,9 +284,10 @@ def guarded(main=None, *, interrupted: str = TRAINING_INTERRUPTED):
             line = str(exc).splitlines()[-1].strip().removeprefix(f"{UserError.__module__}.UserError: ")
             print(f"error: {line}", file=sys.stderr)
             return exc.exit_code
-        except KeyboardInterrupt:
-            print(f"\n{interrupted}", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as exc:
+            cause = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+            print(f"\n{interrupted.replace('interrupted', cause, 1)}", file=sys.stderr)
+            return 143 if isinstance(exc, Terminated) else 130
         except OSError as exc:
             if debug or not io.out_of_space(exc):
                 raise
