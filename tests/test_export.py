@@ -11,6 +11,7 @@ import shutil
 import sys
 
 import numpy as np
+from PIL import Image
 import pandas as pd
 import pytest
 import torch
@@ -164,14 +165,35 @@ def test_mistakes_are_one_line(exported, tmp_path, capsys, monkeypatch):
     run_dir, _, files = exported
     lonely = tmp_path / "lonely.onnx"
     shutil.copy(files["onnx"], lonely)
-    status, _, err = run_cli(predict_main, ["--model", lonely, tmp_path], capsys)
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(image)
+    status, _, err = run_cli(predict_main, ["--model", lonely, image], capsys)
     assert status == 2 and "lonely.onnx.json not found" in err and err.count("\n") == 1
     status, _, err = run_cli(export_main, ["--run", tmp_path / "nowhere", "--format", "onnx"], capsys)
     assert status == 2 and "config.yaml not found" in err
-    status, _, err = run_cli(predict_main, ["--model", files["onnx"], "--heatmaps", tmp_path, tmp_path], capsys)
+    status, _, err = run_cli(predict_main, ["--model", files["onnx"], "--heatmaps", tmp_path, image], capsys)
     assert status == 2 and "--heatmaps needs the PyTorch model" in err
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     status, _, err = run_cli(export_main, ["--run", run_dir, "--format", "onnx", "--out", tmp_path / "x.onnx"],
                              capsys)
     assert status == 2 and "pip install 'cxrmem[export]'" in err
     assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "x.onnx.json").exists()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_export_is_one_line(exported, tmp_path, capsys, fmt, damage):
+    _, _, files = exported
+    if fmt == "torchscript":
+        needs_torchscript(files)
+    source = files[fmt]
+    broken = tmp_path / source.name
+    data = source.read_bytes()
+    broken.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a model" * 50)
+    shutil.copy(f"{source}.json", f"{broken}.json")
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(image)
+    status, _, err = run_cli(predict_main, ["--model", broken, "--out", tmp_path / "p.csv", image], capsys)
+    assert status == 2 and err.count("\n") == 1, err
+    assert f"exported model {broken} ({broken.stat().st_size:,} bytes) cannot be loaded as {fmt}" in err
+    assert "export it again with cxrmem-export" in err and not (tmp_path / "p.csv").exists()

@@ -153,6 +153,12 @@ def test_paths_folders_and_lists_are_collected_in_order(tmp_path):
                    lists / "five.png", lists / "six.dcm", lists / "seven.png", tmp_path / "single.png"]
 
 
+def test_a_listed_file_whose_name_starts_with_a_hash_is_not_a_comment(tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text("# scans of ward 3\n#12_a.png\n  # another comment\nb.dcm\n")
+    assert collect_images([str(listing)]) == [tmp_path / "#12_a.png", tmp_path / "b.dcm"]
+
+
 def test_a_folder_in_a_list_is_searched_as_on_the_command_line(tmp_path):
     (tmp_path / "scans" / "sub").mkdir(parents=True)
     for rel in ("scans/b.png", "scans/sub/a.dcm", "scans/readme.md", "extra.png"):

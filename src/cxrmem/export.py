@@ -138,9 +138,19 @@ def read_metadata(path) -> dict:
 
 
 def load_exported(path, device=None):
-    """(network: normalised images -> logits as numpy, the metadata of ``FILE.json``)."""
+    """(network: normalised images -> logits as numpy, the metadata of ``FILE.json``); a file that
+    its runtime cannot load (damaged, truncated, another kind of file) is one UserError."""
     meta = read_metadata(path)
-    return FORMATS[meta["format"]].load(path, device), meta
+    try:
+        network = FORMATS[meta["format"]].load(path, device)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnxruntime and torch.jit raise their own types for a bad file
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"exported model {path} ({Path(path).stat().st_size:,} bytes) cannot be loaded as "
+                        f"{meta['format']} ({first}); it is damaged or not what {metadata_path(path).name} says: "
+                        f"export it again with cxrmem-export") from None
+    return network, meta
 
 
 def largest_difference(network, model: torch.nn.Module, image_size: int) -> float:

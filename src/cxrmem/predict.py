@@ -55,9 +55,14 @@ CALL_SUFFIX = "_call"
 
 
 def read_text_list(path: Path) -> list[str]:
-    """One path per line; blank lines and lines starting with # are skipped."""
+    """One path per line; blank lines are skipped, and so are comments: lines starting with # that do
+    not name an image (``#scan.png`` is a file whose name starts with #, not a comment)."""
     lines = (line.strip() for line in path.read_text().splitlines())
-    return [line for line in lines if line and not line.startswith("#")]
+    return [line for line in lines if line and not (line.startswith("#") and not is_image_name(line))]
+
+
+def is_image_name(text: str) -> bool:
+    return Path(text).suffix.lower() in IMAGE_SUFFIXES
 
 
 def read_csv_list(path: Path) -> list[str]:
