@@ -140,7 +140,9 @@ def check_clinical_outputs(run_dir, metrics):
             assert set(figures) == {"sensitivity", "specificity", "ppv", "npv", "f1"}
             assert all(v is None or 0.0 <= v <= 1.0 for v in figures.values())
             assert result["prevalence"][finding] == pytest.approx(result["n_positive"][finding] / result["n_images"])
-            assert f"| {finding} | {result['n_positive'][finding]} |" in report_md
+            n = result["n_positive"][finding]
+            flagged = 0 < n < 10 and result["per_class"][finding] is not None  # fewer than 10 positives
+            assert f"| {finding}{' †' if flagged else ''} | {n} |" in report_md
         assert 0.0 <= result["ece"]["pooled"] <= 1.0
         assert set(result["subgroups"]) == {"sex", "age", "view"}
         assert sum(g["n_images"] for g in result["subgroups"]["sex"].values()) == result["n_images"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import shutil
 import signal
 import sys
@@ -280,8 +281,8 @@ def guarded(main=None, *, interrupted: str = TRAINING_INTERRUPTED):
             if debug:
                 raise
             # fastai prefixes errors raised inside callbacks with a line of its own, and a DataLoader worker's
-            # error comes back as its traceback text ending "cxrmem.errors.UserError: <ours>": keep ours
-            line = str(exc).splitlines()[-1].strip().removeprefix(f"{UserError.__module__}.UserError: ")
+            # error comes back as its traceback text ending "cxrmem.<module>.<UserError class>: <ours>": keep ours
+            line = re.sub(r"^cxrmem(\.\w+)+: ", "", str(exc).splitlines()[-1].strip())
             print(f"error: {line}", file=sys.stderr)
             return exc.exit_code
         except KeyboardInterrupt as exc:

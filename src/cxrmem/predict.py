@@ -42,7 +42,7 @@ from fastprogress.fastprogress import progress_bar
 from . import io, report
 from .cli import guarded
 from .data.findings import FINDINGS
-from .data.images import IMAGE_SUFFIXES, READ_ERRORS, open_image
+from .data.images import IMAGE_SUFFIXES, READ_ERRORS, UndecodableImage, open_image
 from .data.loaders import ResizedXrayBlock, batch_transforms, collatable, default_num_workers, read_xray
 from .errors import UserError, closest
 from .train import speed
@@ -131,6 +131,8 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         try:
             return i, read_xray(self.paths[i], self.size), None
+        except UndecodableImage as exc:  # one damaged file among many: skipped, with the decoder's reason
+            return i, None, exc.original
         except (*READ_ERRORS, UserError) as exc:
             return i, None, exc
 

@@ -347,6 +347,15 @@ def read_squished(path: str | os.PathLike, size: int) -> np.ndarray:
 # --------------------------------------------------------------------------- checking
 
 
+class UndecodableImage(UserError):
+    """A file whose structure looked whole but whose decoding failed; ``original`` is the decoder's error."""
+
+    def __init__(self, message: str, original: BaseException | None = None):  # one argument: as a loader
+        # worker's error is raised again in the main process
+        super().__init__(message)
+        self.original = original
+
+
 def find_damaged_images(paths, decode: bool = False) -> list[tuple[str, str]]:
     """Check every file: (path, reason) for each bad one.
 

@@ -22,9 +22,8 @@ from fastai.vision.all import (
     TensorImage, Transform, TransformBlock, aug_transforms, imagenet_stats,
 )
 
-from ..errors import UserError
 from .findings import FINDINGS
-from .images import READ_ERRORS, describe_error, open_image, read_squished
+from .images import READ_ERRORS, UndecodableImage, describe_error, open_image, read_squished
 
 
 def open_xray(path) -> PILImage:
@@ -44,9 +43,9 @@ def read_xray(path, size: int) -> TensorImage:
     try:
         pixels = torch.from_numpy(read_squished(path, size))
     except READ_ERRORS as exc:  # damage inside the compressed data, which the structural check cannot see
-        raise UserError(f"{path} cannot be decoded ({describe_error(exc)}); "
-                        f"replace or remove it (--check-data decodes every image and lists the damaged ones), "
-                        f"then add --resume to the same command") from None
+        raise UndecodableImage(f"{path} cannot be decoded ({describe_error(exc)}); "
+                               f"replace or remove it (--check-data decodes every image and lists the damaged ones), "
+                               f"then add --resume to the same command", exc) from None
     if pixels.ndim == 3:
         pixels = pixels.permute(2, 0, 1)
         if torch.equal(pixels[0], pixels[1]) and torch.equal(pixels[1], pixels[2]):
