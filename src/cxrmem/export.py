@@ -35,6 +35,7 @@ import torch
 from . import io, report
 from .cli import guarded
 from .data.findings import FINDINGS
+from .data.images import describe_error
 from .errors import UserError
 from .predict import TorchNetwork, load_run, normalisation
 
@@ -146,9 +147,8 @@ def load_exported(path, device=None):
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - onnxruntime and torch.jit raise their own types for a bad file
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise UserError(f"exported model {path} ({Path(path).stat().st_size:,} bytes) cannot be loaded as "
-                        f"{meta['format']} ({first}); it is damaged or not what {metadata_path(path).name} says: "
+                        f"{meta['format']} ({describe_error(exc)}); it is damaged or not what {metadata_path(path).name} says: "
                         f"export it again with cxrmem-export") from None
     return network, meta
 
