@@ -14,7 +14,7 @@ from cxrmem.cli import train_main
 from cxrmem.data.chestxray14 import encode_labels, load_frame, read_entries
 from cxrmem.data.findings import FINDINGS
 from cxrmem.data.images import find_damaged_images
-from cxrmem.data.split import SplitWarning, hold_out, phase_frame
+from cxrmem.data.split import OfficialLists, SplitWarning, assign_splits, hold_out, patient_share, phase_frame
 from cxrmem.data.synthetic import generate
 from cxrmem.errors import UserError
 
@@ -243,6 +243,55 @@ def test_hold_out_with_unit_weights_draws_b_patients_uniformly():
         counts += held
     expected, sd = b / n, np.sqrt(b / n * (1 - b / n) / draws)
     assert np.abs(counts / draws - expected).max() < 4 * sd
+
+
+def test_patient_share_is_the_fraction_in_expectation_and_uniform_over_patients():
+    ids = [str(i) for i in range(1, 20001)]
+    for fraction, seed in ((0.1, 1), (0.2, 7), (0.5, 3)):
+        held = patient_share(ids, fraction, seed)
+        sd = np.sqrt(fraction * (1 - fraction) * len(ids))
+        assert abs(len(held) - fraction * len(ids)) < 4 * sd
+        # no bias by position: the first and second halves of the ids each get their share
+        first = sum(int(p) <= 10000 for p in held)
+        assert abs(first - fraction * 10000) < 4 * np.sqrt(fraction * (1 - fraction) * 10000)
+    assert patient_share(ids, 0.1, 1) != patient_share(ids, 0.1, 2)  # the seed draws anew
+    assert patient_share(ids[::-1], 0.1, 1) == patient_share(ids, 0.1, 1)  # order does not matter
+
+
+def test_patient_share_is_never_empty_or_everything():
+    for seed in range(200):
+        two = patient_share(["a", "b"], 0.1, seed)
+        assert len(two) == 1
+        assert len(patient_share(["a", "b", "c"], 0.99, seed)) in (1, 2)
+    assert patient_share(["a"], 0.5, 0) <= {"a"} and patient_share([], 0.5, 0) == set()
+
+
+@pytest.mark.parametrize("official", [True, False])
+def test_adding_or_removing_patients_moves_no_other_patient(tiny_data, official):
+    frame, _, _ = load_frame(tiny_data, valid_pct=0.2, seed=1)
+    frame = frame.drop(columns="split")
+    lists = None
+    if official:
+        names = set(frame["image_index"])
+        test = set((tiny_data / "test_list.txt").read_text().split())
+        lists = OfficialLists(train_val=frozenset(names - test), test=frozenset(test))
+
+    def sides(f):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SplitWarning)
+            out, _ = assign_splits(f, lists, valid_pct=0.2, seed=1)
+        return dict(zip(out["image_index"], out["split"]))
+
+    before = sides(frame)
+    newcomer = frame[frame["patient_id"] == frame["patient_id"].iloc[0]].assign(
+        patient_id="999999", image_index=lambda f: "new_" + f["image_index"])
+    if lists is not None:
+        lists = OfficialLists(train_val=lists.train_val | frozenset(newcomer["image_index"]), test=lists.test)
+    after = sides(pd.concat([frame, newcomer], ignore_index=True))
+    assert {k: after[k] for k in before} == before
+    gone = frame["patient_id"].drop_duplicates().iloc[3]
+    fewer = sides(frame[frame["patient_id"] != gone])
+    assert fewer == {k: v for k, v in before.items() if k in fewer}
 
 
 def test_a_real_data_set_is_not_called_synthetic_and_generation_announces_itself(data_copy, tmp_path, capsys):
