@@ -41,6 +41,7 @@ demo: $(STAMP)
 	fi
 
 test: $(TEST_STAMP)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 test-fast: $(TEST_STAMP)

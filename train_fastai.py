@@ -1,7 +1,7 @@
 """Legacy entry point: python train_fastai.py --experiment <name> --data_dir <dir>"""
 import sys
 
-from cxrmem.cli import legacy_main
+from cxrmem.experiment import legacy_main
 
 if __name__ == "__main__":
     sys.exit(legacy_main())

@@ -36,7 +36,7 @@ def check_data(data_dir, run_dir, capsys, *options):
     """``train.py --check-data`` of the demo config on ``data_dir``: (printed report, data_summary.json)."""
     import json
 
-    from cxrmem.cli import train_main
+    from cxrmem.experiment import train_main
 
     status, out, err = run_cli(train_main, ["--config", EXPERIMENTS / "demo_synthetic.yaml", "--data_dir", data_dir,
                                             "--output_dir", run_dir, "--set", "data.synthetic=null",

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from cxrmem.errors import UserError
+from cxrmem.utils.errors import UserError
 from cxrmem.models.backbones import BACKBONES, build_backbone, pretrained_file
 from cxrmem.models.net import CXRNet
 from test_weights import refuse_network, set_hub_offline

@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxrmem.cli import train_main
+from cxrmem.experiment import train_main
 from cxrmem.data.chestxray14 import BBOX_FILE, read_bboxes, read_list
 from cxrmem.data.findings import FINDINGS
 from cxrmem.data.synthetic import generate
 from cxrmem.data.synthetic.drawing import PAINTERS, draw_image, render_image
-from cxrmem.errors import UserError
+from cxrmem.utils.errors import UserError
 
 from conftest import EXPERIMENTS, check_data, run_cli
 

@@ -22,7 +22,7 @@ from cxrmem.data.cache import ERRORS_NAME, MARKER_NAME, build_cache, ensure_cach
 from cxrmem.data.chestxray14 import load_frame
 from cxrmem.data.images import find_damaged_images
 from cxrmem.data.prepare import resolve_image_dir
-from cxrmem.errors import UserError
+from cxrmem.utils.errors import UserError
 
 from conftest import run_cli
 
@@ -91,7 +91,7 @@ def test_a_rerun_repairs_half_written_truncated_and_missing_files(tiny_data, tmp
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     empty.write_bytes(b"")
     deleted.unlink()
-    leftover = files[3].with_name(f".{files[3].name}.k1ll3d.tmp")  # as cxrmem.io.atomic_path names them
+    leftover = files[3].with_name(f".{files[3].name}.k1ll3d.tmp")  # as cxrmem.utils.io.atomic_path names them
     leftover.write_bytes(files[3].read_bytes()[:10])  # a killed writer's temporary file
     marker = json.loads((out / MARKER_NAME).read_text())
     (out / MARKER_NAME).write_text(json.dumps({**marker, "complete": False}))  # as a kill leaves it
@@ -245,9 +245,9 @@ def test_a_cache_without_a_size_is_built_at_the_training_size(tiny_data, tmp_pat
 
 
 def test_every_guide_experiment_trains_from_the_cache_with_the_originals_one_key_away():
-    from cxrmem.cli import experiment_config_path
+    from cxrmem.experiment import experiment_config_path
     from cxrmem.config import load_config
-    from cxrmem.reference import legacy_experiments
+    from cxrmem.config.reference import legacy_experiments
 
     from conftest import EXPERIMENTS
 
@@ -260,7 +260,7 @@ def test_every_guide_experiment_trains_from_the_cache_with_the_originals_one_key
 
 
 def test_an_unwritable_cache_folder_is_one_line_naming_the_way_out(tiny_data, tmp_path, capsys):
-    from cxrmem.cli import train_main
+    from cxrmem.experiment import train_main
 
     from conftest import EXPERIMENTS
 

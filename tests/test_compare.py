@@ -1,4 +1,4 @@
-"""cxrmem.compare: loading, best-value marks, Markdown/CSV output, skipped runs, exit status, and the
+"""cxrmem.report.compare: loading, best-value marks, Markdown/CSV output, skipped runs, exit status, and the
 paired comparison with a reference run (--reference, --json)."""
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from test_metrics import direct_delong
 
-from cxrmem import compare, report
-from cxrmem.metrics import PatientResampler, paired_bootstrap
-from cxrmem.report import predictions_path, save_predictions
+from cxrmem.report import compare
+from cxrmem import report
+from cxrmem.evaluation.auc import PatientResampler
+from cxrmem.evaluation.paired import paired_bootstrap
+from cxrmem.runs.folder import predictions_path, save_predictions
 
 LABELS = ["Atelectasis", "Edema", "Fibrosis", "Hernia", "Mass"]
 #                 Atelectasis Edema   Fibrosis Hernia Mass

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from cxrmem.cli import train_main
+from cxrmem.experiment import train_main
 from cxrmem.config import from_dict, iter_schema, load_config
-from cxrmem.errors import UserError
+from cxrmem.utils.errors import UserError
 
 from conftest import EXPERIMENTS, run_cli
 

@@ -10,13 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrmem.cli import train_main
+from cxrmem.experiment import train_main
 from cxrmem.data.chestxray14 import encode_labels, load_frame, read_entries
 from cxrmem.data.findings import FINDINGS
 from cxrmem.data.images import find_damaged_images
 from cxrmem.data.split import OfficialLists, SplitWarning, assign_splits, hold_out, patient_share, phase_frame
 from cxrmem.data.synthetic import generate
-from cxrmem.errors import UserError
+from cxrmem.utils.errors import UserError
 
 from conftest import EXPERIMENTS, check_data, run_cli
 

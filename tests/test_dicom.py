@@ -25,7 +25,7 @@ from cxrmem.data.images import (  # noqa: E402
     READ_ERRORS, find_damaged_images, install_hint, open_image, read_shrunk, read_squished, stored_size,
 )
 from cxrmem.data.loaders import read_xray  # noqa: E402
-from cxrmem.errors import UserError  # noqa: E402
+from cxrmem.utils.errors import UserError
 
 ROWS, COLS = 24, 40
 

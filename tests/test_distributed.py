@@ -80,7 +80,7 @@ def epoch_spy(batches: list, epochs: list, values: list):
 
 def spy_and_train(argv: list[str]) -> int:
     """``train.py argv`` on one rank, recording what the module docstring says in $CXRMEM_TEST_DUMP."""
-    from cxrmem.cli import train_main
+    from cxrmem.experiment import train_main
     from cxrmem.train import phases
     from cxrmem.train.distributed import unwrap
 
@@ -265,7 +265,7 @@ def test_a_missing_private_name_is_one_line_naming_it_and_the_installed_version(
 
     from fastai.distributed import DistributedDL
 
-    from cxrmem.errors import UserError
+    from cxrmem.utils.errors import UserError
     from cxrmem.train import distributed
 
     assert ("fastai", "fastai.distributed", "DistributedDL._broadcast") in distributed.RELIED_ON
@@ -284,8 +284,8 @@ def test_a_missing_private_name_is_one_line_naming_it_and_the_installed_version(
 
 
 def test_more_processes_than_gpus_stop_every_rank_with_one_line_before_joining(monkeypatch, capsys):
-    from cxrmem.cli import train_main
-    from cxrmem.errors import UserError
+    from cxrmem.experiment import train_main
+    from cxrmem.utils.errors import UserError
     from cxrmem.train import distributed
 
     from conftest import EXPERIMENTS, run_cli

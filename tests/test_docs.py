@@ -56,8 +56,10 @@ def test_every_command_of_getting_started_parses_with_its_entry_point():
     """Each documented command line is accepted by the argument parser of the program it names."""
     import shlex
 
-    from cxrmem import compare, export, predict, sweep
-    from cxrmem.cli import legacy_parser, train_parser
+    from cxrmem.report import compare
+    from cxrmem.inference import export, predict
+    from cxrmem import sweep
+    from cxrmem.experiment import legacy_parser, train_parser
 
     parsers = {"train.py": train_parser, "train_fastai.py": legacy_parser, "cxrmem-predict": predict.parser,
                "cxrmem-export": export.parser, "cxrmem-compare": compare.build_parser, "cxrmem-sweep": sweep.parser}

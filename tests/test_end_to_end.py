@@ -13,9 +13,9 @@ import torch
 from fastai.callback.core import Callback
 from PIL import Image
 
-from cxrmem.cli import legacy_main, train_main
+from cxrmem.experiment import legacy_main, train_main
 from cxrmem.data.findings import FINDINGS
-from cxrmem.report import read_operating_points
+from cxrmem.runs.folder import read_operating_points
 from cxrmem.train import phases
 
 from conftest import ROOT, run_cli

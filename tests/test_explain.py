@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cxrmem import explain
-from cxrmem.cli import train_main
+from cxrmem.inference import explain
+from cxrmem.experiment import train_main
 from cxrmem.config import load_config
 from cxrmem.data.chestxray14 import load_frame, read_bboxes
 from cxrmem.data.findings import FINDINGS
-from cxrmem.errors import UserError
+from cxrmem.utils.errors import UserError
 from cxrmem.models.net import build_model
-from cxrmem.metrics import pointing_game
+from cxrmem.evaluation.localisation import pointing_game
 
 from conftest import run_cli
 
@@ -206,7 +206,7 @@ def test_pointing_game_pools_chunks_exactly(net, tiny_data):
     frame, _, _ = load_frame(tiny_data, valid_pct=0.25, seed=0)
     boxes = read_bboxes(tiny_data)
     assert len(boxes) > 4
-    chunked = explain.pointing_game(net, frame, boxes, image_size=96, batch_size=3)
+    chunked = explain.grad_cam_pointing_game(net, frame, boxes, image_size=96, batch_size=3)
     paths = dict(zip(frame["image_index"], frame["path"]))
     maps = explain.grad_cam_pairs(net, explain.prepare_images([paths[n] for n in boxes["image_index"]], 96),
                                   [FINDINGS.index(f) for f in boxes["finding"]])

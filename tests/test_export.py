@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from cxrmem.data.findings import FINDINGS
-from cxrmem.export import main as export_main
-from cxrmem.predict import main as predict_main
+from cxrmem.inference.export import main as export_main
+from cxrmem.inference.predict import main as predict_main
 
 from conftest import ROOT, run_cli
 from test_predict import CALLS, IMAGENET_MEAN, IMAGENET_STD, make_fake_run, write_points

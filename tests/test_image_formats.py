@@ -192,7 +192,7 @@ def test_a_decompression_bomb_is_found_by_its_header(tmp_path):
 
 def test_damage_inside_the_compressed_data_is_found_by_decoding_and_named_by_the_loader(tmp_path):
     from cxrmem.data.images import find_damaged_images
-    from cxrmem.errors import UserError
+    from cxrmem.utils.errors import UserError
 
     good = tmp_path / "good.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(good)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cxrmem.errors import UserError
+from cxrmem.utils.errors import UserError
 from cxrmem.train.losses import (
     LOSSES,
     AsymmetricLoss,

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from cxrmem.config import MemoryConfig, from_dict
-from cxrmem.errors import UserError
+from cxrmem.utils.errors import UserError
 from cxrmem.models.memory import NORMALIZE_MODES, STRATEGIES, MemoryBank
 
 MODES = list(NORMALIZE_MODES)

@@ -1,4 +1,4 @@
-"""cxrmem.metrics: AUC and its bootstrap over images and patients, DeLong's test, Holm, the paired
+"""cxrmem.evaluation: AUC and its bootstrap over images and patients, DeLong's test, Holm, the paired
 bootstrap, mean +- SD; operating points, figures at a threshold with their bootstrap, AUPRC,
 calibration, subgroup AUC and the pointing game. Each is checked against sklearn, brute force,
 hand-worked examples or a simulation whose answer is known."""
@@ -13,26 +13,17 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-import cxrmem.metrics as metrics
-from cxrmem.metrics import (
-    ImageResampler,
-    PatientResampler,
-    bootstrap_auc_samples,
-    bootstrap_ci,
-    build_rank_index,
-    check_inputs,
-    delong_components,
-    delong_per_class,
-    delong_test,
-    holm,
-    make_resampler,
-    mean_auc,
-    mean_auc_samples,
-    mean_sd,
-    paired_bootstrap,
-    per_class_auc,
-    weighted_auc,
-)
+import cxrmem.evaluation.auc
+from cxrmem.data.chestxray14 import SUBGROUPS, age_in_years
+from cxrmem.evaluation.auc import auprc
+from cxrmem.evaluation.auc import prevalence as class_prevalence
+from cxrmem.evaluation.calibration import expected_calibration_error, reliability_diagram
+from cxrmem.evaluation.localisation import pointing_game
+from cxrmem.evaluation.subgroups import subgroup_auc
+from cxrmem.evaluation.thresholds import (FIGURES, at_threshold, bootstrap_at_threshold, operating_points,
+                                          parse_operating_point)
+from cxrmem.evaluation.auc import ImageResampler, PatientResampler, bootstrap_auc_samples, bootstrap_ci, build_rank_index, check_inputs, make_resampler, mean_auc, mean_auc_samples, per_class_auc, weighted_auc
+from cxrmem.evaluation.paired import delong_components, delong_per_class, delong_test, holm, mean_sd, paired_bootstrap
 
 
 def synthetic_split(n_images, n_classes=4, prevalence=0.3, signal=1.0, seed=0, decimals=None):
@@ -212,7 +203,7 @@ def test_block_size_does_not_change_the_resamples(monkeypatch):
     probs, targets = synthetic_split(200, n_classes=2, seed=4)
     scores, positive, _ = check_inputs(probs, targets, labels_for(2))
     whole = bootstrap_auc_samples(scores, positive, n_resamples=30, seed=1)
-    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 200 * 7)   # blocks of 7 resamples
+    monkeypatch.setattr(cxrmem.evaluation.auc, "_BLOCK_ELEMENTS", 200 * 7)   # blocks of 7 resamples
     blocked = bootstrap_auc_samples(scores, positive, n_resamples=30, seed=1)
     np.testing.assert_array_equal(whole, blocked)
 
@@ -665,7 +656,7 @@ def random_scores(seed, n=80, n_classes=4, decimals=2):
 @pytest.mark.parametrize("seed", range(5))
 def test_youden_equals_brute_force_with_ties_to_the_highest_threshold(seed):
     probs, targets = random_scores(seed, decimals=1 if seed % 2 else 2)
-    chosen = metrics.operating_points(probs, targets, "youden")
+    chosen = operating_points(probs, targets, "youden")
     for c in range(probs.shape[1]):
         score, positive = probs[:, c], targets[:, c] > 0.5
         n_pos, n_neg = int(positive.sum()), int((~positive).sum())
@@ -682,8 +673,8 @@ def test_youden_calls_nothing_when_no_threshold_beats_chance():
     # Every positive scores below every negative: J = 0 both when calling nothing and everything.
     probs = np.array([[0.1], [0.2], [0.7], [0.9]])
     targets = np.array([[1], [1], [0], [0]])
-    (t,) = metrics.operating_points(probs, targets, "youden")
-    assert t > 0.9 and metrics.at_threshold(probs, targets, [t])[0]["sensitivity"] == 0.0
+    (t,) = operating_points(probs, targets, "youden")
+    assert t > 0.9 and at_threshold(probs, targets, [t])[0]["sensitivity"] == 0.0
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -694,7 +685,7 @@ def test_youden_calls_nothing_when_no_threshold_beats_chance():
 ])
 def test_constraint_rules_pick_the_extreme_threshold_that_meets_them(seed, level, rule, figure, beyond):
     probs, targets = random_scores(seed)
-    chosen = metrics.operating_points(probs, targets, f"{rule}:{level}")
+    chosen = operating_points(probs, targets, f"{rule}:{level}")
     for c, t in enumerate(chosen):
         score, positive = probs[:, c], targets[:, c] > 0.5
         assert sens_spec(score, positive, t)[figure] >= level
@@ -705,9 +696,9 @@ def test_constraint_rules_pick_the_extreme_threshold_that_meets_them(seed, level
 def test_specificity_one_with_a_negative_on_top_calls_nothing():
     probs = np.array([[0.2], [0.5], [0.9]])
     targets = np.array([[0], [1], [0]])
-    (t,) = metrics.operating_points(probs, targets, "specificity:1")
+    (t,) = operating_points(probs, targets, "specificity:1")
     assert t > 0.9
-    (t,) = metrics.operating_points(probs, targets, "sensitivity:1")
+    (t,) = operating_points(probs, targets, "sensitivity:1")
     assert t == 0.5
 
 
@@ -715,14 +706,14 @@ def test_class_without_positive_or_negative_has_no_threshold():
     probs = np.array([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6], [0.7, 0.8, 0.9]])
     targets = np.array([[0, 1, 0], [0, 1, 1], [0, 1, 0]])
     for rule in ("youden", "sensitivity:0.9", "specificity:0.9"):
-        thresholds = metrics.operating_points(probs, targets, rule)
+        thresholds = operating_points(probs, targets, rule)
         assert thresholds[:2] == [None, None] and thresholds[2] is not None
 
 
 @pytest.mark.parametrize("text", ["Youden", " youden ", "SENSITIVITY:0.9", "specificity: 0.85", "sensitivity:1"])
 def test_rule_strings_accepted(text):
     probs, targets = random_scores(0)
-    assert all(t is not None for t in metrics.operating_points(probs, targets, text))
+    assert all(t is not None for t in operating_points(probs, targets, text))
 
 
 @pytest.mark.parametrize("text", ["", "youdn", "youden:0.5", "sensitivity", "sensitivity:", "sensitivity:abc",
@@ -730,7 +721,7 @@ def test_rule_strings_accepted(text):
                                   "sensitivity:nan"])
 def test_bad_rule_string_is_one_line_naming_the_forms(text):
     with pytest.raises(ValueError) as caught:
-        metrics.parse_operating_point(text)
+        parse_operating_point(text)
     message = str(caught.value)
     assert "\n" not in message
     for form in ("youden", "sensitivity:X", "specificity:X"):
@@ -763,18 +754,18 @@ def test_at_threshold_against_hand_worked_confusion_matrices():
         "d": dict(sensitivity=0.0, specificity=1.0, ppv=None, npv=0.5, f1=0.0),
         "e": dict(sensitivity=None, specificity=None, ppv=None, npv=None, f1=None),
     }
-    result = metrics.at_threshold(probs, targets, thresholds, labels=list("abcde"))
+    result = at_threshold(probs, targets, thresholds, labels=list("abcde"))
     assert list(result) == list("abcde")
     for key, figures in expected.items():
         for name, value in figures.items():
             assert result[key][name] == (None if value is None else pytest.approx(value)), (key, name)
-    by_index = metrics.at_threshold(probs, targets, thresholds)
+    by_index = at_threshold(probs, targets, thresholds)
     assert list(by_index) == [0, 1, 2, 3, 4] and by_index[0] == result["a"]
 
 
 def test_at_threshold_rejects_wrong_number_of_thresholds():
     with pytest.raises(ValueError, match="thresholds"):
-        metrics.at_threshold(np.zeros((3, 2)), np.zeros((3, 2)), [0.5])
+        at_threshold(np.zeros((3, 2)), np.zeros((3, 2)), [0.5])
 
 
 # --------------------------------------------------------------------------
@@ -795,16 +786,16 @@ def test_patient_weights_share_a_patients_draw_count():
 def test_bootstrap_equals_resamples_materialised_image_by_image():
     probs, targets = random_scores(7, n=40, n_classes=3)
     patients = np.arange(40) // 3
-    thresholds = metrics.operating_points(probs, targets, "youden")
+    thresholds = operating_points(probs, targets, "youden")
     n_resamples, seed = 50, 11
-    result = metrics.bootstrap_at_threshold(probs, targets, thresholds, n_resamples, seed,
+    result = bootstrap_at_threshold(probs, targets, thresholds, n_resamples, seed,
                                             resampler=PatientResampler.from_ids(patients))
 
     weights = PatientResampler.from_ids(patients)(np.random.default_rng(seed), n_resamples)
-    values = {(c, name): [] for c in range(3) for name in metrics.FIGURES}
+    values = {(c, name): [] for c in range(3) for name in FIGURES}
     for row in weights:
         rows = np.repeat(np.arange(40), row)            # the resample as an explicit data set
-        figures = metrics.at_threshold(probs[rows], targets[rows], thresholds)
+        figures = at_threshold(probs[rows], targets[rows], thresholds)
         for (c, name), bucket in values.items():
             if figures[c][name] is not None:
                 bucket.append(figures[c][name])
@@ -815,12 +806,12 @@ def test_bootstrap_equals_resamples_materialised_image_by_image():
 def test_bootstrap_intervals_contain_the_point_estimate():
     probs, targets = random_scores(3, n=300, n_classes=4)
     patients = np.arange(300) // 4
-    thresholds = metrics.operating_points(probs, targets, "youden")
-    point = metrics.at_threshold(probs, targets, thresholds)
-    intervals = metrics.bootstrap_at_threshold(probs, targets, thresholds, n_resamples=300, seed=0,
+    thresholds = operating_points(probs, targets, "youden")
+    point = at_threshold(probs, targets, thresholds)
+    intervals = bootstrap_at_threshold(probs, targets, thresholds, n_resamples=300, seed=0,
                                                resampler=PatientResampler.from_ids(patients))
     for c in range(4):
-        for name in metrics.FIGURES:
+        for name in FIGURES:
             lo, hi = intervals[c][name]
             assert lo <= point[c][name] <= hi and lo < hi
 
@@ -834,11 +825,11 @@ def test_bootstrap_is_wider_with_repeated_correlated_patients():
     probs, targets = np.repeat(score, per_patient, axis=0), np.repeat(truth, per_patient, axis=0).astype(float)
     patients = np.repeat(np.arange(n_patients), per_patient)
     thresholds = [0.5, 0.5]
-    by_patient = metrics.bootstrap_at_threshold(probs, targets, thresholds, n_resamples=400, seed=1,
+    by_patient = bootstrap_at_threshold(probs, targets, thresholds, n_resamples=400, seed=1,
                                                 resampler=PatientResampler.from_ids(patients))
-    by_image = metrics.bootstrap_at_threshold(probs, targets, thresholds, n_resamples=400, seed=1)
+    by_image = bootstrap_at_threshold(probs, targets, thresholds, n_resamples=400, seed=1)
     for c in range(2):
-        for name in metrics.FIGURES:
+        for name in FIGURES:
             width_patient = np.diff(by_patient[c][name])[0]
             width_image = np.diff(by_image[c][name])[0]
             assert width_patient > 1.5 * width_image, (c, name)   # about sqrt(5) = 2.2 expected
@@ -847,11 +838,11 @@ def test_bootstrap_is_wider_with_repeated_correlated_patients():
 def test_bootstrap_gives_none_where_undefined_and_is_seeded():
     probs, targets = random_scores(2, n=30, n_classes=2)
     targets[:, 1] = 0
-    a = metrics.bootstrap_at_threshold(probs, targets, [0.4, 0.4], n_resamples=30, seed=3)
-    b = metrics.bootstrap_at_threshold(probs, targets, [0.4, 0.4], n_resamples=30, seed=3)
+    a = bootstrap_at_threshold(probs, targets, [0.4, 0.4], n_resamples=30, seed=3)
+    b = bootstrap_at_threshold(probs, targets, [0.4, 0.4], n_resamples=30, seed=3)
     assert a == b
     assert a[1]["sensitivity"] is None and a[1]["specificity"] is not None
-    assert all(v is None for v in metrics.bootstrap_at_threshold(probs, targets, [None, None], n_resamples=5)[0].values())
+    assert all(v is None for v in bootstrap_at_threshold(probs, targets, [None, None], n_resamples=5)[0].values())
 
 
 # --------------------------------------------------------------------------
@@ -870,19 +861,19 @@ def test_auprc_against_hand_computation_and_prevalence():
     rng = np.random.default_rng(0)
     targets = (rng.random((200, 3)) < [0.1, 0.3, 0.0]).astype(float)
     probs = rng.random((200, 3)) + 0.3 * targets                       # continuous: no ties
-    result = metrics.auprc(probs, targets, labels=["x", "y", "z"])
+    result = auprc(probs, targets, labels=["x", "y", "z"])
     for c, key in enumerate("xy"):
         assert result[key] == pytest.approx(average_precision_by_hand(probs[:, c], targets[:, c] > 0.5))
     assert result["z"] is None
-    prevalence = metrics.prevalence(targets, labels=["x", "y", "z"])
+    prevalence = class_prevalence(targets, labels=["x", "y", "z"])
     assert prevalence == pytest.approx({"x": targets[:, 0].mean(), "y": targets[:, 1].mean(), "z": 0.0})
 
 
 def test_auprc_of_a_random_ranking_is_the_prevalence():
     rng = np.random.default_rng(1)
     targets = (rng.random((20000, 1)) < 0.2).astype(float)
-    result = metrics.auprc(rng.random((20000, 1)), targets)
-    assert result[0] == pytest.approx(metrics.prevalence(targets)[0], abs=0.02)
+    result = auprc(rng.random((20000, 1)), targets)
+    assert result[0] == pytest.approx(class_prevalence(targets)[0], abs=0.02)
 
 
 # --------------------------------------------------------------------------
@@ -893,10 +884,10 @@ def test_ece_small_when_calibrated_and_large_when_distorted():
     rng = np.random.default_rng(0)
     p = rng.random((10000, 2))
     targets = (rng.random((10000, 2)) < p).astype(float)          # targets ~ Bernoulli(p): calibrated
-    calibrated = metrics.expected_calibration_error(p, targets)
+    calibrated = expected_calibration_error(p, targets)
     assert calibrated["pooled"] < 0.02
     assert all(v < 0.03 for v in calibrated["per_class"].values())
-    distorted = metrics.expected_calibration_error(p ** 3, targets)      # E|p - p^3| = 1/2 - 1/4 = 0.25
+    distorted = expected_calibration_error(p ** 3, targets)      # E|p - p^3| = 1/2 - 1/4 = 0.25
     assert distorted["pooled"] > 0.15
     assert distorted["pooled"] == pytest.approx(0.25, abs=0.03)
 
@@ -912,11 +903,11 @@ def test_ece_hand_worked_pooled_and_per_class():
     #   ECE = (2 * 0.025 + 2 * 0.335 + 2 * 0.065 + 2 * 0.025) / 8 = 0.9 / 8 = 0.1125
     probs = np.array([[0.05, 0.0], [0.15, 0.55], [0.18, 0.58], [0.95, 1.0]])
     targets = np.array([[0, 0], [1, 1], [0, 0], [1, 1]])
-    result = metrics.expected_calibration_error(probs, targets, n_bins=10, labels=["a", "b"])
+    result = expected_calibration_error(probs, targets, n_bins=10, labels=["a", "b"])
     assert result["per_class"] == pytest.approx({"a": 0.1925, "b": 0.0325})
     assert result["pooled"] == pytest.approx(0.1125)
 
-    diagram = metrics.reliability_diagram(probs, targets, n_bins=10)
+    diagram = reliability_diagram(probs, targets, n_bins=10)
     a = diagram["per_class"][0]
     assert a["bin_centres"] == pytest.approx([0.05 + 0.1 * b for b in range(10)])
     assert a["counts"] == [1, 2, 0, 0, 0, 0, 0, 0, 0, 1]
@@ -928,7 +919,7 @@ def test_ece_hand_worked_pooled_and_per_class():
 
 def test_ece_rejects_values_outside_unit_interval():
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        metrics.expected_calibration_error(np.array([[1.5]]), np.array([[1]]))
+        expected_calibration_error(np.array([[1.5]]), np.array([[1]]))
 
 
 # --------------------------------------------------------------------------
@@ -940,7 +931,7 @@ def test_ece_rejects_values_outside_unit_interval():
     (412, None), ("abc", None), (None, None), (float("nan"), None), ("", None),
 ])
 def test_age_in_years(value, years):
-    assert metrics.age_in_years(value) == (None if years is None else pytest.approx(years))
+    assert age_in_years(value) == (None if years is None else pytest.approx(years))
 
 
 def test_subgroup_auc_equals_sklearn_on_the_subgroup_rows():
@@ -956,7 +947,7 @@ def test_subgroup_auc_equals_sklearn_on_the_subgroup_rows():
     targets[(sex == "F"), 2] = 0                                           # class 2 undefined among women
     frame = pd.DataFrame({"patient_gender": sex, "patient_age": ages, "view_position": view,
                           "Image Index": [f"{i:08d}_000.png" for i in range(n)]})
-    result = metrics.subgroup_auc(probs, targets, frame, labels=["a", "b", "c"])
+    result = subgroup_auc(probs, targets, frame, SUBGROUPS, labels=["a", "b", "c"])
 
     band = np.where(years < 40, "<40", np.where(years < 60, "40-59", "60+")).astype(object)
     band[5] = None
@@ -982,7 +973,7 @@ def test_subgroup_auc_equals_sklearn_on_the_subgroup_rows():
 def test_subgroup_auc_names_missing_columns():
     frame = pd.DataFrame({"patient_gender": ["M", "F"], "patient_age": [50, 60]})
     with pytest.raises(ValueError, match="view_position"):
-        metrics.subgroup_auc(np.zeros((2, 1)), np.zeros((2, 1)), frame)
+        subgroup_auc(np.zeros((2, 1)), np.zeros((2, 1)), frame, SUBGROUPS)
 
 
 # --------------------------------------------------------------------------
@@ -1001,7 +992,7 @@ def test_pointing_game_scales_heatmap_cells_to_box_coordinates():
         [300, 650, 100, 100],    # (x, y) swapped: (320, 704) would be inside -> miss
         [704, 320, 10, 10],      # the centre on the box's corner: closed box -> hit
     ])
-    result = metrics.pointing_game(heatmaps, boxes, ["Nodule", "Mass", "Mass", "Nodule"])
+    result = pointing_game(heatmaps, boxes, ["Nodule", "Mass", "Mass", "Nodule"])
     assert list(result) == ["Nodule", "Mass"]
     assert result["Nodule"]["hit_rate"] == 1.0 and result["Nodule"]["n_boxes"] == 2
     assert result["Mass"]["hit_rate"] == 0.0 and result["Mass"]["n_boxes"] == 2
@@ -1018,15 +1009,15 @@ def test_pointing_game_non_square_original_and_heatmap():
     heatmap[0, 7] = 1.0
     boxes = np.array([[100, 300, 100, 100], [340, 140, 20, 20], [100, 300, 100, 100]])
     sizes = np.array([[800, 400], [800, 400], [400, 800]])   # third: 50 x 200 px cells -> (75, 700)
-    result = metrics.pointing_game(np.stack([heatmap] * 3), boxes, ["a", "b", "c"], original_size=sizes)
+    result = pointing_game(np.stack([heatmap] * 3), boxes, ["a", "b", "c"], original_size=sizes)
     assert result["a"]["hit_rate"] == 1.0
     assert result["b"]["hit_rate"] == 0.0        # (350, 150) -- the transposed point -- is inside this box
     assert result["c"]["hit_rate"] == 0.0
     # A box partly outside the image counts only its inside part for chance: 100 x 100 of 800 x 400.
-    clipped = metrics.pointing_game(heatmap[None], np.array([[750, 350, 100, 100]]), ["a"], (800, 400))
+    clipped = pointing_game(heatmap[None], np.array([[750, 350, 100, 100]]), ["a"], (800, 400))
     assert clipped["a"]["chance_rate"] == pytest.approx(50 * 50 / (800 * 400))
 
 
 def test_pointing_game_rejects_mismatched_inputs():
     with pytest.raises(ValueError):
-        metrics.pointing_game(np.zeros((2, 4, 4)), np.zeros((3, 4)), ["a", "b"])
+        pointing_game(np.zeros((2, 4, 4)), np.zeros((3, 4)), ["a", "b"])

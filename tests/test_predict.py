@@ -20,12 +20,12 @@ import pytest
 import torch
 from PIL import Image
 
-import cxrmem
+import cxrmem.inference.predict
 from cxrmem import report
 from cxrmem.config import dump_yaml, from_dict
 from cxrmem.data.findings import FINDINGS
 from cxrmem.models.net import build_model
-from cxrmem.predict import collect_images, main as predict_main
+from cxrmem.inference.predict import collect_images, main as predict_main
 from cxrmem.train.phases import checkpoint_path
 
 from conftest import run_cli
@@ -59,7 +59,7 @@ def read_points_as_contracted(run_dir):
 
 @pytest.fixture(scope="module", autouse=True)
 def operating_points_reader():
-    """cxrmem.report.read_operating_points as the contract defines it, where report does not provide it."""
+    """cxrmem.runs.folder.read_operating_points as the contract defines it, where report does not provide it."""
     with pytest.MonkeyPatch.context() as patch:
         if not hasattr(report, "read_operating_points"):
             patch.setattr(report, "read_operating_points", read_points_as_contracted, raising=False)
@@ -295,7 +295,7 @@ def test_when_no_file_can_be_read_the_exit_status_is_2(fake_run, tmp_path, capsy
 
 @pytest.fixture
 def fake_explain(monkeypatch):
-    """A stand-in cxrmem.explain with the contract's signatures, recording its calls."""
+    """A stand-in cxrmem.inference.explain with the contract's signatures, recording its calls."""
     calls = {"grad_cam": [], "save_overlay": []}
 
     def grad_cam(model, images, class_indices):
@@ -311,10 +311,8 @@ def fake_explain(monkeypatch):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(path)
 
-    module = types.ModuleType("cxrmem.explain")
-    module.grad_cam, module.save_overlay = grad_cam, save_overlay
-    monkeypatch.setitem(sys.modules, "cxrmem.explain", module)
-    monkeypatch.setattr(cxrmem, "explain", module, raising=False)
+    module = types.SimpleNamespace(grad_cam=grad_cam, save_overlay=save_overlay)
+    monkeypatch.setattr(cxrmem.inference.predict, "explain", module)
     return calls
 
 
@@ -364,7 +362,7 @@ def trained_run(tmp_path_factory, tiny_data):
     """The tiny end-to-end experiment trained once, then evaluated with --evaluate: (run_dir, predictions)."""
     from test_end_to_end import TINY
 
-    from cxrmem.cli import train_main
+    from cxrmem.experiment import train_main
 
     folder = tmp_path_factory.mktemp("trained")
     config = folder / "tiny.yaml"
@@ -409,7 +407,7 @@ def test_predict_gives_the_probabilities_of_evaluate(trained_run, tiny_data, tmp
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_an_export_of_the_trained_run_gives_the_probabilities_of_evaluate(trained_run, tiny_data, tmp_path,
                                                                          capsys, fmt):
-    from cxrmem.export import main as export_main
+    from cxrmem.inference.export import main as export_main
 
     run_dir, predictions = trained_run
     expected = evaluated(predictions)
@@ -426,7 +424,6 @@ def test_an_export_of_the_trained_run_gives_the_probabilities_of_evaluate(traine
 @pytest.mark.slow
 def test_real_heatmaps_of_the_trained_run(trained_run, tiny_data, tmp_path, capsys):
     pytest.importorskip("pytorch_grad_cam")
-    pytest.importorskip("cxrmem.explain")
     run_dir, predictions = trained_run
     names = list(evaluated(predictions).index[:2])
     status, table, out, err = predict(capsys, tmp_path, "--run", run_dir, "--heatmaps", tmp_path / "maps",

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxrmem.cli import legacy_main, train_main
+from cxrmem.experiment import legacy_main, train_main
 from cxrmem.config import load_config, read_yaml
-from cxrmem.errors import UserError
-from cxrmem.reference import RULES, legacy_experiments, translate
+from cxrmem.utils.errors import UserError
+from cxrmem.config.reference import RULES, legacy_experiments, translate
 
 from conftest import EXPERIMENTS, ROOT, run_cli
 

@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 import torch
 
-from cxrmem import io
-from cxrmem.cli import train_main
-from cxrmem.errors import UserError
+from cxrmem.utils import io
+from cxrmem.experiment import train_main
+from cxrmem.utils.errors import UserError
 from cxrmem.train import phases
 
 from conftest import ROOT, run_cli
@@ -597,7 +597,7 @@ def phases_cfg(config, data_dir, run_dir):
 
 
 def test_a_second_command_on_a_run_folder_in_use_stops_at_once(capsys, finished_run, tiny_data, tmp_path):
-    from cxrmem.cli import RUN_LOCK
+    from cxrmem.runs.folder import RUN_LOCK
 
     config, finished = finished_run
     run_dir = tmp_path / "run"

@@ -16,22 +16,20 @@ from PIL import Image
 from sklearn.metrics import average_precision_score, confusion_matrix, f1_score, roc_auc_score
 from test_metrics import synthetic_split
 
+import cxrmem.train.figures
 from cxrmem import report
-from cxrmem.errors import UserError
-from cxrmem.io import atomic_path
+from cxrmem.data.chestxray14 import SUBGROUPS
+from cxrmem.runs.folder import read_operating_points
+from cxrmem.train.figures import plot_lr_find
+from cxrmem.utils.errors import UserError
+from cxrmem.utils.io import atomic_path
 from cxrmem.config import from_dict
 from cxrmem.data.chestxray14 import load_frame, patient_ids
-from cxrmem.metrics import FIGURES, PatientResampler, operating_points, subgroup_auc
-from cxrmem.report import (
-    RunFileError,
-    evaluate_split,
-    format_report,
-    load_predictions,
-    read_config,
-    read_metrics,
-    save_predictions,
-    write_metrics,
-)
+from cxrmem.evaluation.thresholds import FIGURES, operating_points
+from cxrmem.evaluation.auc import PatientResampler
+from cxrmem.evaluation.subgroups import subgroup_auc
+from cxrmem.runs.folder import RunFileError, load_predictions, read_config, read_metrics, save_predictions, write_metrics
+from cxrmem.report import evaluate_split, format_report
 
 FINDINGS = [
     "Atelectasis", "Consolidation", "Infiltration", "Pneumothorax", "Edema",
@@ -338,7 +336,7 @@ def test_write_results_writes_metrics_predictions_and_the_report(tmp_path, capsy
                 for split, (p, t, names) in splits.items()}
     assert metrics == expected
     assert json.loads((tmp_path / "operating_points.json").read_text()) == point
-    assert report.read_operating_points(tmp_path) == point["thresholds"]
+    assert read_operating_points(tmp_path) == point["thresholds"]
     assert (tmp_path / "report.md").read_text() == report.format_markdown_report(expected, "exp")
     assert read_metrics(tmp_path) == json.loads(json.dumps(expected))
     printed = capsys.readouterr().out
@@ -392,7 +390,7 @@ def test_write_results_passes_each_images_metadata_to_the_subgroups(tmp_path, ca
     metrics = report.write_results(fake_config(tmp_path), splits, frame)
     probs, targets, test_names = splits["test"]
     rows = frame.set_index("image_index").reindex(test_names).reset_index(drop=True)
-    expected = subgroup_auc(probs, targets, rows, FINDINGS)
+    expected = subgroup_auc(probs, targets, rows, SUBGROUPS, FINDINGS)
     assert metrics["test"]["subgroups"] == expected
     assert sum(g["n_images"] for g in expected["sex"].values()) == len(test_names) - 5
     printed = capsys.readouterr().out
@@ -408,7 +406,7 @@ def test_without_a_validation_split_there_are_no_operating_points(tmp_path, caps
     probs, targets, names = two_splits()["test"]
     metrics = report.write_results(fake_config(tmp_path, rule="sensitivity:0.9"), {"test": (probs, targets, names)})
     assert not (tmp_path / "operating_points.json").exists()
-    assert report.read_operating_points(tmp_path) is None
+    assert read_operating_points(tmp_path) is None
     test = metrics["test"]
     assert test["operating_point"] is None and set(test["thresholds"].values()) == {None}
     assert all(set(figures.values()) == {None} for figures in test["at_threshold"].values())
@@ -418,7 +416,7 @@ def test_without_a_validation_split_there_are_no_operating_points(tmp_path, caps
 def test_operating_points_follow_the_configured_rule(tmp_path, capsys):
     splits = two_splits()
     report.write_results(fake_config(tmp_path, rule="specificity:0.8"), splits)
-    chosen = report.read_operating_points(tmp_path)
+    chosen = read_operating_points(tmp_path)
     valid_probs, valid_targets, _ = splits["valid"]
     assert list(chosen) == FINDINGS
     for c, finding in enumerate(FINDINGS):
@@ -429,12 +427,12 @@ def test_operating_points_follow_the_configured_rule(tmp_path, capsys):
 
 
 def test_read_operating_points_errors(tmp_path):
-    assert report.read_operating_points(tmp_path) is None
+    assert read_operating_points(tmp_path) is None
     (tmp_path / "operating_points.json").write_text('{"rule": "youden"}')
     with pytest.raises(RunFileError, match="thresholds"):
-        report.read_operating_points(tmp_path)
+        read_operating_points(tmp_path)
     (tmp_path / "operating_points.json").write_text('{"thresholds": {"Edema": 0.25, "Hernia": null}}')
-    assert report.read_operating_points(tmp_path) == {"Edema": 0.25, "Hernia": None}
+    assert read_operating_points(tmp_path) == {"Edema": 0.25, "Hernia": None}
 
 
 def test_report_keeps_the_guides_block_and_adds_a_compact_table(tmp_path):
@@ -574,7 +572,7 @@ def test_lr_find_writes_png(tmp_path):
     lrs = np.logspace(-7, 1, 60)
     losses = 0.7 - 0.2 * np.exp(-((np.log10(lrs) + 3) ** 2)) + np.where(lrs > 1e-1, 5 * lrs, 0)
     losses[-1] = np.nan  # a diverged last step is left out
-    path = report.plot_lr_find(lrs, losses, 1e-3, tmp_path / "lr_find_phase1.png")
+    path = plot_lr_find(lrs, losses, 1e-3, tmp_path / "lr_find_phase1.png")
     assert path == tmp_path / "lr_find_phase1.png"
     assert_png(path)
     assert no_temp_files(tmp_path)
@@ -583,12 +581,12 @@ def test_lr_find_writes_png(tmp_path):
 def test_lr_find_accepts_tensors_and_no_choice(tmp_path):
     lrs = [torch.tensor(x) for x in np.logspace(-6, -1, 10)]
     losses = [torch.tensor(0.7 - 0.01 * i) for i in range(10)]
-    assert_png(report.plot_lr_find(lrs, losses, None, tmp_path / "lr.png"))
+    assert_png(plot_lr_find(lrs, losses, None, tmp_path / "lr.png"))
 
 
 def test_lr_find_rejects_mismatched_lengths(tmp_path):
     with pytest.raises(ValueError):
-        report.plot_lr_find([1e-3, 1e-2], [0.5], 1e-3, tmp_path / "lr.png")
+        plot_lr_find([1e-3, 1e-2], [0.5], 1e-3, tmp_path / "lr.png")
     assert not (tmp_path / "lr.png").exists()
 
 
@@ -642,7 +640,7 @@ def test_figures_stay_out_of_pyplot(tmp_path):
     import matplotlib.pyplot as plt
 
     before = plt.get_fignums()
-    report.plot_lr_find([1e-4, 1e-3, 1e-2], [0.7, 0.6, 0.9], 1e-3, tmp_path / "lr.png")
+    plot_lr_find([1e-4, 1e-3, 1e-2], [0.7, 0.6, 0.9], 1e-3, tmp_path / "lr.png")
     assert plt.get_fignums() == before
 
 
@@ -665,7 +663,7 @@ def test_safe_plot_turns_failure_into_warning(tmp_path):
 def test_safe_plot_passes_result_through(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        result = report.safe_plot(report.plot_lr_find, [1e-4, 1e-3], [0.7, 0.6], 1e-3, tmp_path / "lr.png")
+        result = report.safe_plot(plot_lr_find, [1e-4, 1e-3], [0.7, 0.6], 1e-3, tmp_path / "lr.png")
     assert result == tmp_path / "lr.png"
 
 
@@ -728,6 +726,7 @@ def drawn(monkeypatch):
         return real(figure, path)
 
     monkeypatch.setattr(report, "save_figure", keep)
+    monkeypatch.setattr(cxrmem.train.figures, "save_figure", keep)  # the LR finder's plot, drawn in training
     return figures
 
 
@@ -771,7 +770,7 @@ def test_memory_plot_numbers_epochs_from_one_across_the_phases(tmp_path, drawn):
 
 def test_lr_finder_legend_is_off_the_curve(tmp_path, drawn):
     lrs = np.logspace(-7, 1, 60)
-    report.plot_lr_find(lrs, 0.7 - 0.2 * np.exp(-((np.log10(lrs) + 3) ** 2)), 1e-3, tmp_path / "lr.png")
+    plot_lr_find(lrs, 0.7 - 0.2 * np.exp(-((np.log10(lrs) + 3) ** 2)), 1e-3, tmp_path / "lr.png")
     assert_legends_off_the_data(drawn[0])
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from fastai.data.load import DataLoader
 
-from cxrmem import io
+from cxrmem.utils import io
 from cxrmem.config import MemoryConfig
 from cxrmem.models.memory import MemoryBank
 from cxrmem.train.resume import random_states, set_bank_state, set_random_states

@@ -63,8 +63,8 @@ def test_evaluation_runs_under_the_autocast_of_training(tiny_data, monkeypatch):
     report's predictions and in cxrmem-predict's network, is under that autocast; probabilities come out float32."""
     from cxrmem.data.prepare import prepare_data
     from cxrmem.models.net import build_model
-    from cxrmem.predict import TorchNetwork
-    from cxrmem.train.predict import predict_splits
+    from cxrmem.inference.network import TorchNetwork
+    from cxrmem.train.split_predictions import predict_splits
 
     monkeypatch.setattr(speed, "autocast_dtype", lambda model_cfg, device: torch.bfloat16)
     cfg = from_dict({"model": {"backbone": "resnet18", "pretrained": False}, "memory": {"bank_size": 8},

@@ -18,15 +18,15 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 import cxrmem
-from cxrmem.cli import train_parser
+from cxrmem.experiment import train_parser
 from cxrmem.config import apply_override, dump_yaml, from_dict, load_config
 from cxrmem.data.chestxray14 import FINDINGS, patient_ids
 from cxrmem.data.prepare import prepare_data
-from cxrmem.errors import UserError
-from cxrmem.sweep import (
-    ALPHA, gpu_groups, grid_variants, load_sweep, main, plan_runs, predictions_path, run_state,
-    set_argument, significant, train_argv, train_command,
-)
+from cxrmem.utils.errors import UserError
+from cxrmem.sweep import ALPHA, gpu_groups, grid_variants, load_sweep, main, plan_runs, run_state, set_argument, significant, train_argv, train_command
+from cxrmem.evaluation.auc import mean_auc, per_class_auc
+from cxrmem.report.compare import main as compare_main
+from cxrmem.runs.folder import predictions_path
 from cxrmem.train.phases import resume_path
 
 from conftest import ROOT, run_cli
@@ -209,7 +209,7 @@ def fake_finished(run, test_names=None, probs=None, targets=None):
     torch.save({"probs": torch.as_tensor(probs, dtype=torch.float32),
                 "targets": torch.as_tensor(targets, dtype=torch.float32),
                 "labels": list(FINDINGS), "image_index": list(names), "split": ["test"] * len(names)},
-               predictions_path(run))
+               predictions_path(run.run_dir, run.config.experiment_name))
 
 
 def test_states_and_dry_run_print_exactly_the_runs_left(tmp_path, tiny_data, capsys, monkeypatch):
@@ -437,16 +437,16 @@ def test_summary_against_an_independent_computation(tmp_path, tiny_data, capsys,
                 entry = comparison["per_class"][label]
                 assert set(entry) >= {"delta_auc", "p_delong", "p_holm"}
                 if label == "Hernia":
-                    assert entry == {"delta_auc": None, "p_delong": None, "p_holm": None}
+                    assert set(entry.values()) == {None}
                     continue
                 assert entry["delta_auc"] == pytest.approx(mine[c] - ref[c], abs=1e-9)
                 assert entry["p_holm"] >= entry["p_delong"]
-            boot = comparison["bootstrap"]
-            assert boot["resamples"] > 0 and boot["ci95"][0] <= comparison["delta_mean_auc"] <= boot["ci95"][1]
+            low, high = comparison["delta_mean_auc_ci95"]
+            assert comparison["resamples_used"] > 0 and low <= comparison["delta_mean_auc"] <= high
 
     same, better = summary["variants"]["same"], summary["variants"]["fifo"]
     for comparison in same["vs_reference"].values():  # identical scores: no difference at all
-        assert comparison["delta_mean_auc"] == 0.0 and comparison["bootstrap"]["p"] == 1.0
+        assert comparison["delta_mean_auc"] == 0.0 and comparison["p_bootstrap"] == 1.0
         assert all(e["p_delong"] in (1.0, None) for e in comparison["per_class"].values())
     assert not same["significant"]["mean_auc"] and not any(same["significant"]["per_class"].values())
     assert better["significant"]["mean_auc"] and better["delta_mean_auc"]["mean"] > 0.2
@@ -457,6 +457,29 @@ def test_summary_against_an_independent_computation(tmp_path, tiny_data, capsys,
     assert f"| Atelectasis | {reference_cell(summary, 'nomem')}" in markdown
     assert "| fifo | 3 |" in markdown and " * |" in markdown
     assert (tmp_path / "out" / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_compare_command_and_the_summary_give_the_same_figures(tmp_path, tiny_data, capsys, monkeypatch):
+    sweep, runs, scores, targets, names = fake_sweep_results(tmp_path, tiny_data, monkeypatch)
+    status, _, err = run_cli(main, [sweep.path, "--output_dir", tmp_path / "out", "--summary"], capsys)
+    assert status == 0, err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    folders = {(run.variant, run.seed): run.run_dir for run in runs}
+    for variant, seed in (("fifo", 1), ("same", 2)):
+        reference, other = folders[("nomem", seed)], folders[(variant, seed)]
+        for folder, key in ((reference, ("nomem", seed)), (other, (variant, seed))):  # the table needs metrics
+            per_class = per_class_auc(scores[key], targets, list(FINDINGS))
+            (folder / "metrics.json").write_text(json.dumps({"test": {"per_class": per_class,
+                                                                       "mean_auc": mean_auc(per_class)}}))
+        out = tmp_path / f"compare_{variant}.json"
+        status, _, err = run_cli(compare_main, [reference, other, "--reference", reference, "--json", out], capsys)
+        assert status == 0, err
+        compared = json.loads(out.read_text())["runs"][0]
+        swept = summary["variants"][variant]["vs_reference"][str(seed)]
+        for key in ("delta_mean_auc", "delta_mean_auc_ci95", "p_bootstrap", "resamples_used"):
+            assert compared[key] == swept[key], key
+        assert compared["per_class"] == swept["per_class"]  # Δ AUC, DeLong p, Holm p per finding
+    assert summary["variants"]["fifo"]["vs_reference"]["1"]["p_bootstrap"] < 0.05  # a real difference, compared
 
 
 def reference_cell(summary, variant):

@@ -23,7 +23,7 @@ from cxrmem.data.synthetic.drawing import PAINTERS, draw_image, render_image
 from cxrmem.data.synthetic.labels import ensure_findings_covered, real_prevalence, sample_label_matrix
 from cxrmem.data.synthetic.plan import plan_dataset
 from cxrmem.data.synthetic.writing import data_entry_text
-from cxrmem.errors import UserError
+from cxrmem.utils.errors import UserError
 
 N_PATIENTS = 40
 SIZE = 48

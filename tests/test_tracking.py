@@ -22,10 +22,10 @@ from fastai.losses import MSELossFlat
 from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cxrmem.cli import train_main
+from cxrmem.experiment import train_main
 from cxrmem.config import from_dict
 from cxrmem.data.chestxray14 import FINDINGS
-from cxrmem.errors import UserError
+from cxrmem.utils.errors import UserError
 from cxrmem.train import phases, tracking
 
 from conftest import ROOT, run_cli

@@ -16,9 +16,9 @@ import torch
 import torchvision
 
 from conftest import run_cli
-from cxrmem.errors import UserError
+from cxrmem.utils.errors import UserError
 from cxrmem.models.backbones import BACKBONES, HubFile, build_backbone, pretrained_file
-from cxrmem.weights import main as weights_main
+from cxrmem.models.weights import main as weights_main
 
 TIMM_NAME = "timm/resnet10t"
 TIMM_REPO = "timm/resnet10t.c3_in1k"  # where timm takes resnet10t's default pretrained weights from

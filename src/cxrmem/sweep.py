@@ -24,8 +24,8 @@ config.yaml equal to the resolved configuration) -> skipped; config.yaml equal a
 
 Summary (``ROOT/summary.{json,md,png}``): per variant, test AUC per finding and their mean, as mean
 +- SD over seeds; per seed it has in common with the reference, DeLong's test per finding with
-Holm's correction over the findings, and a paired patient-level bootstrap of the mean-AUC
-difference. Differences are variant - reference. A finding (or the mean) is marked significant
+Holm's correction over the findings, and a paired bootstrap of the mean-AUC difference, with the
+reference run's bootstrap settings (patients by default): the compare command's figures, to the digit. Differences are variant - reference. A finding (or the mean) is marked significant
 when p < 0.05 (p_holm; bootstrap p for the mean) with the same sign of the difference in more than
 half of the seeds compared.
 """
@@ -42,20 +42,26 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import numpy as np
 import yaml
 
-from . import io
-from .cli import guarded
 # The experiment schema's own helpers, so that a sweep file is validated like an experiment file.
-from .config import Config, _build, _closest, flatten, load_config, opt, read_yaml, same_experiment
-from .errors import UserError
+from .config import Config, _build, _closest, flatten, load_config, opt, read_yaml
+from .data.chestxray14 import patient_ids
+from .data.prepare import ensure_synthetic, resolve_image_dir
+from .evaluation.auc import mean_auc, per_class_auc
+from .evaluation.paired import mean_sd
+from .experiment import train_main
 from .models.backbones import check_backbone
-
-if TYPE_CHECKING:  # report pulls in matplotlib and torch; the sweep imports it only to summarise
-    from .report import SplitRows
+from .report import plot_auc_bars
+from .report.compare import Evaluated, bootstrap_settings, compare_pair, load_evaluated
+from .runs.folder import FINISHED, INTERRUPTED, RunFolder
+from .utils import io
+from .utils.commands import guarded
+from .utils.errors import UserError
+from .utils.figures import safe_plot
 
 SWEEP_KEYS = {
     "name": "names the sweep and its folder runs/<name> (default: the file's name)",
@@ -258,23 +264,16 @@ def plan_runs(sweep: Sweep, root: Path) -> list[Run]:
     return runs
 
 
-def predictions_path(run: Run) -> Path:
-    return run.run_dir / f"{run.config.experiment_name}_predictions.pt"
-
-
 def run_state(run: Run) -> str:
     """done | resume | start (see the module's docstring)."""
-    from .train.phases import resume_path
-
-    saved = run.run_dir / "config.yaml"
-    same = saved.is_file() and same_experiment(saved.read_text(), run.config)
-    finished = (run.run_dir / "metrics.json").is_file()
-    if finished and saved.is_file() and not same:
+    folder = RunFolder(run.config)
+    same, state = folder.holds_this_config(), folder.state()
+    if state == FINISHED and not same:
         raise UserError(f"{run.run_dir} holds a finished run of another configuration (the sweep file changed?); "
                         f"delete that folder or give the sweep another --output_dir")
-    if same and finished and predictions_path(run).is_file():
+    if same and state == FINISHED and folder.predictions_file.is_file():
         return "done"
-    return "resume" if same and resume_path(run.config).is_file() else "start"
+    return "resume" if same and state == INTERRUPTED else "start"
 
 
 STATE_FLAGS = {"start": [], "resume": ["--resume"]}
@@ -305,8 +304,6 @@ def run_training(argv: list[str]) -> None:
 
     if submitit.JobEnvironment().num_tasks > 1:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    from .cli import train_main
-
     status = train_main(argv)
     if status:
         raise RuntimeError(f"train.py exited with status {status}")
@@ -342,8 +339,6 @@ def gpu_groups(jobs: int, gpus_per_job: int, gpus: list[int]) -> list[list[int]]
 
 def prepare_shared_data(runs: list[Run]) -> None:
     """Generate the synthetic set and build the cache once, before parallel runs would race to."""
-    from .data.prepare import ensure_synthetic, resolve_image_dir
-
     seen = set()
     for run in runs:
         key = repr(run.config.data)
@@ -430,17 +425,8 @@ EXECUTORS = {"local": run_local, "slurm": submit_slurm}
 # --------------------------------------------------------------------------- the summary
 
 
-def load_test_set(path: Path):
-    """The test split of a run's predictions file, in image-name order (report.SplitRows)."""
-    from .report import load_split
-
-    return load_split(path, TEST_SPLIT, "a sweep compares runs on the test split")
-
-
-def class_aucs(test: SplitRows) -> dict[str, Optional[float]]:
+def class_aucs(test: Evaluated) -> dict[str, Optional[float]]:
     """ROC AUC per finding (None without a positive or a negative)."""
-    from .metrics import per_class_auc
-
     return per_class_auc(test.probs, test.targets, test.labels)
 
 
@@ -451,55 +437,34 @@ def significant(pairs: list[tuple[Optional[float], Optional[float]]]) -> bool:
     return bool(pairs) and 2 * max(up, down) > len(pairs)
 
 
-def compare_to_reference(ref: SplitRows, test: SplitRows, resamples: int, seed: int) -> dict:
-    """One seed: DeLong + Holm per finding, paired patient bootstrap of the mean AUC (variant - reference)."""
-    from .data.chestxray14 import patient_ids
-    from .metrics import PatientResampler, delong_per_class, mean_auc, paired_bootstrap
-
-    per_class = delong_per_class(ref.targets, ref.probs, test.probs, ref.labels)
-    delta = mean_auc({label: r["delta"] for label, r in per_class.items()})
-    result = {"delta_mean_auc": delta,
-              "per_class": {label: {"delta_auc": r["delta"], "p_delong": r["p"], "p_holm": r["p_holm"]}
-                            for label, r in per_class.items()}}
-    if resamples > 0:
-        patients = PatientResampler.from_ids(patient_ids(ref.names))
-        boot = paired_bootstrap(ref.targets, ref.probs, test.probs, n_resamples=resamples, seed=seed,
-                                resampler=patients)
-        result["bootstrap"] = {"p": boot.p, "ci95": boot.ci, "resamples": boot.n_used}
-    return result
-
-
 def _mean_sd(values) -> dict:
-    from .metrics import mean_sd
-
     result = mean_sd(list(values))
     return {"mean": result.mean, "sd": result.sd}
 
 
 def summarize(sweep: Sweep, runs: list[Run]) -> Optional[dict]:
-    """The summary.json contract (None when no run has finished)."""
-    from .data.chestxray14 import patient_ids
-    from .metrics import mean_auc
-
+    """The summary.json contract (None when no run has finished). Each variant is compared with the
+    reference run of the same seed as the compare command does (:func:`cxrmem.report.compare.compare_pair`,
+    with the reference run's bootstrap settings), so both give the same figures."""
     finished = [run for run in runs if run_state(run) == "done"]
     if not finished:
         return None
-    tests = {(run.variant, run.seed): load_test_set(predictions_path(run)) for run in finished}
+    tests = {(run.variant, run.seed): load_evaluated(run.run_dir, TEST_SPLIT) for run in finished}
+    run_dirs = {(run.variant, run.seed): run.run_dir for run in finished}
     first_run, first = finished[0], tests[(finished[0].variant, finished[0].seed)]
     for run in finished:
         test = tests[(run.variant, run.seed)]
         if test.names != first.names or test.labels != first.labels or not np.array_equal(test.targets, first.targets):
             raise UserError(f"{run.run_dir} was tested on other images or labels than {first_run.run_dir}; every run "
                             f"of a sweep needs the same data.data_dir, data.seed and data.valid_pct")
-    resamples = {(run.variant, run.seed): run.config.evaluation.bootstrap_resamples for run in finished}
     variants = {}
     order = [sweep.reference] + [v for v in sweep.variants if v != sweep.reference]
     for variant, settings in ((v, sweep.variants[v]) for v in order):
         seeds = [s for s in sweep.seeds if (variant, s) in tests]
         aucs = {s: class_aucs(tests[(variant, s)]) for s in seeds}
         compared = [s for s in seeds if (sweep.reference, s) in tests] if variant != sweep.reference else []
-        vs = {s: compare_to_reference(tests[(sweep.reference, s)], tests[(variant, s)],
-                                      resamples[(variant, s)], seed=s) for s in compared}
+        vs = {s: compare_pair(tests[(sweep.reference, s)], tests[(variant, s)],
+                              bootstrap_settings(run_dirs[(sweep.reference, s)])) for s in compared}
         variants[variant] = {
             "settings": settings,
             "seeds": seeds,
@@ -509,7 +474,7 @@ def summarize(sweep: Sweep, runs: list[Run]) -> Optional[dict]:
             "vs_reference": {str(s): vs[s] for s in compared},
             "delta_mean_auc": _mean_sd(vs[s]["delta_mean_auc"] for s in compared),
             "significant": {
-                "mean_auc": significant([(vs[s]["delta_mean_auc"], vs[s].get("bootstrap", {}).get("p"))
+                "mean_auc": significant([(vs[s]["delta_mean_auc"], vs[s]["p_bootstrap"])
                                          for s in compared]),
                 "per_class": {label: significant([(vs[s]["per_class"][label]["delta_auc"],
                                                    vs[s]["per_class"][label]["p_holm"]) for s in compared])
@@ -551,7 +516,7 @@ def summary_markdown(summary: dict) -> str:
     for name, v in variants.items():
         star = " *" if v["significant"]["mean_auc"] else ""
         delta = "reference" if name == ref else _cell(v["delta_mean_auc"], signed=True) + star
-        ps = ", ".join(f"{s}: {_p_text(c.get('bootstrap', {}).get('p'))}" for s, c in v["vs_reference"].items())
+        ps = ", ".join(f"{s}: {_p_text(c['p_bootstrap'])}" for s, c in v["vs_reference"].items())
         lines.append(f"| {name} | {len(v['seeds'])} | {_cell(v['mean_auc'])} | {delta} | {ps} |")
     lines += ["", "## AUC per finding (mean ± SD over seeds)", "",
               "| finding | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
@@ -568,8 +533,6 @@ def summary_markdown(summary: dict) -> str:
 def plot_summary(summary: dict, path) -> Path:
     """Test AUC per finding and their mean: one bar per variant (mean over seeds, SD as error bar,
     clipped to [0, 1]), a star above a bar that differs from the reference by the significance rule."""
-    from .report import plot_auc_bars
-
     groups = ["Mean AUC"] + summary["labels"]
     names = list(summary["variants"])
     values, errors, marks = [], [], []
@@ -588,8 +551,6 @@ def plot_summary(summary: dict, path) -> Path:
 
 def write_summary(sweep: Sweep, runs: list[Run], root: Path) -> Optional[dict]:
     """summary.json, summary.md and summary.png in ``root``; None (nothing written) without a finished run."""
-    from .report import safe_plot
-
     summary = summarize(sweep, runs)
     if summary is None:
         return None
@@ -669,7 +630,6 @@ def report_summary(sweep: Sweep, runs: list[Run], root: Path, failed=()) -> int:
     return 0
 
 
-if __name__ == "__main__":  # run the importable module, so that the submitted jobs pickle by reference
-    from cxrmem.sweep import main as _main
 
-    sys.exit(_main())
+if __name__ == "__main__":  # python -m cxrmem.sweep, the older spelling of cxrmem sweep
+    sys.exit(main())

@@ -26,7 +26,7 @@ scaled ``v8 = round(v16 * 255 / 65535)`` (never clipped at 255), alpha is droppe
 grayscale sources are stored as 8-bit grayscale and colour ones as RGB: the
 pixels the training reader gets from the source, before its channel replication.
 
-Robustness: every file is written through :func:`cxrmem.io.atomic_path`, so a
+Robustness: every file is written through :func:`cxrmem.utils.io.atomic_path`, so a
 file under its final name is always complete; a run that was killed is resumed
 by the next one (finished files are kept, leftover temporary files removed,
 truncated targets redone). Unreadable, empty or
@@ -52,9 +52,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .. import io
-from ..cli import RERUN_TO_RESUME, guarded
-from ..errors import UserError
+from ..utils import io
+from ..utils.commands import RERUN_TO_RESUME, guarded
+from ..utils.errors import UserError, describe_error
 from .chestxray14 import METADATA_FILES, find_metadata_csv, image_folders
 from .images import IMAGE_SUFFIXES, READ_ERRORS, find_damaged_images, read_shrunk
 from .split import TEST_LIST, TRAIN_VAL_LIST
@@ -126,11 +126,6 @@ def is_finished(source: Path, target: Path) -> bool:
     return not find_damaged_images([target])
 
 
-def describe_error(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def cache_one(job: Job) -> tuple[str, str, str]:
     """Cache one image. Returns (outcome, source, reason): outcome is written, skipped or failed."""
     source, target = Path(job.source), Path(job.target)
@@ -142,7 +137,7 @@ def cache_one(job: Job) -> tuple[str, str, str]:
     try:
         write_image_atomic(read_shrunk(source, job.size), target, job.fmt)
     except READ_ERRORS as exc:
-        return "failed", job.source, describe_error(exc)
+        return "failed", job.source, f"{type(exc).__name__}: {describe_error(exc)}"
     return "written", job.source, ""
 
 

@@ -14,13 +14,17 @@ The frame every function passes along has one row per image with the columns
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
+from typing import Dict, Optional
 
 import numpy as np
 import pandas as pd
 
-from ..errors import UserError, closest
+from ..evaluation.auc import is_missing
+from ..evaluation.subgroups import Subgroup
+from ..utils.errors import UserError, closest, describe_error
 from .findings import FINDINGS, NO_FINDING
 from .images import IMAGE_SUFFIXES
 from .split import TEST_LIST, TRAIN_VAL_LIST, OfficialLists, assign_splits, phase_frame
@@ -60,7 +64,7 @@ def read_entries(csv_path: Path) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         raise UserError(f"{csv_path} is empty (no header, no rows); restore the original file") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise UserError(f"{csv_path}: not a readable CSV ({str(exc).splitlines()[0]}); "
+        raise UserError(f"{csv_path}: not a readable CSV ({describe_error(exc)}); "
                         f"restore the original file") from None
     raw.columns = [c.strip() for c in raw.columns]
     missing = [c for c in REQUIRED_COLUMNS if c not in raw.columns]
@@ -143,7 +147,7 @@ def read_bboxes(data_dir) -> pd.DataFrame:
     try:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = describe_error(exc)
         raise UserError(f"{path}: not a readable CSV ({reason}); restore the original file") from None
     raw.columns = [c.strip() for c in raw.columns]
     missing = [c for c in BBOX_COLUMNS if c not in raw.columns]
@@ -309,3 +313,50 @@ def load_frame(data_dir: Path, valid_pct: float, seed: int, missing_images: str 
     lists, reason = read_official_lists(data_dir)
     frame, source = assign_splits(frame, lists, valid_pct, seed, reason)
     return frame, source, missing
+
+
+# --------------------------------------------------------------------------- subgroups: sex, age band, view
+
+_AGE_UNITS = {"Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
+_AGE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([YMWD]?)\s*$", re.IGNORECASE)
+MAX_AGE = 120
+
+
+def age_in_years(value) -> Optional[float]:
+    """An age as written in ChestX-ray14's 'Patient Age': an int (58) or a DICOM age string
+    ('058Y'; M, W, D are months, weeks, days). None when unreadable or outside 0..120 years
+    (the 2017 file holds a few impossible ages such as 412).
+    """
+    if is_missing(value):
+        return None
+    match = _AGE_PATTERN.match(str(value))
+    if match is None:
+        return None
+    years = float(match.group(1)) * _AGE_UNITS[match.group(2).upper() or "Y"]
+    return years if 0 <= years <= MAX_AGE else None
+
+
+def age_band(value) -> Optional[str]:
+    """'<40', '40-59' or '60+' by age in years; None when the age is unreadable."""
+    years = age_in_years(value)
+    if years is None:
+        return None
+    return "<40" if years < 40 else "40-59" if years < 60 else "60+"
+
+
+def category(value) -> Optional[str]:
+    """A categorical cell stripped and upper-cased ('m ' -> 'M'); None when empty or missing."""
+    if is_missing(value):
+        return None
+    text = str(value).strip().upper()
+    return text or None
+
+
+
+# Columns as in the data frame of cxrmem.data.chestxray14 (from the CSV's 'Patient Gender',
+# 'Patient Age' and 'View Position').
+SUBGROUPS: Dict[str, Subgroup] = {
+    "sex": Subgroup("patient_gender", category, ("F", "M")),
+    "age": Subgroup("patient_age", age_band, ("<40", "40-59", "60+")),
+    "view": Subgroup("view_position", category, ("PA", "AP")),
+}

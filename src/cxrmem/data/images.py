@@ -19,7 +19,7 @@ every kind ChestX-ray14 users meet and returns 8-bit ``L`` for grayscale sources
   also the range pydicom's windowing maps onto. So a 16-bit DICOM reads exactly as
   the same values in a 16-bit PNG, an 8-bit one as the 8-bit PNG, and brightness is
   never stretched image by image. Compressed transfer syntaxes need pydicom's
-  optional decoders; a missing one is a :class:`~cxrmem.errors.UserError` naming
+  optional decoders; a missing one is a :class:`~cxrmem.utils.errors.UserError` naming
   the packages to install.
 
 On top of it: :func:`read_shrunk` (shorter side to ``size``, aspect kept: the cache),
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import UserError
+from ..utils.errors import UserError, describe_error
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -175,7 +175,7 @@ def open_dicom(path, draft: tuple[int, int] | None = None) -> Image.Image:
         return Image.fromarray(np.rint(stored * (255.0 / top)).astype(np.uint8))
     except (pydicom.errors.InvalidDicomError, AttributeError, KeyError, TypeError, IndexError, RuntimeError,
             NotImplementedError) as exc:
-        raise ValueError(f"not a readable DICOM image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        raise ValueError(f"not a readable DICOM image ({describe_error(exc)})"
                          ) from None
 
 
@@ -380,8 +380,3 @@ def find_damaged_images(paths, decode: bool = False) -> list[tuple[str, str]]:
             damaged.append((str(path), reason))
     return damaged
 
-
-def describe_error(exc: BaseException) -> str:
-    """An exception as one short line: its first line, else its type's name."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:160] if text else type(exc).__name__

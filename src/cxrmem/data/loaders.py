@@ -23,7 +23,8 @@ from fastai.vision.all import (
 )
 
 from .findings import FINDINGS
-from .images import READ_ERRORS, UndecodableImage, describe_error, open_image, read_squished
+from .images import READ_ERRORS, UndecodableImage, open_image, read_squished
+from ..utils.errors import describe_error
 
 
 def open_xray(path) -> PILImage:
@@ -155,7 +156,3 @@ def build_dataloaders(frame, data_cfg, batch_size: int, device: torch.device):
     return block.dataloaders(frame, bs=batch_size, num_workers=workers, device=device, pin_memory=on_cuda,
                              before_batch=collatable)
 
-
-def labelled_dataloader(dls, frame):
-    """A DataLoader over any frame (e.g. the test split) with the training item pipeline, no shuffle."""
-    return dls.test_dl(frame, with_labels=True)

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..errors import UserError
+from ..utils.errors import UserError
+from . import synthetic
+from .cache import ensure_cache
 from .chestxray14 import load_frame
 from .images import find_damaged_images
 
@@ -38,8 +40,6 @@ def ensure_synthetic(data_cfg) -> None:
     s = data_cfg.synthetic
     if s is None:
         return
-    from . import synthetic
-
     if synthetic.wants_generating(data_cfg.data_dir):
         print(f"generating a synthetic ChestX-ray14 in {data_cfg.data_dir} (data.synthetic: {s.n_patients} patients, "
               f"{s.size} px): drawn images, not radiographs", flush=True)
@@ -55,8 +55,6 @@ def resolve_image_dir(data_cfg) -> Path:
     data_dir = Path(data_cfg.data_dir)
     if data_cfg.cache is None:
         return data_dir
-    from .cache import ensure_cache
-
     cache = data_cfg.cache if data_cfg.cache.size else replace(data_cfg.cache, size=data_cfg.image_size)
     return ensure_cache(data_dir, cache, data_cfg.missing_images)
 
@@ -88,6 +86,4 @@ def prepare_data(cfg, decode: bool = False) -> PreparedData:
     image_dir = resolve_image_dir(data)
     frame, source, missing = load_frame(image_dir, data.valid_pct, data.seed, data.missing_images)
     frame = drop_damaged(frame, cfg.run_dir, data.missing_images, decode)
-    from .synthetic import is_synthetic
-
-    return PreparedData(frame, source, missing, image_dir, is_synthetic(data.data_dir))
+    return PreparedData(frame, source, missing, image_dir, synthetic.is_synthetic(data.data_dir))

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 from torch import Tensor, nn
 
-from cxrmem.errors import UserError, closest
+from ..utils.errors import UserError, closest, describe_error
 
 __all__ = [
     "Backbone", "BACKBONES", "TIMM_PREFIX", "TorchCacheFile", "HubFile", "build_backbone", "pretrained_file",
@@ -156,7 +156,7 @@ def _reason(error: BaseException) -> str:
     """The first line of the innermost cause ("Connection refused", "invalid hash value ...")."""
     while error.__cause__ is not None:
         error = error.__cause__
-    return _first_line(error)[:200]
+    return describe_error(error)[:200]
 
 
 @contextmanager
@@ -180,7 +180,7 @@ def _fetching(name: str, file: WeightsFile) -> Iterator[None]:
                 "or set model.pretrained: false or model.weights: <file>"
             ) from error
         raise UserError(
-            f"cached pretrained weights {cached} for {name} could not be loaded ({_first_line(error)}); "
+            f"cached pretrained weights {cached} for {name} could not be loaded ({describe_error(error)}); "
             "delete the file and download it again, or set model.pretrained: false"
         ) from error
 
@@ -335,11 +335,6 @@ def _timm_source(name: str) -> _Source:
 # --------------------------------------------------------------------------- lookup and loading
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _did_you_mean(name: str) -> str:
     """`` (did you mean X?)`` over the registry's names and timm's (as ``timm/<name>``), or nothing.
     Names are compared without the prefix and with ``-`` read as ``_`` (``efficientnet-b0``)."""
@@ -397,7 +392,7 @@ def _read_state_dict(path: Path) -> dict:
         state = _load_file(path)
     except Exception as error:  # unpickling failures have many types
         raise UserError(
-            f"model.weights: {path} is not a readable weights file ({_first_line(error)}); "
+            f"model.weights: {path} is not a readable weights file ({describe_error(error)}); "
             "save it with torch.save(model.state_dict(), path)"
         ) from error
     for wrapper in ("state_dict", "model"):

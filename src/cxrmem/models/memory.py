@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from cxrmem.config import MemoryConfig
+from ..config import MemoryConfig
 
 __all__ = ["MemoryBank", "STRATEGIES", "NORMALIZE_MODES", "UpdateStrategy"]
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from cxrmem.config import MemoryConfig, ModelConfig
-from cxrmem.models.backbones import Backbone, build_backbone, pool_features
-from cxrmem.models.memory import MemoryBank
+from ..config import MemoryConfig, ModelConfig
+from .backbones import Backbone, build_backbone, pool_features
+from .memory import MemoryBank
 
 __all__ = ["CXRNet", "HEAD_HIDDEN", "build_model", "splitter"]
 

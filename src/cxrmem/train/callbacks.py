@@ -13,9 +13,9 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.tracker import TrackerCallback
 from fastai.learner import Metric
 
-from .. import io
-from ..errors import UserError
-from ..metrics import mean_auc, per_class_auc
+from ..utils import io
+from ..utils.errors import UserError
+from ..evaluation.auc import mean_auc, per_class_auc
 from .distributed import is_main_process, load_on_main, unwrap
 
 

@@ -46,7 +46,7 @@ from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
 from fastai.distributed import DistributedDL
 
-from ..errors import UserError
+from ..utils.errors import UserError
 
 __all__ = [
     "rank", "world_size", "local_rank", "is_main_process", "is_distributed", "session", "join", "device", "barrier",

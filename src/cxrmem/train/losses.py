@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxrmem.errors import UserError
+from ..utils.errors import UserError
 
 __all__ = [
     "MultiLabelLoss",

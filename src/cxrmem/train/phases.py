@@ -25,13 +25,14 @@ from fastai.callback.schedule import valley
 from fastai.imports import noop  # fastai tells "no logger" by this very function (not fastcore's noop)
 from fastai.learner import Learner
 
-from .. import io
+from ..utils import io
 from ..data.findings import FINDINGS
 from ..data.loaders import build_dataloaders
 from ..data.split import phase_frame
-from ..errors import UserError
+from ..utils.errors import UserError
 from ..models.net import build_model, splitter
-from ..report import plot_lr_find, safe_plot
+from .figures import plot_lr_find
+from ..utils.figures import safe_plot
 from . import distributed, speed
 from .callbacks import (
     EarlyStop, EpochLog, MeanAUC, MemoryMomentum, MemoryValue, SaveBest, SaveLast, StopOnNonFiniteLoss,

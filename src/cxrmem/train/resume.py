@@ -33,8 +33,8 @@ import torch
 from fastai.callback.core import Callback, CancelEpochException
 from fastcore.foundation import L
 
-from .. import io
-from ..errors import UserError
+from ..utils import io
+from ..utils.errors import UserError
 from .distributed import is_distributed, is_main_process, on_main, unwrap
 
 STAGES = [(1, "frozen"), (1, "unfrozen"), (2, "one_cycle")]

@@ -33,9 +33,9 @@ from pathlib import Path
 from fastai.callback.core import Callback
 from fastai.learner import Recorder
 
-from .. import io
+from ..utils import io
 from ..config import flatten, to_dict
-from ..errors import UserError
+from ..utils.errors import UserError, describe_error
 from .distributed import is_main_process
 
 RUN_ID_FILE = "mlflow_run_id.txt"
@@ -174,7 +174,7 @@ def open_run(cfg, fresh: bool) -> str:
                                 tags={"run_dir": str(cfg.run_dir.resolve())})
         client.log_batch(run.info.run_id, params=_params(cfg))
     except MlflowException as exc:
-        raise UserError(f"tracking.mlflow: cannot log to {tracking_uri(cfg)} ({str(exc).splitlines()[0][:160]}); "
+        raise UserError(f"tracking.mlflow: cannot log to {tracking_uri(cfg)} ({describe_error(exc)}); "
                         f"fix the URI or set tracking.mlflow: null") from None
     io.write_text(cfg.run_dir / RUN_ID_FILE, run.info.run_id + "\n")
     return run.info.run_id
@@ -276,7 +276,7 @@ def tolerated(what: str):
     try:
         yield
     except MlflowException as exc:
-        warnings.warn(f"MLflow: {what} failed ({str(exc).splitlines()[0][:160]}); the run folder keeps everything")
+        warnings.warn(f"MLflow: {what} failed ({describe_error(exc)}); the run folder keeps everything")
 
 
 TRACKERS = {"tensorboard": tensorboard_callback, "mlflow": mlflow_callback}  # config key -> callback factory

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ...cli import RERUN_TO_RESUME, guarded
+from ...utils.commands import RERUN_TO_RESUME, guarded
 from .writing import format_summary, generate
 
 

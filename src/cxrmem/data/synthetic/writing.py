@@ -17,7 +17,7 @@ Pneumonia, Pneumothorax; see :func:`.drawing.lesion_box`). ChestX-ray14's boxes 
 the pixels of its 1024 x 1024 originals, so a box of the ``size`` px synthetic image is
 scaled by ``1024 / size``: pixel column j covers [j, j + 1) * 1024 / size.
 
-Every file appears under its name whole or not at all (``cxrmem.io.atomic_path``).
+Every file appears under its name whole or not at all (``cxrmem.utils.io.atomic_path``).
 ``synthetic.json`` is written first with ``complete: false`` and last with ``complete:
 true``, so a killed run is recognised and resumed, and a finished one is not redone.
 Each image comes from its own generator seeded with ``(seed, image index)`` (its
@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ...errors import UserError
-from ...io import atomic_path
+from ...utils.errors import UserError
+from ...utils.io import atomic_path
 from ..chestxray14 import (BBOX_ALIASES, BBOX_FILE, BBOX_HEADER, BOX_FRAME, CSV_NAME, count_boxes, list_text,
                            read_bboxes)
 from ..findings import FINDINGS

@@ -12,171 +12,43 @@ The files of a run folder that come from here::
     roc_test.png (else roc_valid.png)   one ROC curve per finding, from the predictions
     reliability_test.png (else _valid)  reliability diagram, from the predictions
     memory.png                          bank fill and movement per epoch (runs with memory)
-    lr_find_phase1.png                  drawn during training with :func:`plot_lr_find`
+    lr_find_phase1.png                  drawn during training (:mod:`cxrmem.train.figures`)
 
-Contract shared by every ``plot_*`` function here:
-
-* it draws on its own ``matplotlib.figure.Figure`` with the Agg canvas, so it
-  neither needs a display nor changes pyplot's global backend or state;
-* it writes exactly one PNG, atomically (:func:`cxrmem.io.atomic_path`);
-* it returns the :class:`~pathlib.Path` written, or ``None`` when there was
-  nothing to draw (only :func:`plot_memory` does that);
-* it raises on bad input. Wrap a call in :func:`safe_plot` where a drawing
-  must never fail the caller: :func:`plot_run` does so for every figure.
-
-The mathematics (AUC, bootstrap, operating points, calibration, subgroups) is :mod:`cxrmem.metrics`.
+Every ``plot_*`` here follows :mod:`cxrmem.utils.figures` (its own Agg figure, one PNG written
+atomically, :func:`~cxrmem.utils.figures.safe_plot` where a drawing must never fail the caller, as
+:func:`plot_run` does for every figure). The files' names and the run folder are :mod:`cxrmem.runs.folder`;
+the statistics are :mod:`cxrmem.evaluation`.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
 import math
-import warnings
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Union
+from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
-import yaml
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from . import io
-from .config import AliasRefused, RepeatedKey, StrictLoader
-from .data.findings import FINDINGS
-from .errors import UserError
-from .data.chestxray14 import SYNTHETIC_NOTE, patient_ids
-from .data.synthetic import is_synthetic
-from .metrics import (FIGURES, SUBGROUPS, ImageResampler, at_threshold, auprc, bootstrap_at_threshold, bootstrap_ci,
-                      calibration_bins, check_inputs, expected_calibration_error, make_resampler, mean_auc,
-                      operating_points, per_class_auc, prevalence, subgroup_auc, to_numpy)
+from ..data.chestxray14 import SUBGROUPS, SYNTHETIC_NOTE, patient_ids
+from ..data.findings import FINDINGS
+from ..data.synthetic import is_synthetic
+from ..evaluation.auc import (ImageResampler, auprc, bootstrap_ci, check_inputs, make_resampler, mean_auc,
+                              per_class_auc, prevalence)
+from ..evaluation.calibration import calibration_bins, expected_calibration_error
+from ..evaluation.subgroups import subgroup_auc
+from ..evaluation.thresholds import FIGURES, at_threshold, bootstrap_at_threshold, operating_points
+from ..runs.folder import (OPERATING_POINTS_FILE, REPORT_FILE, experiment_name, find_predictions, load_predictions,
+                           predictions_path, read_metrics, save_predictions, write_metrics, write_operating_points)
+from ..utils import io
+from ..utils.figures import as_array, legend_outside, new_figure, palette, safe_plot, save_figure, warn_not_drawn
 
-__all__ = [
-    "RunFileError",
-    "read_config",
-    "read_metrics",
-    "write_metrics",
-    "experiment_name",
-    "predictions_path",
-    "find_predictions",
-    "evaluate_split",
-    "format_auc",
-    "format_report",
-    "format_localisation",
-    "add_localisation",
-    "save_predictions",
-    "load_predictions",
-    "PREDICTION_KEYS",
-    "write_results",
-    "write_operating_points",
-    "read_operating_points",
-    "format_markdown_report",
-    "plot_reliability",
-    "plot_lr_find",
-    "plot_history",
-    "plot_roc",
-    "plot_memory",
-    "safe_plot",
-    "plot_run",
-]
-
-PREDICTION_KEYS = ("probs", "targets", "labels", "image_index", "split")
-METRICS_FILE = "metrics.json"
-OPERATING_POINTS_FILE = "operating_points.json"
-REPORT_FILE = "report.md"
 THRESHOLD_SPLIT = "valid"   # where the operating points are chosen
 CALIBRATION_BINS = 10       # equal-width bins of the ECE and the reliability diagram
-CONFIG_FILE = "config.yaml"
-PREDICTIONS_SUFFIX = "_predictions.pt"
-DPI = 110
 MEMORY_COLUMNS = ("memory_fill", "memory_moved")
 
 
 # --------------------------------------------------------------------------- run folder
-
-
-class RunFileError(Exception):
-    """A file of a run folder that is missing or unreadable; the message says which and why."""
-
-
-def read_mapping(path: Path, parse: Callable[[str], object]) -> dict:
-    """Parse a YAML/JSON file that must hold a mapping; RunFileError naming the reason otherwise."""
-    try:
-        content = parse(path.read_text())
-    except (OSError, ValueError, yaml.YAMLError, RepeatedKey, AliasRefused) as error:
-        raise RunFileError(f"cannot read {path.name} ({type(error).__name__})") from error
-    if not isinstance(content, dict):
-        raise RunFileError(f"{path.name} does not hold a mapping")
-    return content
-
-
-def read_metrics(run_dir) -> dict:
-    """The run's metrics.json ({split: result}); RunFileError when absent or unreadable."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        raise RunFileError(f"no {METRICS_FILE} (unfinished run?)")
-    return read_mapping(path, json.loads)
-
-
-def read_config(run_dir) -> dict:
-    """The run's resolved configuration (config.yaml) as a plain mapping; RunFileError likewise."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise RunFileError(f"no {CONFIG_FILE}")
-    return read_mapping(path, lambda text: yaml.load(text, Loader=StrictLoader))  # noqa: S506 - a SafeLoader
-
-
-def write_metrics(run_dir, metrics: dict) -> Path:
-    """Write ``metrics`` to the run's metrics.json: indented, strict JSON (NaN is an error), atomically."""
-    path = Path(run_dir) / METRICS_FILE
-    io.write_json(path, metrics)
-    return path
-
-
-def experiment_name(run_dir) -> Optional[str]:
-    """experiment_name from the run's config.yaml, None when it cannot be read."""
-    try:
-        name = read_config(run_dir).get("experiment_name")
-    except RunFileError:
-        return None
-    return None if name is None else str(name)
-
-
-def write_operating_points(run_dir, operating_point: dict) -> Path:
-    """Write {rule, split, thresholds {finding: t or null}} to the run's operating_points.json."""
-    path = Path(run_dir) / OPERATING_POINTS_FILE
-    io.write_json(path, operating_point)
-    return path
-
-
-def read_operating_points(run_dir) -> Optional[Dict[str, Optional[float]]]:
-    """{finding: threshold or None} from the run's operating_points.json; None when the file is
-    absent (the caller then calls at 0.5 and says so). RunFileError when it is unreadable."""
-    path = Path(run_dir) / OPERATING_POINTS_FILE
-    if not path.is_file():
-        return None
-    thresholds = read_mapping(path, json.loads).get("thresholds")
-    if not isinstance(thresholds, dict):
-        raise RunFileError(f"{OPERATING_POINTS_FILE} has no thresholds mapping")
-    return {str(k): None if v is None else float(v) for k, v in thresholds.items()}
-
-
-def predictions_path(run_dir, experiment: str) -> Path:
-    """Where a run named ``experiment`` keeps its predictions: <experiment>_predictions.pt."""
-    return Path(run_dir) / f"{experiment}{PREDICTIONS_SUFFIX}"
-
-
-def find_predictions(run_dir) -> Optional[Path]:
-    """<experiment_name>_predictions.pt, else the only *_predictions.pt in the folder, else None."""
-    run_dir = Path(run_dir)
-    name = experiment_name(run_dir)
-    if name and predictions_path(run_dir, name).is_file():
-        return predictions_path(run_dir, name)
-    candidates = sorted(run_dir.glob(f"*{PREDICTIONS_SUFFIX}"))
-    return candidates[0] if len(candidates) == 1 else None
 
 
 # --------------------------------------------------------------------------- metrics and report
@@ -187,9 +59,9 @@ def evaluate_split(probs, targets, labels: Sequence[str], n_resamples: int = 100
                    ) -> dict:
     """Everything metrics.json records for one split (plain, JSON-serialisable values).
 
-    ``resampler``: the bootstrap unit (:mod:`cxrmem.metrics`; default the image bootstrap);
+    ``resampler``: the bootstrap unit (:mod:`cxrmem.evaluation.auc`; default the image bootstrap);
     ``operating_point``: the content of operating_points.json, or None (no thresholds);
-    ``metadata``: one row per image with the columns of :data:`cxrmem.metrics.SUBGROUPS`, or None.
+    ``metadata``: one row per image with the columns of :data:`cxrmem.data.chestxray14.SUBGROUPS`, or None.
     Keys (95% percentile intervals over ``n_resamples`` resamples seeded with ``seed``, the same
     resamples for every interval):
 
@@ -225,7 +97,7 @@ def evaluate_split(probs, targets, labels: Sequence[str], n_resamples: int = 100
         "auprc": auprc(scores, positive, labels),
         "prevalence": prevalence(positive, labels),
         "ece": expected_calibration_error(scores, positive, CALIBRATION_BINS, labels),
-        "subgroups": {} if metadata is None else subgroup_auc(scores, positive, metadata, labels),
+        "subgroups": {} if metadata is None else subgroup_auc(scores, positive, metadata, SUBGROUPS, labels),
     }
 
 
@@ -325,86 +197,6 @@ def clinical_lines(result: dict) -> List[str]:
 
 
 # --------------------------------------------------------------------------- predictions file
-
-
-def as_float_tensor(x) -> torch.Tensor:
-    """A plain, contiguous float32 CPU tensor (its own storage, for a small file)."""
-    if isinstance(x, torch.Tensor):
-        tensor = x.detach().as_subclass(torch.Tensor).cpu()
-    else:
-        tensor = torch.as_tensor(np.asarray(x))
-    return tensor.to(torch.float32).contiguous().clone()
-
-
-def save_predictions(path: Union[str, Path], probs, targets, labels: Sequence[str],
-                     image_index: Sequence[str], split: Union[str, Sequence[str]]) -> Path:
-    """Save {probs, targets, labels, image_index, split} with torch.save, atomically.
-
-    ``probs``/``targets`` become float32 [N, C] tensors; ``image_index`` and
-    ``split`` become lists of N strings (a single ``split`` name applies to all).
-    """
-    probs_t, targets_t = as_float_tensor(probs), as_float_tensor(targets)
-    labels = [str(label) for label in labels]
-    image_index = [str(name) for name in image_index]
-    n_images = probs_t.shape[0]
-    splits = [split] * n_images if isinstance(split, str) else [str(s) for s in split]
-    if probs_t.ndim != 2 or probs_t.shape != targets_t.shape or probs_t.shape[1] != len(labels):
-        raise ValueError(
-            f"probs {tuple(probs_t.shape)}, targets {tuple(targets_t.shape)} and "
-            f"{len(labels)} labels do not agree"
-        )
-    if len(image_index) != n_images or len(splits) != n_images:
-        raise ValueError(
-            f"{n_images} rows but {len(image_index)} image names and {len(splits)} split names"
-        )
-    payload = {"probs": probs_t, "targets": targets_t, "labels": labels,
-               "image_index": image_index, "split": splits}
-    io.torch_save(payload, path)
-    return Path(path)
-
-
-def load_predictions(path: Union[str, Path]) -> dict:
-    """Load a file written by ``save_predictions`` (torch.load with weights_only=True)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(
-            f"predictions file not found: {path}; check the path or run the evaluation first"
-        )
-    try:
-        payload = io.torch_load(path)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise UserError(f"predictions file {path} {io.unreadable_reason(path, exc)}; "
-                        "run the evaluation again (--evaluate)") from None
-    missing = [key for key in PREDICTION_KEYS
-               if not isinstance(payload, dict) or key not in payload]
-    if missing:
-        raise UserError(f"{path} is not a predictions file (missing {', '.join(missing)}); "
-                        "pass the <experiment>_predictions.pt of a run")
-    return payload
-
-
-class SplitRows(NamedTuple):
-    """One split of a predictions file, rows in image-name order."""
-
-    names: List[str]
-    targets: np.ndarray  # [N, C] float64
-    probs: np.ndarray    # [N, C] float64
-    labels: List[str]
-
-
-def load_split(path: Union[str, Path], split: str, why: str) -> SplitRows:
-    """The ``split`` rows of a predictions file sorted by image name (so two runs line up row by row);
-    UserError ending with ``why`` when the file holds none."""
-    payload = load_predictions(path)
-    rows = np.flatnonzero(np.asarray(payload["split"]) == split)
-    if rows.size == 0:
-        raise UserError(f"{path} holds no {split} predictions; {why}")
-    names = np.asarray(payload["image_index"])[rows]
-    order = np.argsort(names, kind="stable")
-    rows = rows[order]
-    as_array = lambda key: np.asarray(payload[key], dtype=np.float64)[rows]  # noqa: E731
-    return SplitRows([str(n) for n in names[order]], as_array("targets"), as_array("probs"),
-                     [str(label) for label in payload["labels"]])
 
 
 # --------------------------------------------------------------------------- a run's results
@@ -563,38 +355,6 @@ def add_localisation(run_dir, localisation: dict) -> None:
 # --------------------------------------------------------------------------- figure helpers
 
 
-def new_figure(width: float, height: float) -> Figure:
-    """A Figure bound to an Agg canvas (no pyplot, no global backend)."""
-    figure = Figure(figsize=(width, height), dpi=DPI)
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def save_figure(figure: Figure, path) -> Path:
-    """Write ``figure`` as a PNG to ``path`` atomically; return the path."""
-    path = Path(path)
-    figure.tight_layout()
-    with io.atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=DPI)
-    return path
-
-
-def palette(n: int) -> list:
-    """n distinguishable colours (tab10 up to 10, tab20 beyond)."""
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10" if n <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(n)]
-
-
-def legend_outside(axes, handles=None, right: float = 1.02, **kwargs) -> None:
-    """The legend to the right of ``axes`` (``right``: where it starts, in axes widths), never on the data."""
-    kwargs = {"fontsize": "small", **kwargs}
-    if handles is not None:
-        kwargs["handles"] = handles
-    axes.legend(loc="upper left", bbox_to_anchor=(right, 1.0), borderaxespad=0.0, **kwargs)
-
-
 CHANCE_AUC = 0.5
 
 
@@ -641,13 +401,6 @@ def plot_auc_bars(names: Sequence[str], labels: Sequence[str], values, path, tit
     return save_figure(figure, path)
 
 
-def as_array(values) -> np.ndarray:
-    """A float64 ndarray from a list of numbers or 0-d tensors, an ndarray or a (fastai) tensor."""
-    if isinstance(values, (list, tuple)):
-        values = [float(v) for v in values]  # 0-d tensors, numpy scalars, floats
-    return to_numpy(values)
-
-
 def read_history(history_csv) -> pd.DataFrame:
     """A history CSV as a frame; empty cells are NaN. Raises if the file has no rows."""
     frame = pd.read_csv(history_csv)
@@ -669,45 +422,6 @@ def stage_spans(stages: Sequence[str], value: str = "frozen") -> List[tuple]:
 
 
 # --------------------------------------------------------------------------- figures
-
-
-def plot_lr_find(lrs, losses, chosen_lr: Optional[float], path) -> Path:
-    """The LR finder's loss against learning rate (log x axis), ``chosen_lr`` marked.
-
-    ``lrs`` and ``losses`` are equal-length sequences (lists, arrays, tensors);
-    non-finite losses are left out. The y range covers the curve up to its
-    minimum (and the chosen point), so a diverging tail does not flatten it.
-    ``chosen_lr=None`` draws the curve without a mark.
-    """
-    lrs, losses = as_array(lrs).ravel(), as_array(losses).ravel()
-    if lrs.shape != losses.shape:
-        raise ValueError(f"{lrs.size} learning rates but {losses.size} losses")
-    keep = np.isfinite(lrs) & np.isfinite(losses) & (lrs > 0)
-    lrs, losses = lrs[keep], losses[keep]
-    if lrs.size == 0:
-        raise ValueError("the LR finder recorded no finite loss")
-
-    figure = new_figure(7, 4.5)
-    axes = figure.add_subplot()
-    axes.plot(lrs, losses, color="tab:blue", label="loss")
-    axes.set_xscale("log")
-    axes.set_xlabel("learning rate (log scale)")
-    axes.set_ylabel("training loss")
-    axes.set_title("Learning-rate finder")
-    axes.grid(True, which="major", alpha=0.3)
-
-    top = float(losses[: int(np.argmin(losses)) + 1].max())
-    if chosen_lr is not None and chosen_lr > 0:
-        order = np.argsort(lrs)
-        chosen_loss = float(np.interp(math.log(chosen_lr), np.log(lrs[order]), losses[order]))
-        axes.axvline(chosen_lr, color="tab:red", linestyle="--", linewidth=1)
-        axes.plot([chosen_lr], [chosen_loss], "o", color="tab:red", label=f"chosen lr = {chosen_lr:.2e}")
-        top = max(top, chosen_loss)
-    bottom = float(losses.min())
-    pad = 0.1 * (top - bottom) or 0.1 * abs(top) or 0.1
-    axes.set_ylim(bottom - pad, top + pad)
-    legend_outside(axes)
-    return save_figure(figure, path)
 
 
 def plot_history(history_csv, path, title: str) -> Path:
@@ -878,33 +592,6 @@ def plot_memory(history_csvs: Iterable, path) -> Optional[Path]:
 
 
 # --------------------------------------------------------------------------- never failing
-
-
-def warn_not_drawn(target, error: BaseException) -> None:
-    """The one warning for a figure that could not be drawn."""
-    warnings.warn(f"could not draw {target}: {type(error).__name__}: {error}", stacklevel=3)
-
-
-def safe_plot(fn: Callable, *args, **kwargs):
-    """Call ``fn(*args, **kwargs)`` and return its result; on any exception warn
-    ``could not draw <path>: ...`` (``path`` being fn's argument of that name,
-    else fn's name) and return ``None``. Drawing never fails a run."""
-    try:
-        return fn(*args, **kwargs)
-    except Exception as error:  # noqa: BLE001 - by contract, nothing escapes
-        warn_not_drawn(_target_of(fn, args, kwargs), error)
-        return None
-
-
-def _target_of(fn: Callable, args, kwargs) -> str:
-    """The ``path`` argument of a call, for messages; fn's name when there is none."""
-    try:
-        bound = inspect.signature(fn).bind_partial(*args, **kwargs).arguments
-        if "path" in bound:
-            return str(bound["path"])
-    except (TypeError, ValueError):
-        pass
-    return getattr(fn, "__name__", repr(fn))
 
 
 # --------------------------------------------------------------------------- a whole run

@@ -18,3 +18,9 @@ def closest(name: str, candidates, cutoff: float = 0.6) -> str | None:
     """The candidate most like ``name`` (difflib's ratio >= ``cutoff``), for "did you mean" hints."""
     match = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=1, cutoff=cutoff)
     return match[0] if match else None
+
+
+def describe_error(exc: BaseException) -> str:
+    """An exception as one short line: its first line, else its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__

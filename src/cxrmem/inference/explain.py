@@ -26,7 +26,7 @@ which is made to require it), so no ``.grad`` is left behind.
 
 Pointing game (Zhang et al. 2016): a box is hit when the maximum of the heatmap of its
 image and finding lies inside it; the chance rate is that of a uniformly random point
-(:func:`cxrmem.metrics.pointing_game`). :func:`pointing_game_of_run` plays it
+(:func:`cxrmem.evaluation.localisation.pointing_game`). :func:`pointing_game_of_run` plays it
 for a trained network on the valid and test images that ChestX-ray14's
 ``BBox_List_2017.csv`` has boxes for.
 """
@@ -40,11 +40,23 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
+from fastai.vision.all import imagenet_stats
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from PIL import Image
 from torch import Tensor, nn
 
-from .errors import UserError
+from ..data.chestxray14 import BOX_FRAME, boxes_in_split, read_bboxes
+from ..data.findings import FINDINGS
+from ..data.loaders import read_xray
+from ..evaluation.localisation import pointing_game
+from ..utils.errors import UserError
+from ..utils.io import atomic_path
 
-__all__ = ["grad_cam", "grad_cam_pairs", "target_layer", "overlay", "save_overlay", "prepare_images", "pointing_game",
+__all__ = ["grad_cam", "grad_cam_pairs", "target_layer", "overlay", "save_overlay", "prepare_images", "grad_cam_pointing_game",
            "pointing_game_of_run"]
 
 INSTALL_HINT = "pip install 'cxrmem[explain]'"
@@ -176,9 +188,7 @@ def grad_cam(model: nn.Module, images: Tensor, class_indices: Sequence[int], bat
 def prepare_images(paths: Sequence, size: int) -> Tensor:
     """Files -> [N, 3, size, size] float32, exactly as evaluation feeds them to the network:
     :func:`cxrmem.data.loaders.read_xray` (squished), grey as 3 channels, / 255, ImageNet normalisation."""
-    from fastai.vision.all import imagenet_stats
 
-    from .data.loaders import read_xray
 
     mean, std = (torch.tensor(s, dtype=torch.float32).view(3, 1, 1) for s in imagenet_stats)
     if not paths:
@@ -191,8 +201,6 @@ def overlay(image: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
     """RGB uint8 [H, W, 3]: ``heatmap`` (any h x w, values in [0, 1]) resized (bilinear) to the
     grayscale ``image`` (uint8 [H, W]) and blended over it: (1 - a) gray + a colormap(heatmap),
     a = OVERLAY_ALPHA."""
-    from matplotlib import colormaps
-    from PIL import Image
 
     image = np.asarray(image)
     if image.ndim != 2:
@@ -216,13 +224,7 @@ def save_overlay(image: np.ndarray, heatmap: np.ndarray, path, caption: str = ""
     when smaller); ``metadata`` (text keys and values) goes into the PNG's text chunks, so that a
     program finds what the caption says. Written atomically.
     """
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
 
-    from .io import atomic_path
 
     pixels = overlay(image, heatmap)
     height, width = pixels.shape[:2]
@@ -247,7 +249,7 @@ def save_overlay(image: np.ndarray, heatmap: np.ndarray, path, caption: str = ""
 # --------------------------------------------------------------------------- the pointing game of a run
 
 
-def pointing_game(model, frame, boxes, image_size: int, batch_size: int = 32) -> dict:
+def grad_cam_pointing_game(model, frame, boxes, image_size: int, batch_size: int = 32) -> dict:
     """{finding: {n_boxes, hit_rate, chance_rate}} over ``boxes`` (frame of
     :func:`cxrmem.data.chestxray14.read_bboxes`) on the images of ``frame`` (with ``path``).
 
@@ -255,9 +257,6 @@ def pointing_game(model, frame, boxes, image_size: int, batch_size: int = 32) ->
     1024 px frame of ChestX-ray14's originals. Chunks of ``batch_size`` boxes are played
     one after the other and pooled (rates weighted by their box counts).
     """
-    from .data.chestxray14 import BOX_FRAME, boxes_in_split
-    from .data.findings import FINDINGS
-    from .metrics import pointing_game as play
 
     paths = dict(zip(frame["image_index"], frame["path"]))
     boxes = boxes_in_split(boxes, frame).reset_index(drop=True)
@@ -267,7 +266,7 @@ def pointing_game(model, frame, boxes, image_size: int, batch_size: int = 32) ->
         images = prepare_images([paths[name] for name in chunk["image_index"]], image_size)
         classes = [FINDINGS.index(f) for f in chunk["finding"]]
         maps = grad_cam_pairs(model, images, classes, batch_size)
-        result = play(maps, chunk[list("xywh")].to_numpy(), list(chunk["finding"]), (BOX_FRAME, BOX_FRAME))
+        result = pointing_game(maps, chunk[list("xywh")].to_numpy(), list(chunk["finding"]), (BOX_FRAME, BOX_FRAME))
         for finding, r in result.items():
             counts[finding] = counts.get(finding, 0) + r["n_boxes"]
             hits[finding] = hits.get(finding, 0.0) + r["hit_rate"] * r["n_boxes"]
@@ -281,7 +280,6 @@ def pointing_game_of_run(cfg, model, frame) -> dict:
     BBox_List_2017.csv; {} without such boxes. Whatever a user can fix (a malformed box file, no
     grad-cam package, a backbone without a feature map) is a warning and {}: it comes after
     training, which it must not fail (``--check-data`` reports a malformed box file as an error)."""
-    from .data.chestxray14 import boxes_in_split, read_bboxes
 
     try:
         boxes = read_bboxes(cfg.data.data_dir)
@@ -297,7 +295,7 @@ def pointing_game_of_run(cfg, model, frame) -> dict:
             return {}
         print(f"pointing game: Grad-CAM on the {len(in_play)} boxes of the {' and '.join(splits)} images")
         batch_size = (cfg.phase2 or cfg.phase1).batch_size
-        return {split: pointing_game(model, rows, boxes, cfg.data.image_size, batch_size)
+        return {split: grad_cam_pointing_game(model, rows, boxes, cfg.data.image_size, batch_size)
                 for split, rows in splits.items()}
     except UserError as error:
         warnings.warn(f"pointing game skipped: {error}", stacklevel=2)
@@ -311,7 +309,6 @@ def too_coarse(model, image_size: int, boxes) -> str | None:
     sits at a cell's centre, which a box smaller than half a cell rarely contains. So the game is
     not played when a cell, in the 1024 px frame of the boxes, is wider than twice the median box
     side (sqrt(w h)); its hit rates would say nothing about the model."""
-    from .data.chestxray14 import BOX_FRAME
 
     was_training = model.training
     model.eval()

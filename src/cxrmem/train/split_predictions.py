@@ -1,4 +1,4 @@
-"""Predictions of a trained network on the evaluation splits (their files and report: cxrmem.report)."""
+"""Predictions of a trained network on the evaluation splits (their files: cxrmem.runs.folder; their report: cxrmem.report)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,6 @@ except ImportError:  # pragma: no cover - Windows
 from pathlib import Path
 
 import torch
-import yaml
 
 from .errors import UserError
 
@@ -103,10 +102,6 @@ def write_json(target, obj) -> None:
     """Indented, strict JSON: NaN or infinity is an error (use null), and the old file stays."""
     text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
     write_text(target, text)
-
-
-def write_yaml(target, obj) -> None:
-    write_text(target, yaml.safe_dump(obj, sort_keys=False))
 
 
 def torch_save(obj, target) -> None:

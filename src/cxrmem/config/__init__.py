@@ -9,7 +9,7 @@ Contract of :func:`load_config`:
 * the file is read strictly: an empty file, a key named twice in one mapping, or a
   non-finite number (``.nan``, ``.inf``) -> ``UserError`` naming the file and the key;
 * files written for the reference implementation are translated first
-  (:mod:`cxrmem.reference`), with one ``note:`` line saying what changed;
+  (:mod:`cxrmem.config.reference`), with one ``note:`` line saying what changed;
 * unknown keys -> ``UserError`` naming the key, the file and the closest valid key;
 * wrong type / out of range -> ``UserError`` naming the key and what is allowed;
 * ``--set a.b=value`` overrides are parsed as YAML scalars and validated the same way.
@@ -28,8 +28,9 @@ from typing import Any
 
 import yaml
 
+from ..evaluation.thresholds import parse_operating_point  # numpy only: the rules' one home
 from . import reference
-from .errors import UserError, closest
+from ..utils.errors import UserError, closest
 
 # --------------------------------------------------------------------------- schema helpers
 
@@ -181,7 +182,6 @@ class EvaluationConfig:
     save_predictions: bool = opt(True, "write <experiment_name>_predictions.pt")
 
     def __post_init__(self):
-        from .metrics import parse_operating_point  # the rules' one home; numpy only, no torch
 
         try:
             parse_operating_point(self.operating_point)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import UserError
+from ..utils.errors import UserError
 
 PHASES = ("phase1", "phase2")
 

@@ -1,0 +1,1 @@
+"""Inference on new images: predict (with Grad-CAM heatmaps), export (ONNX, TorchScript), explain."""

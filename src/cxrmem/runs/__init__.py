@@ -1,0 +1,1 @@
+"""The run folder: its files, its state against a configuration, and what it holds."""

@@ -1,0 +1,1 @@
+"""Utilities that import nothing else of cxrmem: errors, atomic files, commands, figures."""
