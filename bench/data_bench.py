@@ -59,6 +59,7 @@ from cxrmem.data.loaders import build_dataloaders, default_num_workers  # noqa: 
 from cxrmem.data.split import phase_frame  # noqa: E402
 from cxrmem.data.synthetic import generate  # noqa: E402
 from cxrmem.models.net import build_model  # noqa: E402
+from cxrmem.models.backbones import IMAGENET_STATS
 
 IMAGE_SIZE = 224
 BATCH = 32
@@ -153,7 +154,7 @@ def raw_seconds(paths: list[str]) -> float:
 def train_loader(frame, workers: int, image_size: int = IMAGE_SIZE, batch: int = BATCH) -> DataLoader:
     """``dls.train`` of the project's DataLoaders, batch transforms removed (they run on the GPU)."""
     cfg = SimpleNamespace(image_size=image_size, augment=False, num_workers=workers)
-    loader = build_dataloaders(frame, cfg, batch, torch.device("cpu")).train
+    loader = build_dataloaders(frame, cfg, batch, torch.device("cpu"), IMAGENET_STATS).train
     loader.after_batch = type(loader.after_batch)([])
     return loader
 

@@ -22,6 +22,7 @@ from cxrmem.data.findings import FINDINGS
 from cxrmem.utils.errors import UserError
 from cxrmem.models.net import build_model
 from cxrmem.evaluation.localisation import pointing_game
+from cxrmem.models.backbones import IMAGENET_STATS
 
 from conftest import run_cli
 
@@ -157,9 +158,9 @@ def test_prepared_images_are_what_evaluation_feeds_the_network(tiny_data):
     frame = frame.assign(is_valid=frame["split"] != "train")
     rows = frame[frame["split"] == "test"].head(5)
     data_cfg = SimpleNamespace(image_size=40, num_workers=0, augment=True)
-    dls = build_dataloaders(frame, data_cfg, 5, torch.device("cpu"))
+    dls = build_dataloaders(frame, data_cfg, 5, torch.device("cpu"), IMAGENET_STATS)
     batch = dls.test_dl(rows, with_labels=True, bs=5).one_batch()[0]
-    torch.testing.assert_close(explain.prepare_images(list(rows["path"]), 40), batch.as_subclass(torch.Tensor))
+    torch.testing.assert_close(explain.prepare_images(list(rows["path"]), 40, IMAGENET_STATS), batch.as_subclass(torch.Tensor))
 
 
 def test_overlay_is_the_heatmap_blended_over_the_image(tmp_path):
@@ -208,7 +209,7 @@ def test_pointing_game_pools_chunks_exactly(net, tiny_data):
     assert len(boxes) > 4
     chunked = explain.grad_cam_pointing_game(net, frame, boxes, image_size=96, batch_size=3)
     paths = dict(zip(frame["image_index"], frame["path"]))
-    maps = explain.grad_cam_pairs(net, explain.prepare_images([paths[n] for n in boxes["image_index"]], 96),
+    maps = explain.grad_cam_pairs(net, explain.prepare_images([paths[n] for n in boxes["image_index"]], 96, net.input_stats),
                                   [FINDINGS.index(f) for f in boxes["finding"]])
     whole = pointing_game(maps, boxes[list("xywh")].to_numpy(), list(boxes["finding"]))
     assert list(chunked) == [f for f in FINDINGS if f in whole]
@@ -336,7 +337,7 @@ def test_a_training_run_plays_the_pointing_game_on_its_final_model(demo_run):
     model = build_model(cfg.model, cfg.memory)
     load_checkpoint(model, checkpoint_path(cfg, 2))
     paths = dict(zip(test["image_index"], test["path"]))
-    maps = explain.grad_cam_pairs(model, explain.prepare_images([paths[n] for n in boxes["image_index"]], 160),
+    maps = explain.grad_cam_pairs(model, explain.prepare_images([paths[n] for n in boxes["image_index"]], 160, model.input_stats),
                                   [FINDINGS.index(f) for f in boxes["finding"]])
     expected = pointing_game(maps, boxes[list("xywh")].to_numpy(), list(boxes["finding"]))
     assert set(localisation) == set(expected)

@@ -19,6 +19,7 @@ from PIL import Image
 from cxrmem.data.findings import FINDINGS
 from cxrmem.data.images import read_shrunk, target_size
 from cxrmem.data.loaders import build_dataloaders, open_xray, read_xray
+from cxrmem.models.backbones import IMAGENET_STATS
 
 SIDE = 16
 
@@ -110,7 +111,7 @@ def test_grey_batches_cross_as_one_channel_and_reach_the_network_as_three(image_
     for finding in FINDINGS:
         frame[finding] = 0
     cfg = SimpleNamespace(image_size=SIDE, augment=True, num_workers=0)
-    dls = build_dataloaders(frame, cfg, batch_size=len(names), device=torch.device("cpu"))
+    dls = build_dataloaders(frame, cfg, batch_size=len(names), device=torch.device("cpu"), stats=IMAGENET_STATS)
     for dl in (dls.train, dls.valid):
         collated = dl.create_batch(dl.before_batch([dl.dataset[i] for i in range(len(names))]))
         assert collated[0].shape == (len(names), 1, SIDE, SIDE) and collated[0].dtype == torch.uint8
@@ -155,7 +156,7 @@ def test_the_dataloaders_deliver_every_kind(image_files):
     for j, finding in enumerate(FINDINGS):
         frame[finding] = [(i + j) % 2 for i in range(len(frame))]
     cfg = SimpleNamespace(image_size=SIDE, augment=False, num_workers=0)
-    dls = build_dataloaders(frame, cfg, batch_size=len(names), device=torch.device("cpu"))
+    dls = build_dataloaders(frame, cfg, batch_size=len(names), device=torch.device("cpu"), stats=IMAGENET_STATS)
     images, labels = dls.valid.one_batch()  # valid keeps the frame order
     assert images.shape == (len(names), 3, SIDE, SIDE) and labels.shape == (len(names), len(FINDINGS))
     mean, std = (torch.tensor(s).view(1, 3, 1, 1) for s in imagenet_stats)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from fastai.vision.all import (
     ColReader, ColSplitter, DataBlock, DisplayedTransform, IntToFloatTensor, MultiCategoryBlock, Normalize, PILImage,
-    TensorImage, Transform, TransformBlock, aug_transforms, imagenet_stats,
+    TensorImage, Transform, TransformBlock, aug_transforms,
 )
 
 from .findings import FINDINGS
@@ -130,14 +130,16 @@ def default_num_workers(on_cuda: bool) -> int:
     return max(1, cores // max(1, processes) - 1)
 
 
-def batch_transforms(augment: bool):
+def batch_transforms(augment: bool, stats):
+    """Augmentation (training only), grey to 3 channels, then ``(x - mean) / std`` with ``stats`` = (mean, std)."""
     augmentation = aug_transforms(do_flip=False, max_rotate=5.0, max_zoom=1.1, max_lighting=0.2,
                                   max_warp=0.0, p_affine=0.75, p_lighting=0.75) if augment else []
-    return [*augmentation, ThreeChannels(), Normalize.from_stats(*imagenet_stats)]
+    return [*augmentation, ThreeChannels(), Normalize.from_stats(*stats)]
 
 
-def build_dataloaders(frame, data_cfg, batch_size: int, device: torch.device):
-    """Phase frame (with ``is_valid``) -> fastai DataLoaders (train shuffled, valid in frame order).
+def build_dataloaders(frame, data_cfg, batch_size: int, device: torch.device, stats):
+    """Phase frame (with ``is_valid``) -> fastai DataLoaders (train shuffled, valid in frame order),
+    images normalised with ``stats`` = (mean, std) per channel (the network's ``input_stats``).
 
     The shuffling order follows Python's ``random`` state at this call: seed it first.
     """
@@ -148,7 +150,7 @@ def build_dataloaders(frame, data_cfg, batch_size: int, device: torch.device):
         get_x=ColReader("path"),
         get_y=FindingsReader(),
         splitter=ColSplitter("is_valid"),
-        batch_tfms=batch_transforms(data_cfg.augment),
+        batch_tfms=batch_transforms(data_cfg.augment, stats),
     )
     block.item_tfms = []  # the blocks' default ToTensor: items are tensors already
     # No persistent_workers: fastai builds a new iterator, so new workers, every epoch and every validation

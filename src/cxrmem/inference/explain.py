@@ -40,7 +40,6 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from fastai.vision.all import imagenet_stats
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
@@ -185,12 +184,11 @@ def grad_cam(model: nn.Module, images: Tensor, class_indices: Sequence[int], bat
     return np.stack(maps, axis=1)
 
 
-def prepare_images(paths: Sequence, size: int) -> Tensor:
+def prepare_images(paths: Sequence, size: int, stats) -> Tensor:
     """Files -> [N, 3, size, size] float32, exactly as evaluation feeds them to the network:
-    :func:`cxrmem.data.loaders.read_xray` (squished), grey as 3 channels, / 255, ImageNet normalisation."""
-
-
-    mean, std = (torch.tensor(s, dtype=torch.float32).view(3, 1, 1) for s in imagenet_stats)
+    :func:`cxrmem.data.loaders.read_xray` (squished), grey as 3 channels, / 255, then
+    ``(x - mean) / std`` with ``stats`` = (mean, std), the network's ``input_stats``."""
+    mean, std = (torch.tensor(s, dtype=torch.float32).view(3, 1, 1) for s in stats)
     if not paths:
         return torch.zeros((0, 3, size, size), dtype=torch.float32)
     return torch.stack([(read_xray(p, size).as_subclass(Tensor).expand(3, -1, -1).float() / 255.0 - mean) / std
@@ -263,7 +261,7 @@ def grad_cam_pointing_game(model, frame, boxes, image_size: int, batch_size: int
     hits, chance, counts = {}, {}, {}
     for start in range(0, len(boxes), batch_size):
         chunk = boxes.iloc[start:start + batch_size]
-        images = prepare_images([paths[name] for name in chunk["image_index"]], image_size)
+        images = prepare_images([paths[name] for name in chunk["image_index"]], image_size, model.input_stats)
         classes = [FINDINGS.index(f) for f in chunk["finding"]]
         maps = grad_cam_pairs(model, images, classes, batch_size)
         result = pointing_game(maps, chunk[list("xywh")].to_numpy(), list(chunk["finding"]), (BOX_FRAME, BOX_FRAME))

@@ -37,7 +37,7 @@ from ..runs.folder import RunFolder, read_operating_points
 from ..utils import io
 from ..utils.commands import guarded
 from ..utils.errors import UserError, describe_error
-from .network import TorchNetwork, normalisation
+from .network import TorchNetwork
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 EXAMPLE_BATCH = 2  # the batch the trace records
@@ -112,7 +112,7 @@ FORMATS = {
 }
 
 
-METADATA_KEYS = ("format", "labels", "image_size", "batch_size")
+METADATA_KEYS = ("format", "labels", "image_size", "batch_size", "mean", "std")
 
 
 def metadata_path(path) -> Path:
@@ -180,7 +180,7 @@ def export_run(run_dir, fmt: str, out=None) -> Path:
         if not difference <= CHECK_TOLERANCE:
             raise RuntimeError(f"the exported model differs from the PyTorch one (relative logit difference "
                                f"{difference:.3g}); nothing was written")
-    mean, std = normalisation()
+    mean, std = model.input_stats  # the backbone's, as training normalised
     io.write_json(metadata_path(out), {
         "format": fmt,
         "file": out.name,

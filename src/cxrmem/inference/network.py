@@ -6,25 +6,19 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from fastai.vision.all import Normalize, Pipeline
+from fastai.vision.all import Pipeline
 
 from ..data.loaders import ResizedXrayBlock, batch_transforms
 from ..train import speed
 
 
-def eval_transforms(image_size: int) -> Pipeline:
+def eval_transforms(image_size: int, stats) -> Pipeline:
     """The validation DataLoader's batch transforms: the image block's (uint8 -> float / 255), then
-    ``batch_transforms(augment=False)`` (ImageNet normalisation).
+    ``batch_transforms(augment=False, stats)`` (``stats`` = (mean, std): the network's ``input_stats``).
 
     ``Normalize.from_stats`` keeps its statistics on fastai's ``default_device()``, the device batches go to.
     """
-    return Pipeline([*ResizedXrayBlock(image_size).batch_tfms, *batch_transforms(augment=False)])
-
-
-def normalisation() -> tuple[list[float], list[float]]:
-    """(mean, std) per channel of images scaled to [0, 1], as the batch transforms apply them."""
-    norm = next(t for t in batch_transforms(augment=False) if isinstance(t, Normalize))
-    return norm.mean.flatten().tolist(), norm.std.flatten().tolist()
+    return Pipeline([*ResizedXrayBlock(image_size).batch_tfms, *batch_transforms(False, stats)])
 
 
 class TorchNetwork:

@@ -13,8 +13,8 @@ Contract:
 
 * pixels as evaluation sees them: :func:`cxrmem.data.loaders.read_xray` (squished to
   ``data.image_size``), then the validation DataLoader's batch transforms (``/ 255``,
-  grey replicated to three channels, ImageNet mean and std), the network in
-  eval mode (the memory bank is read, never written), ``p = sigmoid(logit)``;
+  grey replicated to three channels, the backbone's mean and std as the checkpoint or the export
+  JSON records them), the network in eval mode (the memory bank is read, never written), ``p = sigmoid(logit)``;
 * the CSV has ``path``, one probability column per finding (named as the finding)
   and one ``<finding>_call`` column, ``1`` when ``p >= threshold`` at the run's
   operating point (``operating_points.json``; 0.5, with one warning, where there is none);
@@ -154,6 +154,7 @@ class Predictor:
     batch_size: int
     num_workers: int
     source: str  # what the thresholds belong to, for messages
+    stats: tuple  # (mean, std) per channel the network's inputs are normalised with
     model: Optional[torch.nn.Module] = None  # the PyTorch model, for heatmaps
 
 
@@ -166,7 +167,7 @@ def run_predictor(run_dir, model_path, device) -> Predictor:
     cfg, model = folder.cfg, folder.load_model(model_path)
     return Predictor(TorchNetwork(model, device, cfg.model), cfg.data.image_size, list(FINDINGS),
                      read_operating_points(run_dir), (cfg.phase2 or cfg.phase1).batch_size,
-                     workers_for(cfg.data.num_workers, device), f"run {run_dir}", model=model)
+                     workers_for(cfg.data.num_workers, device), f"run {run_dir}", model.input_stats, model=model)
 
 
 def exported_predictor(path, run_dir, device) -> Predictor:
@@ -176,7 +177,7 @@ def exported_predictor(path, run_dir, device) -> Predictor:
     if run_dir is not None:
         thresholds, source = read_operating_points(run_dir), f"run {run_dir}"
     return Predictor(network, int(meta["image_size"]), list(meta["labels"]), thresholds, int(meta["batch_size"]),
-                     workers_for("auto", device), source)
+                     workers_for("auto", device), source, (list(meta["mean"]), list(meta["std"])))
 
 
 def call_thresholds(thresholds: Optional[dict], labels: Sequence[str], source: str) -> np.ndarray:
@@ -261,7 +262,7 @@ def predict_images(predictor: Predictor, paths: Sequence[Path], device: torch.de
     thresholds = call_thresholds(predictor.thresholds, predictor.labels, predictor.source)
     loader = torch.utils.data.DataLoader(ImageFiles(paths, predictor.image_size), batch_size=predictor.batch_size,
                                          num_workers=predictor.num_workers, collate_fn=collate_readable)
-    transforms = eval_transforms(predictor.image_size)
+    transforms = eval_transforms(predictor.image_size, predictor.stats)
     kept, probs = [], []
     batches = progress_bar(loader, leave=False) if sys.stdout.isatty() else loader  # display=False still draws a glyph
     for indexes, images, failures in batches:

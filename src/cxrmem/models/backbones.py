@@ -38,10 +38,12 @@ from ..utils.errors import UserError, closest, describe_error
 
 __all__ = [
     "Backbone", "BACKBONES", "TIMM_PREFIX", "TorchCacheFile", "HubFile", "build_backbone", "pretrained_file",
-    "pool_features", "global_average_pool",
+    "pool_features", "global_average_pool", "input_stats", "IMAGENET_STATS",
 ]
 
 TIMM_PREFIX = "timm/"
+# (mean, std) per channel of images in [0, 1] that torchvision's ImageNet weights were trained on
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def global_average_pool(feature_map: Tensor) -> Tensor:
@@ -354,6 +356,21 @@ def _source_for(name: str) -> _Source:
         return _timm_source(name)
     raise UserError(f"model.backbone: unknown backbone {name!r}{_did_you_mean(name)}; "
                     f"use one of {', '.join(BACKBONES)} or {TIMM_PREFIX}<any timm model>")
+
+
+def input_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel that backbone ``name`` expects of images in [0, 1]: a timm model's own
+    pretrained configuration (``timm.data.resolve_data_config``'s source), ImageNet's for the registry's
+    torchvision models (their weights' transforms)."""
+    _source_for(name)
+    if not name.startswith(TIMM_PREFIX):
+        return IMAGENET_STATS
+    import timm.models
+
+    cfg = timm.models.get_pretrained_cfg(name[len(TIMM_PREFIX) :])
+    if cfg is None or cfg.mean is None or cfg.std is None:
+        return IMAGENET_STATS
+    return tuple(float(m) for m in cfg.mean), tuple(float(s) for s in cfg.std)
 
 
 def check_backbone(name: str, image_size: int) -> None:

@@ -12,15 +12,17 @@ sample never retrieves itself from the same step); in eval mode it is only read.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ..config import MemoryConfig, ModelConfig
-from .backbones import Backbone, build_backbone, pool_features
+from .backbones import IMAGENET_STATS, Backbone, build_backbone, input_stats, pool_features
 from .memory import MemoryBank
 
-__all__ = ["CXRNet", "HEAD_HIDDEN", "build_model", "splitter"]
+__all__ = ["CXRNet", "HEAD_HIDDEN", "INPUT_STATS_KEYS", "build_model", "splitter"]
 
 HEAD_HIDDEN = 512
+INPUT_STATS_KEYS = ("input_mean", "input_std")  # the buffers recording the input normalisation
 
 
 def _head(num_features: int, num_classes: int, dropout_rate: float) -> nn.Sequential:
@@ -37,7 +39,10 @@ class CXRNet(nn.Module):
     """Multi-label classifier ``images [B, 3, H, W] -> logits [B, num_classes]``.
 
     Attributes: ``body`` (the backbone's feature extractor), ``head``, ``bank``
-    (a :class:`MemoryBank` or None).
+    (a :class:`MemoryBank` or None). Buffers ``input_mean`` and ``input_std`` [3] record the
+    normalisation its inputs get, ``x = (pixels / 255 - mean) / std`` (the backbone's, see
+    :func:`~cxrmem.models.backbones.input_stats`): they travel in every checkpoint, and the loaders,
+    Grad-CAM, predict and export read them there. The network itself does not apply them.
     """
 
     def __init__(
@@ -46,6 +51,7 @@ class CXRNet(nn.Module):
         num_classes: int = 14,
         dropout_rate: float = 0.2,
         bank: MemoryBank | None = None,
+        stats: tuple = IMAGENET_STATS,
     ):
         super().__init__()
         if bank is not None and bank.dim != backbone.num_features:
@@ -55,6 +61,14 @@ class CXRNet(nn.Module):
         self.body = backbone.body
         self.head = _head(backbone.num_features, num_classes, dropout_rate)
         self.bank = bank
+        mean, std = stats
+        self.register_buffer("input_mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("input_std", torch.tensor(std, dtype=torch.float32))
+
+    @property
+    def input_stats(self) -> tuple[list[float], list[float]]:
+        """(mean, std) per channel, as plain lists."""
+        return self.input_mean.tolist(), self.input_std.tolist()
 
     def features(self, images: Tensor) -> Tensor:
         """``z = pool(body(x))``, ``[B, D]``."""
@@ -84,4 +98,5 @@ def build_model(model_cfg: ModelConfig, memory_cfg: MemoryConfig | None = None) 
     backbone = build_backbone(model_cfg.backbone, pretrained=model_cfg.pretrained, weights=model_cfg.weights)
     use_memory = memory_cfg is not None and memory_cfg.use_memory
     bank = MemoryBank(backbone.num_features, memory_cfg) if use_memory else None
-    return CXRNet(backbone, num_classes=model_cfg.num_classes, dropout_rate=model_cfg.dropout_rate, bank=bank)
+    return CXRNet(backbone, num_classes=model_cfg.num_classes, dropout_rate=model_cfg.dropout_rate, bank=bank,
+                  stats=input_stats(model_cfg.backbone))

@@ -19,6 +19,8 @@ from __future__ import annotations
 import shutil
 import sys
 
+import torch
+
 from fastai.callback.mixup import MixUp
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import valley
@@ -30,7 +32,8 @@ from ..data.findings import FINDINGS
 from ..data.loaders import build_dataloaders
 from ..data.split import phase_frame
 from ..utils.errors import UserError
-from ..models.net import build_model, splitter
+from ..models.backbones import IMAGENET_STATS
+from ..models.net import INPUT_STATS_KEYS, build_model, splitter
 from .figures import plot_lr_find
 from ..utils.figures import safe_plot
 from . import distributed, speed
@@ -163,7 +166,7 @@ def make_learner(cfg, model, frame, phase_cfg, phase: int, device) -> Learner:
         raise UserError(f"phase {phase} has {n_train} training images, fewer than phase{phase}.batch_size "
                         f"({phase_cfg.batch_size}); lower the batch size or use more data")
     batch_size = distributed.per_rank_batch_size(phase_cfg.batch_size, f"phase{phase}.batch_size")
-    dls = build_dataloaders(rows, cfg.data, batch_size, device)
+    dls = build_dataloaders(rows, cfg.data, batch_size, device, distributed.unwrap(model).input_stats)
     monitor = MemoryMomentum(phase_cfg.memory_momentum)
     metrics = [MeanAUC(FINDINGS)]
     if getattr(model, "bank", None) is not None:
@@ -207,6 +210,9 @@ def load_checkpoint(model, path) -> None:
     if isinstance(state, dict) and set(state) == {"model", "opt"}:
         state = state["model"]
     own = model.state_dict()
+    for key, value in zip(INPUT_STATS_KEYS, IMAGENET_STATS):  # written before checkpoints recorded them:
+        if key in own and key not in state:                   # those runs were trained on ImageNet's
+            state = {**state, key: torch.tensor(value, dtype=own[key].dtype)}
     unexpected = sorted(set(state) - set(own))
     absent = sorted(set(own) - set(state))
     wrong_shape = sorted(k for k in set(state) & set(own) if tuple(state[k].shape) != tuple(own[k].shape))

@@ -22,7 +22,8 @@ def predict_splits(cfg, model, frame, device) -> dict:
     them back, in the split's order, each image exactly once; the other ranks get {}.
     """
     batch_size = distributed.per_rank_batch_size((cfg.phase2 or cfg.phase1).batch_size)
-    dls = build_dataloaders(phase_frame(frame, filter_normal=False), cfg.data, batch_size, device)
+    dls = build_dataloaders(phase_frame(frame, filter_normal=False), cfg.data, batch_size, device,
+                            distributed.unwrap(model).input_stats)
     model = speed.prepare_for_inference(distributed.unwrap(model), cfg.model, device)
     out = {}
     for split in EVAL_SPLITS:
