@@ -1,4 +1,4 @@
-"""Shared fixtures: one tiny synthetic ChestX-ray14 per test session, and helpers to run the CLI."""
+"""Shared fixtures: one tiny synthetic ChestX-ray14 per test session (helpers live in helpers.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("MPLBACKEND", "Agg")
+from helpers import tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENTS = ROOT / "configs" / "experiments"
+os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 @pytest.fixture(scope="session")
@@ -32,19 +31,6 @@ def data_copy(tiny_data, tmp_path) -> Path:
     return target
 
 
-def check_data(data_dir, run_dir, capsys, *options):
-    """``train.py --check-data`` of the demo config on ``data_dir``: (printed report, data_summary.json)."""
-    import json
-
-    from cxrmem.experiment import train_main
-
-    status, out, err = run_cli(train_main, ["--config", EXPERIMENTS / "demo_synthetic.yaml", "--data_dir", data_dir,
-                                            "--output_dir", run_dir, "--set", "data.synthetic=null",
-                                            "--check-data", *options], capsys)
-    assert status == 0, err
-    return out, json.loads((Path(run_dir) / "data_summary.json").read_text())
-
-
 @pytest.fixture
 def empty_caches(tmp_path, monkeypatch):
     """Point the torch hub and Hugging Face caches at empty folders."""
@@ -55,8 +41,14 @@ def empty_caches(tmp_path, monkeypatch):
     return tmp_path
 
 
-def run_cli(main, argv, capsys):
-    """Run an entry point in-process: (exit status, stdout, stderr)."""
-    status = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, tiny_data):
+    """The tiny experiment trained once to the end: (config, run folder). Read only: a test that
+    changes the folder works on a copy (``shutil.copytree``)."""
+    from cxrmem.experiment import train_main
+
+    tmp = tmp_path_factory.mktemp("finished")
+    config = tiny_config(tmp / "tiny.yaml", train={"deterministic": True})
+    run_dir = tmp / "run"
+    assert train_main(["--config", str(config), "--data_dir", str(tiny_data), "--output_dir", str(run_dir)]) == 0
+    return config, run_dir

@@ -15,7 +15,7 @@ import pytest
 
 from cxrmem import cli
 
-from conftest import ROOT
+from helpers import ROOT
 
 SRC = ROOT / "src" / "cxrmem"
 

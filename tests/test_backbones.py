@@ -9,7 +9,8 @@ import torchvision
 from cxrmem.utils.errors import UserError
 from cxrmem.models.backbones import BACKBONES, build_backbone, pretrained_file
 from cxrmem.models.net import CXRNet
-from test_weights import refuse_network, set_hub_offline
+
+from helpers import refuse_network, set_hub_offline
 
 TIMM_NAME = "timm/resnet10t"
 

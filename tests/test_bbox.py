@@ -18,7 +18,7 @@ from cxrmem.data.synthetic import generate
 from cxrmem.data.synthetic.drawing import PAINTERS, draw_image, render_image
 from cxrmem.utils.errors import UserError
 
-from conftest import EXPERIMENTS, check_data, run_cli
+from helpers import EXPERIMENTS, check_data, run_cli
 
 REAL_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
 PLACED = ("Atelectasis", "Cardiomegaly", "Effusion", "Mass", "Nodule", "Pneumonia", "Pneumothorax")

@@ -24,7 +24,7 @@ from cxrmem.data.images import find_damaged_images
 from cxrmem.data.prepare import resolve_image_dir
 from cxrmem.utils.errors import UserError
 
-from conftest import run_cli
+from helpers import run_cli
 
 SIZE = 16  # the tiny set is 32 px, so every image is really shrunk
 METADATA = ("Data_Entry_2017.csv", "train_val_list.txt", "test_list.txt")
@@ -249,7 +249,7 @@ def test_every_guide_experiment_trains_from_the_cache_with_the_originals_one_key
     from cxrmem.config import load_config
     from cxrmem.config.reference import legacy_experiments
 
-    from conftest import EXPERIMENTS
+    from helpers import EXPERIMENTS
 
     files = [p for p in EXPERIMENTS.glob("*.yaml") if p.stem != "demo_synthetic"]
     files += [experiment_config_path(name) for name in legacy_experiments()]
@@ -262,7 +262,7 @@ def test_every_guide_experiment_trains_from_the_cache_with_the_originals_one_key
 def test_an_unwritable_cache_folder_is_one_line_naming_the_way_out(tiny_data, tmp_path, capsys):
     from cxrmem.experiment import train_main
 
-    from conftest import EXPERIMENTS
+    from helpers import EXPERIMENTS
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")

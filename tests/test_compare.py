@@ -12,13 +12,14 @@ import pytest
 import yaml
 from PIL import Image
 from sklearn.metrics import roc_auc_score
-from test_metrics import direct_delong
 
 from cxrmem.report import compare
 from cxrmem import report
 from cxrmem.evaluation.auc import PatientResampler
 from cxrmem.evaluation.paired import paired_bootstrap
 from cxrmem.runs.folder import predictions_path, save_predictions
+
+from helpers import direct_delong
 
 LABELS = ["Atelectasis", "Edema", "Fibrosis", "Hernia", "Mass"]
 #                 Atelectasis Edema   Fibrosis Hernia Mass

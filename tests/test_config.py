@@ -9,7 +9,7 @@ from cxrmem.experiment import train_main
 from cxrmem.config import from_dict, iter_schema, load_config
 from cxrmem.utils.errors import UserError
 
-from conftest import EXPERIMENTS, run_cli
+from helpers import EXPERIMENTS, run_cli
 
 GUIDE_EXPERIMENTS = [
     "baseline_effv2s", "baseline_resnet50", "memory_rarity_effv2s", "memory_rarity_effv2m",

@@ -18,7 +18,7 @@ from cxrmem.data.split import OfficialLists, SplitWarning, assign_splits, hold_o
 from cxrmem.data.synthetic import generate
 from cxrmem.utils.errors import UserError
 
-from conftest import EXPERIMENTS, check_data, run_cli
+from helpers import EXPERIMENTS, check_data, run_cli
 
 
 def patients(frame, split):

@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 pydicom = pytest.importorskip("pydicom")
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.dataset import Dataset  # noqa: E402
 from pydicom.encaps import encapsulate  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless, RLELossless  # noqa: E402
+from pydicom.uid import ImplicitVRLittleEndian, JPEGLSLossless, RLELossless  # noqa: E402
 
 from cxrmem.data.chestxray14 import load_frame  # noqa: E402
 from cxrmem.data.images import (  # noqa: E402
@@ -26,6 +26,8 @@ from cxrmem.data.images import (  # noqa: E402
 )
 from cxrmem.data.loaders import read_xray  # noqa: E402
 from cxrmem.utils.errors import UserError
+
+from helpers import write_dicom
 
 ROWS, COLS = 24, 40
 
@@ -37,26 +39,6 @@ def picture(top: int, seed: int = 0) -> np.ndarray:
     return np.clip(np.rint(ramp + rng.normal(0, top / 50, ramp.shape)), 0, top).astype(np.uint16)
 
 
-def write_dicom(path, stored: np.ndarray, photometric: str = "MONOCHROME2", bits: int = 8, syntax=None,
-                **elements):
-    """A secondary-capture DICOM file holding ``stored`` as its pixel data."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    ds.SOPInstanceUID = pydicom.uid.generate_uid()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    dtype = np.uint8 if bits <= 8 else np.uint16
-    ds.set_pixel_data(stored.astype(dtype), photometric, bits)
-    for name, value in elements.items():
-        setattr(ds, name, value)
-    if syntax is not None and syntax != ds.file_meta.TransferSyntaxUID:
-        if syntax.is_compressed:
-            ds.compress(syntax)
-        else:
-            ds.file_meta.TransferSyntaxUID = syntax
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def png_route(tmp_path, pixels: np.ndarray, name: str) -> np.ndarray:

@@ -49,8 +49,8 @@ evaluation: {bootstrap_resamples: 50}
 # --------------------------------------------------------------------------- the launched script
 
 
-def epoch_spy(batches: list, epochs: list, values: list):
-    """A fastai callback recording every training batch's pixel sum; after each epoch's training
+def epoch_spy(batch_sizes: list, batches: list, epochs: list, values: list):
+    """A fastai callback class recording each Learner's batch size; every training batch's pixel sum; after each epoch's training
     batches (before validation and before any checkpoint is reloaded), the parameters and the bank;
     and each epoch's recorded losses and metrics (which decide checkpoints and early stopping)."""
     from fastai.callback.core import Callback
@@ -59,6 +59,9 @@ def epoch_spy(batches: list, epochs: list, values: list):
 
     class EpochSpy(Callback):
         order = 100
+
+        def after_create(self):
+            batch_sizes.append(self.learn.dls.train.bs)
 
         def before_batch(self):
             if self.training and not hasattr(self.learn, "lr_finder"):
@@ -80,24 +83,21 @@ def epoch_spy(batches: list, epochs: list, values: list):
 
 def spy_and_train(argv: list[str]) -> int:
     """``train.py argv`` on one rank, recording what the module docstring says in $CXRMEM_TEST_DUMP."""
+    from fastai.learner import defaults
+
     from cxrmem.experiment import train_main
     from cxrmem.train import phases
     from cxrmem.train.distributed import unwrap
 
     dump, rank = Path(os.environ[DUMP_ENV]), int(os.environ["RANK"])
     replaced, batch_sizes, finders, batches, epochs, values = [], [], [], [], [], []
-    real_replace, real_make_learner, real_train = os.replace, phases.make_learner, phases.train
+    real_replace, real_train, real_callbacks = os.replace, phases.train, defaults.callbacks
     real_find_lr = phases.find_lr
 
     def logged_replace(src, dst, *args, **kwargs):
         replaced.append(os.fspath(dst))
         return real_replace(src, dst, *args, **kwargs)
 
-    def make_learner(*args, **kwargs):
-        learn = real_make_learner(*args, **kwargs)
-        batch_sizes.append(learn.dls.train.bs)
-        learn.add_cb(epoch_spy(batches, epochs, values))
-        return learn
 
     def find_lr(learn):
         finders.append(type(learn.model).__name__)
@@ -108,7 +108,8 @@ def spy_and_train(argv: list[str]) -> int:
         torch.save(unwrap(learn.model).state_dict(), dump / f"state_rank{rank}.pt")
         return learn
 
-    os.replace, phases.make_learner, phases.train, phases.find_lr = logged_replace, make_learner, train, find_lr
+    os.replace, phases.train, phases.find_lr = logged_replace, train, find_lr
+    defaults.callbacks = [*real_callbacks, epoch_spy(batch_sizes, batches, epochs, values)]  # on every Learner
     try:
         return train_main(argv)
     finally:
@@ -288,7 +289,7 @@ def test_more_processes_than_gpus_stop_every_rank_with_one_line_before_joining(m
     from cxrmem.utils.errors import UserError
     from cxrmem.train import distributed
 
-    from conftest import EXPERIMENTS, run_cli
+    from helpers import EXPERIMENTS, run_cli
 
     def refuse(*args, **kwargs):
         raise AssertionError("joined a process group")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from conftest import EXPERIMENTS, ROOT
+from helpers import EXPERIMENTS, ROOT
 
 DOCS = ROOT / "docs"
 

@@ -16,28 +16,15 @@ from PIL import Image
 from cxrmem.experiment import legacy_main, train_main
 from cxrmem.data.findings import FINDINGS
 from cxrmem.runs.folder import read_operating_points
-from cxrmem.train import phases
 
-from conftest import ROOT, run_cli
+from helpers import ROOT, on_every_learner, run_cli, tiny_config
 
 pytestmark = pytest.mark.slow
 
-TINY = """
-experiment_name: tiny
-model: {backbone: resnet18, pretrained: false}
-memory: {use_memory: %(memory)s, bank_size: 16, top_k: 3, update_strategy: fifo}
-data: {image_size: 32, num_workers: 0, seed: 0, valid_pct: 0.25}
-phase1: {batch_size: 8, use_lr_finder: %(finder)s, base_lr: 0.001, freeze_epochs: 1, total_epochs: 1}
-phase2: {batch_size: 16, epochs: 1, lr_min: 0.0001, lr_max: 0.001}
-evaluation: {bootstrap_resamples: 50}
-"""
-
-
 def write_config(tmp_path, memory=True):
     """The tiny experiment; the memory variant also runs the LR finder (and draws its plot)."""
-    path = tmp_path / f"tiny_{memory}.yaml"
-    path.write_text(TINY % {"memory": str(memory).lower(), "finder": str(memory).lower()})
-    return path
+    return tiny_config(tmp_path / f"tiny_{memory}.yaml", memory={"use_memory": memory},
+                       phase1={"use_lr_finder": memory}, evaluation={"bootstrap_resamples": 50})
 
 
 def train_tiny(tmp_path, tiny_data, capsys, name, memory=True, extra=()):
@@ -53,8 +40,12 @@ class Spy(Callback):
 
     order = 100
 
-    def __init__(self, phase, log):
-        self.phase, self.log = phase, log
+    def __init__(self, log):
+        self.log = log
+
+    @property
+    def phase(self):
+        return self.learn.epoch_log.phase
 
     def before_fit(self):
         if not hasattr(self.learn, "lr_finder"):
@@ -70,15 +61,8 @@ class Spy(Callback):
 def memory_run(tmp_path_factory, tiny_data):
     tmp_path = tmp_path_factory.mktemp("e2e")
     log = {}
-    make_learner = phases.make_learner
-
-    def spied(cfg, model, frame, phase_cfg, phase, device):
-        learn = make_learner(cfg, model, frame, phase_cfg, phase, device)
-        learn.add_cb(Spy(phase, log))
-        return learn
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(phases, "make_learner", spied)
+        on_every_learner(mp, lambda: Spy(log))
         run_dir = tmp_path / "memory"
         status = train_main(["--config", str(write_config(tmp_path)), "--data_dir", str(tiny_data),
                              "--output_dir", str(run_dir)])
@@ -150,30 +134,23 @@ def check_clinical_outputs(run_dir, metrics):
 
 
 class ScriptedValidLoss(Callback):
-    """Replaces each epoch's valid_loss by the next of ``losses`` before the trackers read it."""
+    """Replaces each epoch's valid_loss by the next of ``losses[phase]`` before the trackers read it."""
 
     order = 55  # after the Recorder (50), before the best checkpoint (61) and the epoch log (62)
 
-    def __init__(self, losses):
-        self.losses = list(losses)
+    def __init__(self, losses: dict):
+        self.losses = {phase: list(values) for phase, values in losses.items()}
 
     def after_epoch(self):
         column = self.recorder.metric_names.index("valid_loss")
-        value = self.losses.pop(0)
+        value = self.losses[self.learn.epoch_log.phase].pop(0)
         self.recorder.log[column] = value
         self.recorder.values[-1][column - 1] = value
 
 
 def test_epoch_log_one_line_per_epoch_numbered_through_the_phase(tmp_path, tiny_data, capsys, monkeypatch):
     scripted = {1: [0.9, 0.95, 0.8], 2: [0.7, 0.75]}  # phase 1: frozen, unfrozen, unfrozen; phase 2: two epochs
-    make_learner = phases.make_learner
-
-    def spied(cfg, model, frame, phase_cfg, phase, device):
-        learn = make_learner(cfg, model, frame, phase_cfg, phase, device)
-        learn.add_cb(ScriptedValidLoss(scripted[phase]))
-        return learn
-
-    monkeypatch.setattr(phases, "make_learner", spied)
+    on_every_learner(monkeypatch, lambda: ScriptedValidLoss(scripted))
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # a terminal: fastai's progress bars stay
     run_dir, out = train_tiny(tmp_path, tiny_data, capsys, "log", extra=[
         "--set", "phase1.use_lr_finder=false", "--set", "phase1.total_epochs=2", "--set", "phase2.epochs=2"])

@@ -24,7 +24,7 @@ from cxrmem.models.net import build_model
 from cxrmem.evaluation.localisation import pointing_game
 from cxrmem.models.backbones import IMAGENET_STATS
 
-from conftest import run_cli
+from helpers import run_cli
 
 NODULE, MASS = FINDINGS.index("Nodule"), FINDINGS.index("Mass")
 MEMORY = SimpleNamespace(use_memory=True, bank_size=16, update_strategy="fifo", top_k=3, normalize_retrieved="both",

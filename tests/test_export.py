@@ -20,9 +20,7 @@ from cxrmem.data.findings import FINDINGS
 from cxrmem.inference.export import main as export_main
 from cxrmem.inference.predict import main as predict_main
 
-from conftest import ROOT, run_cli
-from test_predict import CALLS, IMAGENET_MEAN, IMAGENET_STD, make_fake_run, write_points
-from test_predict import operating_points_reader  # noqa: F401 - autouse fixture
+from helpers import CALLS, IMAGENET_MEAN, IMAGENET_STD, ROOT, make_fake_run, run_cli, write_points
 
 ort = pytest.importorskip("onnxruntime")
 

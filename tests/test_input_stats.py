@@ -14,10 +14,9 @@ from cxrmem.experiment import train_main
 from cxrmem.inference.export import main as export_main
 from cxrmem.models.backbones import IMAGENET_STATS, input_stats
 from cxrmem.models.net import build_model
-from cxrmem.train import phases
 from cxrmem.train.phases import load_checkpoint
 
-from conftest import run_cli
+from helpers import on_every_learner, run_cli
 
 BACKBONE = "timm/test_resnet"  # timm's own test model: pretrained configuration mean = std = (0.5, 0.5, 0.5)
 HALF = [0.5, 0.5, 0.5]
@@ -52,14 +51,8 @@ def test_the_backbones_statistics_are_read_from_its_own_configuration():
 
 @pytest.mark.slow
 def test_training_checkpoint_and_export_use_the_backbones_statistics(tmp_path, tiny_data, capsys, monkeypatch):
-    seen, make_learner = [], phases.make_learner
-
-    def spied(*args, **kwargs):
-        learn = make_learner(*args, **kwargs)
-        learn.add_cb(Inputs(seen))
-        return learn
-
-    monkeypatch.setattr(phases, "make_learner", spied)
+    seen = []
+    on_every_learner(monkeypatch, lambda: Inputs(seen))
     config, run_dir = tmp_path / "stats.yaml", tmp_path / "run"
     config.write_text(CONFIG)
     status, _, err = run_cli(train_main, ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir],

@@ -25,15 +25,9 @@ from cxrmem.evaluation.thresholds import (FIGURES, at_threshold, bootstrap_at_th
 from cxrmem.evaluation.auc import ImageResampler, PatientResampler, bootstrap_auc_samples, bootstrap_ci, build_rank_index, check_inputs, make_resampler, mean_auc, mean_auc_samples, per_class_auc, weighted_auc
 from cxrmem.evaluation.paired import delong_components, delong_per_class, delong_test, holm, mean_sd, paired_bootstrap
 
+from helpers import direct_components, direct_delong, synthetic_split
 
-def synthetic_split(n_images, n_classes=4, prevalence=0.3, signal=1.0, seed=0, decimals=None):
-    """Targets with the given prevalence and scores that are informative but noisy."""
-    rng = np.random.default_rng(seed)
-    targets = (rng.random((n_images, n_classes)) < prevalence).astype(np.float32)
-    scores = 1.0 / (1.0 + np.exp(-(rng.normal(size=targets.shape) + signal * targets)))
-    if decimals is not None:
-        scores = np.round(scores, decimals)   # many ties
-    return scores, targets
+
 
 
 def labels_for(n_classes):
@@ -270,26 +264,8 @@ def test_mean_samples_leave_out_only_the_undefined_classes():
 
 # ---------------------------------------------------------------- helpers
 
-def direct_components(y, scores):
-    """DeLong's structural components straight from the definition, O(m n):
-    psi(x, y') = 1 if x > y', 0.5 if x == y', 0 otherwise;
-    V10_i = mean_j psi(X_i, Y_j), V01_j = mean_i psi(X_i, Y_j), AUC = mean psi."""
-    positive = y > 0.5
-    x, y_neg = scores[positive], scores[~positive]
-    psi = (x[:, None] > y_neg[None, :]) + 0.5 * (x[:, None] == y_neg[None, :])
-    return psi.mean(), psi.mean(axis=1), psi.mean(axis=0)
 
 
-def direct_delong(y, a, b):
-    """delta, var and two-sided p of DeLong's test from the direct components."""
-    auc_a, v10_a, v01_a = direct_components(y, a)
-    auc_b, v10_b, v01_b = direct_components(y, b)
-    m, n = v10_a.size, v01_a.size
-    # var(delta) = var(V10_b - V10_a) / m + var(V01_b - V01_a) / n, sample variances
-    var = np.var(v10_b - v10_a, ddof=1) / m + np.var(v01_b - v01_a, ddof=1) / n
-    delta = auc_b - auc_a
-    z = delta / math.sqrt(var)
-    return delta, var, math.erfc(abs(z) / math.sqrt(2.0))
 
 
 def paired_scores(rng, n, prevalence=0.4, signal=1.0, noise=1.0, decimals=None):

@@ -9,6 +9,7 @@ tests train a tiny run once and compare with ``train.py --evaluate``.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import types
@@ -22,30 +23,14 @@ from PIL import Image
 
 import cxrmem.inference.predict
 from cxrmem import report
-from cxrmem.config import dump_yaml, from_dict
 from cxrmem.data.findings import FINDINGS
-from cxrmem.models.net import build_model
 from cxrmem.inference.predict import collect_images, main as predict_main
-from cxrmem.train.phases import checkpoint_path
 
-from conftest import run_cli
+from helpers import CALLS, IMAGENET_MEAN, IMAGENET_STD, SIZE, make_fake_run, run_cli, write_dicom, write_points
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*has no operating points:UserWarning")
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-CALLS = [f"{f}_call" for f in FINDINGS]
-SIZE = 32
 
-FAKE_RUN = {
-    "experiment_name": "fake",
-    "output_dir": "/nonexistent/elsewhere",  # the run folder given on the command line wins
-    "model": {"backbone": "resnet18", "pretrained": False},
-    "memory": {"use_memory": True, "bank_size": 16, "top_k": 3, "update_strategy": "fifo"},
-    "data": {"image_size": SIZE, "num_workers": 0},
-    "phase1": {"batch_size": 4},
-    "phase2": {"batch_size": 8},
-}
 
 
 # --------------------------------------------------------------------------- the operating points reader
@@ -66,32 +51,11 @@ def operating_points_reader():
         yield
 
 
-def write_points(run_dir, thresholds: dict) -> None:
-    (Path(run_dir) / "operating_points.json").write_text(json.dumps(
-        {"rule": "youden", "split": "valid", "thresholds": {f: thresholds.get(f) for f in FINDINGS}}))
 
 
 # --------------------------------------------------------------------------- fixtures and helpers
 
 
-def make_fake_run(run_dir: Path, memory: bool = True) -> tuple[Path, torch.nn.Module]:
-    """A run folder with config.yaml and a final checkpoint of an untrained network whose bank is filled."""
-    raw = json.loads(json.dumps(FAKE_RUN))
-    raw["memory"]["use_memory"] = memory
-    cfg = from_dict(raw)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.memory)
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(8, 3, SIZE, SIZE))
-    model.eval()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    path = run_dir / checkpoint_path(cfg, 2).relative_to(cfg.run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path)
-    return run_dir, model
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +202,6 @@ def test_batch_size_and_list_input_do_not_change_the_numbers(fake_run, pngs, tmp
 
 
 def test_dicom_files_give_the_probabilities_of_their_pngs(fake_run, pngs, tmp_path, capsys):
-    from test_dicom import write_dicom
 
     run_dir, _ = fake_run
     folder = tmp_path / "dicom"
@@ -358,18 +321,14 @@ def test_heatmaps_without_grad_cam_name_the_extra(fake_run, pngs, tmp_path, caps
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_data):
-    """The tiny end-to-end experiment trained once, then evaluated with --evaluate: (run_dir, predictions)."""
-    from test_end_to_end import TINY
-
+def trained_run(tmp_path_factory, tiny_data, finished_run):
+    """The session's finished run, copied, then evaluated again with --evaluate: (run_dir, predictions)."""
     from cxrmem.experiment import train_main
 
-    folder = tmp_path_factory.mktemp("trained")
-    config = folder / "tiny.yaml"
-    config.write_text(TINY % {"memory": "true", "finder": "false"})
-    run_dir = folder / "run"
+    config, finished = finished_run
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    shutil.copytree(finished, run_dir)
     common = ["--config", str(config), "--data_dir", str(tiny_data), "--output_dir", str(run_dir)]
-    assert train_main(common) == 0
     (run_dir / "tiny_predictions.pt").unlink()
     assert train_main([*common, "--evaluate"]) == 0
     predictions = torch.load(run_dir / "tiny_predictions.pt", weights_only=True)

@@ -15,7 +15,7 @@ from cxrmem.config import load_config, read_yaml
 from cxrmem.utils.errors import UserError
 from cxrmem.config.reference import RULES, legacy_experiments, translate
 
-from conftest import EXPERIMENTS, ROOT, run_cli
+from helpers import EXPERIMENTS, ROOT, run_cli
 
 # Every key the reference's YAML experiment files use (collected from its configs/experiments).
 REFERENCE_KEYS = {
@@ -370,21 +370,34 @@ CONSOLE_SCRIPT = Path(sys.executable).parent / "cxrmem-train-legacy"
 
 
 @pytest.mark.parametrize("name", sorted(LEGACY))
-def test_legacy_names_resolve_from_outside_the_project(name, tmp_path):
-    result = run_outside(LEGACY_SCRIPT + ["--experiment", name, "--print-config"], tmp_path)
+def test_legacy_names_resolve_from_another_folder(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run_cli(legacy_main, ["--experiment", name, "--print-config", "--data_dir", tmp_path / "d"],
+                               capsys)
+    assert status == 0, err
+    assert err == ""  # the table's files are cxrmem files: no note
+    printed = yaml.safe_load(out)
+    check_legacy_settings(name, printed)
+    assert printed["data"]["data_dir"] == str(tmp_path / "d")
+
+
+FROM_OUTSIDE = sorted(LEGACY)[0]  # one name per spelling in a process of its own: the script finds its package
+
+
+def test_the_legacy_script_resolves_from_outside_the_project(tmp_path):
+    result = run_outside(LEGACY_SCRIPT + ["--experiment", FROM_OUTSIDE, "--print-config"], tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stderr == ""  # the table's files are cxrmem files: no note
-    check_legacy_settings(name, yaml.safe_load(result.stdout))
+    assert result.stderr == ""
+    check_legacy_settings(FROM_OUTSIDE, yaml.safe_load(result.stdout))
 
 
 @pytest.mark.skipif(not CONSOLE_SCRIPT.is_file(), reason="the cxrmem-train-legacy console script is not installed")
-@pytest.mark.parametrize("name", sorted(LEGACY))
-def test_legacy_console_script_from_outside_the_project(name, tmp_path):
-    result = run_outside([CONSOLE_SCRIPT, "--experiment", name, "--print-config", "--data_dir", tmp_path / "d"],
+def test_the_legacy_console_script_resolves_from_outside_the_project(tmp_path):
+    result = run_outside([CONSOLE_SCRIPT, "--experiment", FROM_OUTSIDE, "--print-config", "--data_dir", tmp_path / "d"],
                          tmp_path)
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)
-    check_legacy_settings(name, printed)
+    check_legacy_settings(FROM_OUTSIDE, printed)
     assert printed["data"]["data_dir"] == str(tmp_path / "d")
 
 
@@ -400,34 +413,37 @@ def test_a_name_in_both_places_takes_the_table_under_the_legacy_entry(capsys):
     assert (own["data"]["seed"], own["phase2"]["loss"], own["data"]["valid_pct"]) == (42, "bce", 0.1)
 
 
-def test_yaml_experiments_resolve_from_outside_the_project(tmp_path):
-    result = run_outside(LEGACY_SCRIPT + ["--experiment", "ablation_topk1", "--print-config"], tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert yaml.safe_load(result.stdout)["memory"]["top_k"] == 1
+def test_yaml_experiments_resolve_from_another_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run_cli(legacy_main, ["--experiment", "ablation_topk1", "--print-config"], capsys)
+    assert status == 0, err
+    assert yaml.safe_load(out)["memory"]["top_k"] == 1
 
 
-def test_the_working_directory_comes_before_the_checkout(tmp_path):
+def test_the_working_directory_comes_before_the_checkout(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     own = tmp_path / "configs" / "experiments"
     own.mkdir(parents=True)
     (own / "ablation_topk1.yaml").write_text("experiment_name: mine\nmemory:\n  top_k: 2\n")
     (own / "only_here.yaml").write_text("experiment_name: only_here\n")
     for name, key, expected in (("ablation_topk1", "top_k", 2), ("only_here", None, "only_here")):
-        result = run_outside(LEGACY_SCRIPT + ["--experiment", name, "--print-config"], tmp_path)
-        assert result.returncode == 0, result.stderr
-        printed = yaml.safe_load(result.stdout)
+        status, out, err = run_cli(legacy_main, ["--experiment", name, "--print-config"], capsys)
+        assert status == 0, err
+        printed = yaml.safe_load(out)
         assert (printed["memory"][key] if key else printed["experiment_name"]) == expected
 
 
-def test_an_unknown_name_from_outside_lists_the_choices(tmp_path):
-    result = run_outside(LEGACY_SCRIPT + ["--experiment", "zzz", "--print-config"], tmp_path)
-    assert result.returncode == 2 and result.stdout == ""
-    line = result.stderr.strip()
+def test_an_unknown_name_from_another_folder_lists_the_choices(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run_cli(legacy_main, ["--experiment", "zzz", "--print-config"], capsys)
+    assert status == 2 and out == ""
+    line = err.strip()
     assert "\n" not in line and line.startswith("error: no experiment named 'zzz'")
     choices = line.split("choose one of ", 1)[1].split(", ")
     expected = set(LEGACY) | {p.stem for p in EXPERIMENTS.glob("*.yaml")}
     assert set(choices) == expected
-    close = run_outside(LEGACY_SCRIPT + ["--experiment", "baseline_densenet12", "--print-config"], tmp_path)
-    assert close.returncode == 2 and "did you mean baseline_densenet121?" in close.stderr
+    status, _, err = run_cli(legacy_main, ["--experiment", "baseline_densenet12", "--print-config"], capsys)
+    assert status == 2 and "did you mean baseline_densenet121?" in err
 
 
 def test_every_legacy_file_is_a_valid_config():

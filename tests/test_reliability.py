@@ -16,47 +16,28 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from fastai.callback.core import Callback
 
 from cxrmem.utils import io
 from cxrmem.experiment import train_main
 from cxrmem.utils.errors import UserError
 from cxrmem.train import phases
+from cxrmem.train.callbacks import EarlyStop, EpochLog, SaveCheckpoint
+from cxrmem.train.resume import Progress
 
-from conftest import ROOT, run_cli
-from test_weights import refuse_network
+from helpers import ROOT, on_every_learner, refuse_network, run_cli, tiny_config
 
-TINY = """
-experiment_name: tiny
-model: {backbone: resnet18, pretrained: false}
-memory: {bank_size: 16, top_k: 3, update_strategy: fifo}
-data: {image_size: 32, num_workers: 0, seed: 0, valid_pct: 0.25}
-train: {deterministic: true}  # the bit-exact resume contract (on a GPU too)
-phase1: {batch_size: 8, use_lr_finder: false, base_lr: 0.001, freeze_epochs: %(freeze)d, total_epochs: %(total)d,
-         early_stopping_patience: 20}
-phase2: {batch_size: 16, epochs: %(epochs2)d, lr_min: 0.0001, lr_max: 0.001, early_stopping_patience: 20}
-evaluation: {bootstrap_resamples: 20}
-"""
-
-
-def tiny_config(tmp_path, freeze=1, total=1, epochs2=1, name="tiny.yaml"):
-    path = tmp_path / name
-    path.write_text(TINY % {"freeze": freeze, "total": total, "epochs2": epochs2})
-    return path
+def resumable_config(tmp_path, freeze=1, total=1, epochs2=1, name="tiny.yaml"):
+    """The tiny experiment, bit-exact (``train.deterministic``, the resume contract on a GPU too)
+    and with patience enough that early stopping never ends it."""
+    return tiny_config(tmp_path / name, train={"deterministic": True},
+                       phase1={"freeze_epochs": freeze, "total_epochs": total, "early_stopping_patience": 20},
+                       phase2={"epochs": epochs2, "early_stopping_patience": 20})
 
 
 def snapshot(folder):
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in folder.rglob("*") if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_data):
-    """A finished tiny run whose folder the error tests must leave untouched."""
-    tmp = tmp_path_factory.mktemp("finished")
-    config = tiny_config(tmp)
-    run_dir = tmp / "run"
-    assert train_main(["--config", str(config), "--data_dir", str(tiny_data), "--output_dir", str(run_dir)]) == 0
-    return config, run_dir
 
 
 def expect_one_line_error(capsys, argv, fragment, folder=None):
@@ -172,7 +153,7 @@ def test_images_missing_on_disk(capsys, finished_run, data_copy):
 
 
 def test_damaged_images_are_all_listed_before_training(capsys, tiny_data, data_copy, tmp_path):
-    config = tiny_config(tmp_path)
+    config = resumable_config(tmp_path)
     images = sorted(data_copy.glob("images_*/images/*.png"))
     images[0].write_bytes(b"")
     images[1].write_bytes(images[1].read_bytes()[: 100])
@@ -335,12 +316,11 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_pa
 # --------------------------------------------------------------------------- non-finite loss
 
 
-def test_non_finite_loss_stops_with_phase_epoch_batch_and_keeps_the_best(capsys, tiny_data, tmp_path, monkeypatch):
-    make_learner = phases.make_learner
+class PoisonedLoss(Callback):
+    """The loss of the second training batch of each fit's second epoch becomes NaN."""
 
-    def poisoned(cfg, model, frame, phase_cfg, phase, device):
-        learn = make_learner(cfg, model, frame, phase_cfg, phase, device)
-        clean, calls = learn.loss_func, {"n": 0}
+    def after_create(self):
+        clean, learn, calls = self.learn.loss_func, self.learn, {"n": 0}
 
         def loss(pred, target):
             value = clean(pred, target)
@@ -350,12 +330,13 @@ def test_non_finite_loss_stops_with_phase_epoch_batch_and_keeps_the_best(capsys,
                     return value * float("nan")
             return value
 
-        learn.loss_func = loss
-        return learn
+        self.learn.loss_func = loss
 
-    monkeypatch.setattr(phases, "make_learner", poisoned)
+
+def test_non_finite_loss_stops_with_phase_epoch_batch_and_keeps_the_best(capsys, tiny_data, tmp_path, monkeypatch):
+    on_every_learner(monkeypatch, PoisonedLoss)
     run_dir = tmp_path / "run"
-    status, _, err = run_cli(train_main, ["--config", tiny_config(tmp_path, freeze=1, total=2), "--data_dir",
+    status, _, err = run_cli(train_main, ["--config", resumable_config(tmp_path, freeze=1, total=2), "--data_dir",
                                           tiny_data, "--output_dir", run_dir], capsys)
     assert status == 2 and err.count("\n") == 1
     assert "non-finite in phase 1, epoch 3, batch 2" in err  # as the epoch log counts: frozen 1, unfrozen 2, 3
@@ -401,7 +382,7 @@ def uninterrupted(tmp_path_factory, tiny_data):
     """The run that the killed-and-resumed ones must reproduce: same config, never interrupted, its own process."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
     run_dir = tmp / "run"
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(tiny_config(tmp, **RESUMED)),
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(resumable_config(tmp, **RESUMED)),
                            "--data_dir", str(tiny_data), "--output_dir", str(run_dir)], cwd=ROOT,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -411,7 +392,7 @@ def uninterrupted(tmp_path_factory, tiny_data):
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", [1, 2])
 def test_sigkill_then_resume_completes_the_run_as_if_never_killed(tmp_path, tiny_data, uninterrupted, phase):
-    config = tiny_config(tmp_path, **RESUMED)
+    config = resumable_config(tmp_path, **RESUMED)
     run_dir = tmp_path / "run"
     argv = ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir]
     stage = {1: "unfrozen", 2: "one_cycle"}[phase]  # phase 1: frozen done, one of two unfrozen epochs done
@@ -463,7 +444,7 @@ def run_on_a_terminal(argv, timeout=300):
 
 @pytest.mark.slow
 def test_resume_on_a_terminal_after_the_first_epoch_of_a_stage(tmp_path, tiny_data):
-    config = tiny_config(tmp_path, freeze=1, total=3, epochs2=1)
+    config = resumable_config(tmp_path, freeze=1, total=3, epochs2=1)
     run_dir = tmp_path / "run"
     argv = ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir]
     assert kill_when(argv, lambda: resume_point(run_dir) == (1, "unfrozen", 1, False)) == -signal.SIGKILL
@@ -475,7 +456,7 @@ def test_resume_on_a_terminal_after_the_first_epoch_of_a_stage(tmp_path, tiny_da
 
 def test_off_a_terminal_each_line_arrives_when_it_is_printed(tmp_path, tiny_data):
     """Python buffers a pipe's output in blocks; a run's lines must reach a log file as they happen."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(tiny_config(tmp_path)),
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(resumable_config(tmp_path)),
                              "--data_dir", str(tiny_data), "--output_dir", str(tmp_path / "run")], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
@@ -496,7 +477,7 @@ def test_an_interrupted_lr_finder_leaves_no_copy_of_the_weights(capsys, tiny_dat
     a copy left by a finder killed outright in an earlier run goes when the next finder starts."""
     from fastai.callback.schedule import LRFinder
 
-    config = tiny_config(tmp_path)
+    config = resumable_config(tmp_path)
     run_dir = tmp_path / "run"
     if leftover:
         (run_dir / "models" / "tmpdead").mkdir(parents=True)
@@ -546,7 +527,7 @@ def test_yaml_alias_bombs_are_refused_at_once(capsys, tmp_path, text, fragment):
 
 def test_aliases_a_config_uses_for_sharing_still_work(capsys, tmp_path):
     shared = tmp_path / "shared.yaml"
-    text = TINY % {"freeze": 1, "total": 1, "epochs2": 1}
+    text = resumable_config(tmp_path).read_text()
     text = text.replace("base_lr: 0.001", "base_lr: &lr 0.002").replace("lr_max: 0.001", "lr_max: *lr")
     shared.write_text(text)
     status, out, err = run_cli(train_main, ["--config", shared, "--print-config"], capsys)
@@ -669,7 +650,7 @@ def corrupt_the_middle(path):
 @pytest.mark.parametrize("workers", [1])  # through a loader worker; without one, read_xray's own test
 def test_an_undecodable_test_image_is_one_line_and_resume_finishes_after_the_fix(capsys, data_copy, tmp_path,
                                                                                  workers):
-    config = tiny_config(tmp_path)
+    config = resumable_config(tmp_path)
     test_names = (data_copy / "test_list.txt").read_text().split()
     image = next(data_copy.glob(f"images_*/images/{test_names[0]}"))
     whole = image.read_bytes()
@@ -764,7 +745,7 @@ def test_a_full_disk_is_one_line_keeps_what_was_written_and_resume_finishes(caps
 
 @pytest.mark.slow
 def test_sigterm_says_what_to_do_and_the_run_resumes(tmp_path, tiny_data, uninterrupted):
-    config = tiny_config(tmp_path, **RESUMED)
+    config = resumable_config(tmp_path, **RESUMED)
     run_dir = tmp_path / "run"
     argv = [sys.executable, str(ROOT / "train.py"), "--config", str(config), "--data_dir", str(tiny_data),
             "--output_dir", str(run_dir)]
@@ -781,3 +762,18 @@ def test_sigterm_says_what_to_do_and_the_run_resumes(tmp_path, tiny_data, uninte
     done = subprocess.run([*argv, "--resume"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((run_dir / "metrics.json").read_text()) == json.loads((uninterrupted / "metrics.json").read_text())
+
+
+def test_a_resume_file_of_an_earlier_release_gives_each_callback_its_state(tmp_path):
+    """Earlier files named three callbacks' states themselves (best, stop, history); they reach the
+    callbacks that now carry them, under the names fastai gives those callbacks."""
+    saved = {"phase": 1, "stage": "unfrozen", "epochs_done": 2, "stage_complete": False, "lr": 0.01,
+             "best": 0.5, "stop": [0.5, 1], "history": [["frozen", 1, 0.7]]}
+    progress = Progress.from_saved(saved)
+    assert (progress.phase, progress.stage, progress.epochs_done, progress.lr) == (1, "unfrozen", 2, 0.01)
+    owners = [SaveCheckpoint(tmp_path / "best.pth"), EarlyStop(3), EpochLog(tmp_path / "log.csv", 1)]
+    assert progress.callbacks == dict(zip([cb.name for cb in owners], [0.5, [0.5, 1], [["frozen", 1, 0.7]]]))
+    for cb in owners:
+        cb.load_resume_state(progress.callbacks[cb.name], mid_stage=True)
+    assert owners[0].best == 0.5 and owners[1].resumed == (0.5, 1) and owners[2].rows == [["frozen", 1, 0.7]]
+    assert [cb.resume_state() for cb in owners[::2]] == [0.5, [["frozen", 1, 0.7]]]

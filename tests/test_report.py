@@ -14,7 +14,6 @@ import torch
 import yaml
 from PIL import Image
 from sklearn.metrics import average_precision_score, confusion_matrix, f1_score, roc_auc_score
-from test_metrics import synthetic_split
 
 import cxrmem.train.figures
 from cxrmem import report
@@ -30,6 +29,8 @@ from cxrmem.evaluation.auc import PatientResampler
 from cxrmem.evaluation.subgroups import subgroup_auc
 from cxrmem.runs.folder import RunFileError, load_predictions, read_config, read_metrics, save_predictions, write_metrics
 from cxrmem.report import evaluate_split, format_report
+
+from helpers import synthetic_split
 
 FINDINGS = [
     "Atelectasis", "Consolidation", "Infiltration", "Pneumothorax", "Edema",

@@ -14,10 +14,9 @@ from fastai.learner import Learner
 
 from cxrmem.experiment import train_main
 from cxrmem.data.split import SplitWarning, assign_splits
-from cxrmem.train import phases
-from cxrmem.train.callbacks import EarlyStop, SaveBest, SaveLast
+from cxrmem.train.callbacks import EarlyStop, SaveCheckpoint
 
-from conftest import run_cli
+from helpers import on_every_learner, run_cli
 
 ONE_PHASE = """
 experiment_name: solo
@@ -53,7 +52,7 @@ class Spy(Callback):
     def before_fit(self):
         if not hasattr(self.learn, "lr_finder"):
             self.log.setdefault("fits", []).append({
-                "cbs": [type(cb) for cb in self.learn.cbs], "frozen_idx": self.learn.opt.frozen_idx,
+                "cbs": {type(cb): cb for cb in self.learn.cbs}, "frozen_idx": self.learn.opt.frozen_idx,
                 "n_groups": len(self.learn.opt.param_groups)})
 
     def before_batch(self):
@@ -66,18 +65,13 @@ class Spy(Callback):
 
 def run_one_phase(tmp_path, tiny_data, capsys, monkeypatch, valid_pct=0.25, warmup=0, mixup=0.0):
     log, calls = {}, []
-    make_learner, fit_one_cycle = phases.make_learner, Learner.fit_one_cycle
-
-    def spied(cfg, model, frame, phase_cfg, phase, device):
-        learn = make_learner(cfg, model, frame, phase_cfg, phase, device)
-        learn.add_cb(Spy(log))
-        return learn
+    fit_one_cycle = Learner.fit_one_cycle
 
     def recorded(learn, n_epoch, lr_max=None, *args, **kwargs):
         calls.append((n_epoch, lr_max, {k: v for k, v in kwargs.items() if k != "cbs"}))
         return fit_one_cycle(learn, n_epoch, lr_max, *args, **kwargs)
 
-    monkeypatch.setattr(phases, "make_learner", spied)
+    on_every_learner(monkeypatch, lambda: Spy(log))
     monkeypatch.setattr(Learner, "fit_one_cycle", recorded)
     config = tmp_path / "solo.yaml"
     config.write_text(ONE_PHASE % {"valid_pct": valid_pct, "warmup": warmup, "mixup": mixup})
@@ -96,7 +90,8 @@ def test_one_phase_with_validation_and_no_early_stopping(tmp_path, tiny_data, ca
     assert set(json.loads((run_dir / "metrics.json").read_text())) == {"valid", "test"}
     assert (run_dir / "operating_points.json").is_file()
     for fit in log["fits"]:
-        assert SaveBest in fit["cbs"] and EarlyStop not in fit["cbs"]  # patience null: never stops early
+        assert not fit["cbs"][SaveCheckpoint].every_epoch  # the best epoch by valid_loss
+        assert EarlyStop not in fit["cbs"]  # patience null: never stops early
     assert [n for n, _, _ in calls] == [1, 1]  # fine_tune: frozen, then unfrozen
 
 
@@ -116,7 +111,7 @@ def test_one_phase_without_validation_warmup_and_mixup(tmp_path, tiny_data, caps
 
     # no validation: no early stopping, the last epoch is the checkpoint, the log says "-"
     for fit in log["fits"]:
-        assert SaveLast in fit["cbs"] and SaveBest not in fit["cbs"] and EarlyStop not in fit["cbs"]
+        assert fit["cbs"][SaveCheckpoint].every_epoch and EarlyStop not in fit["cbs"]
     saved = torch.load(run_dir / "models/solo_phase1.pth", weights_only=True)
     for key, value in log["last_epoch"].items():
         assert torch.equal(saved[key], value), key

@@ -29,7 +29,7 @@ from cxrmem.report.compare import main as compare_main
 from cxrmem.runs.folder import predictions_path
 from cxrmem.train.phases import resume_path
 
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli
 
 SWEEPS = ROOT / "configs" / "sweeps"
 

@@ -26,9 +26,9 @@ from cxrmem.experiment import train_main
 from cxrmem.config import from_dict
 from cxrmem.data.chestxray14 import FINDINGS
 from cxrmem.utils.errors import UserError
-from cxrmem.train import phases, tracking
+from cxrmem.train import tracking
 
-from conftest import ROOT, run_cli
+from helpers import ROOT, on_every_learner, run_cli
 
 # --------------------------------------------------------------------------- helpers
 
@@ -323,23 +323,16 @@ class Interrupt(Callback):
     order = 90  # after SaveProgress (80)
 
     def after_epoch(self):
-        raise KeyboardInterrupt
+        if self.learn.epoch_log.phase == 2:
+            raise KeyboardInterrupt
 
 
 @pytest.mark.slow
 def test_a_resumed_run_continues_its_mlflow_run_and_tensorboard_steps(tmp_path, tiny_data, empty_store, capsys):
     uri = store_at(empty_store, tmp_path / "store" / "mlflow.db")
     argv = tiny_run_argv(tmp_path, tiny_data, uri, finder=False, epochs2=2)
-    make_learner = phases.make_learner
-
-    def interrupted(cfg, model, frame, phase_cfg, phase, device):
-        learn = make_learner(cfg, model, frame, phase_cfg, phase, device)
-        if phase == 2:
-            learn.add_cb(Interrupt())
-        return learn
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(phases, "make_learner", interrupted)
+        on_every_learner(mp, Interrupt)
         status, _, _ = run_cli(train_main, argv, capsys)
     assert status == 130
     run_dir = tmp_path / "run"

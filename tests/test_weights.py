@@ -6,7 +6,6 @@ Every download here is served by the test itself over HTTP on 127.0.0.1; any oth
 
 import hashlib
 import io
-import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -15,42 +14,17 @@ import pytest
 import torch
 import torchvision
 
-from conftest import run_cli
+from helpers import refuse_network, run_cli, set_hub_offline
 from cxrmem.utils.errors import UserError
 from cxrmem.models.backbones import BACKBONES, HubFile, build_backbone, pretrained_file
 from cxrmem.models.weights import main as weights_main
 
 TIMM_NAME = "timm/resnet10t"
 TIMM_REPO = "timm/resnet10t.c3_in1k"  # where timm takes resnet10t's default pretrained weights from
-LOOPBACK = {"127.0.0.1", "::1", "localhost", b"127.0.0.1", b"localhost"}
 
 
-def refuse_network(monkeypatch):
-    """As on a machine without internet: name lookups and connections beyond 127.0.0.1 fail at once."""
-    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
-
-    def getaddrinfo(host, *args, **kwargs):
-        if host not in LOOPBACK:
-            raise socket.gaierror(socket.EAI_NONAME, f"no network in this test ({host})")
-        return real_getaddrinfo(host, *args, **kwargs)
-
-    def connect(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in LOOPBACK:
-            raise ConnectionRefusedError(f"no network in this test ({address[0]})")
-        return real_connect(sock, address)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    for proxy in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
-        monkeypatch.delenv(proxy, raising=False)
 
 
-def set_hub_offline(monkeypatch, offline=True):
-    """HF_HUB_OFFLINE=1, the Hugging Face hub's switch for machines without internet (the hub reads the
-    variable once, at import, into this constant); without it the hub retries for about 45 s, then gives up."""
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
 
 
 @pytest.fixture(autouse=True)

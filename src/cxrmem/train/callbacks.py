@@ -1,7 +1,12 @@
 """fastai callbacks: per-phase memory momentum and monitoring, the best (or, without a validation
 split, the last) checkpoint, early stopping, the epoch log (printed and kept as CSV), and the non-finite-loss stop.
 
-Each is a small hook on fastai's training loop; the loop itself is fastai's.
+Each is a small hook on fastai's training loop; the loop itself is fastai's. The checkpoint, early
+stopping and the non-finite stop are fastai's SaveModelCallback, EarlyStoppingCallback and
+TerminateOnNaNCallback, subclassed where they differ on purpose (atomic, rank 0, resumable, a
+clear error instead of a silent cancel). A callback finds another through the Learner, by the name
+fastai gives it (``learn.epoch_log``, ``learn.save_checkpoint``); one with state that a resumed
+run needs has ``resume_state`` / ``load_resume_state`` (see :mod:`.resume`).
 """
 
 from __future__ import annotations
@@ -10,7 +15,9 @@ import math
 
 import torch
 from fastai.callback.core import Callback, CancelFitException
-from fastai.callback.tracker import TrackerCallback
+from fastai.callback.tracker import (
+    EarlyStoppingCallback, SaveModelCallback, TerminateOnNaNCallback, TrackerCallback,
+)
 from fastai.learner import Metric
 
 from ..utils import io
@@ -103,26 +110,37 @@ class MemoryValue(Metric):
         return f"memory_{self.attribute}"
 
 
-class SaveBest(TrackerCallback):
-    """Keeps the weights (bank included) of the phase's best epoch by ``monitor`` in ``path``.
+class SaveCheckpoint(SaveModelCallback):
+    """fastai's SaveModelCallback, written for a phase that may be resumed and run under torchrun.
 
-    Written atomically by rank 0 whenever the epoch improves on the best of the
-    phase so far (``new_best``), reloaded by every rank when a fit ends.
+    Keeps the weights (bank included) of the phase's best epoch by ``monitor`` in ``path``, or with
+    ``every_epoch`` (no validation split: nothing to choose by) those of its latest epoch, and loads
+    them when a fit ends. Where it differs from fastai's, on purpose: the best is that of the phase
+    over all its fits (``reset_on_fit=False``) and is carried by the resume file; the file is a
+    weights-only state dict written atomically by rank 0 alone; every rank gets the weights from
+    rank 0 at the end; the epoch log's ``*`` marks a new best instead of a printed line.
     """
 
-    order = TrackerCallback.order + 1  # 61: after the Recorder (50) has the epoch's values
-
-    def __init__(self, path, monitor: str = "valid_loss"):
-        super().__init__(monitor=monitor, reset_on_fit=False)  # the best of the phase, over all its fits
+    def __init__(self, path, monitor: str = "valid_loss", every_epoch: bool = False):
+        super().__init__(monitor=monitor, fname=path.stem, every_epoch=every_epoch, reset_on_fit=False)
         self.path, self.new_best = path, False
 
+    def before_fit(self):
+        if self.every_epoch:  # no monitored value to prepare: valid_loss is absent without validation
+            self.run = not hasattr(self.learn, "lr_finder")
+        else:
+            super().before_fit()
+
     def after_epoch(self):
-        super().after_epoch()
+        if self.every_epoch:
+            self.new_best = True
+        else:
+            TrackerCallback.after_epoch(self)  # sets best and new_best; fastai's own would print and save
         if self.new_best and is_main_process():  # under torchrun every rank holds the same weights
             io.torch_save(unwrap(self.learn.model).state_dict(), self.path)
 
     def after_fit(self):
-        super().after_fit()
+        TrackerCallback.after_fit(self)
         model = unwrap(self.learn.model)
 
         def load():
@@ -131,44 +149,25 @@ class SaveBest(TrackerCallback):
 
         load_on_main(model, load)  # under torchrun: rank 0 reads the file and sends the weights to the others
 
+    def resume_state(self):
+        return None if self.best is None else float(self.best)
 
-class SaveLast(Callback):
-    """Without a validation split there is no loss to choose by: keeps the weights of the phase's
-    latest finished epoch in ``path`` (written atomically by rank 0 after every epoch). Every epoch
-    is ``new_best``; ``best`` stays None (the interface of :class:`SaveBest`)."""
-
-    order = SaveBest.order
-
-    def __init__(self, path):
-        self.path, self.new_best, self.best = path, False, None
-
-    def before_fit(self):
-        self.run = not hasattr(self.learn, "lr_finder")
-
-    def after_epoch(self):
-        self.new_best = True
-        if is_main_process():
-            io.torch_save(unwrap(self.learn.model).state_dict(), self.path)
+    def load_resume_state(self, best, mid_stage: bool) -> None:
+        if best is not None:
+            self.best = best
 
 
-class EarlyStop(TrackerCallback):
-    """Ends a fit once ``monitor`` has not improved on the fit's best for ``patience`` epochs.
-
-    ``resume_with(best, wait)`` makes the next fit start from that state instead of a fresh one
-    (a resumed stage continues the count of the interrupted one).
-    """
-
-    order = TrackerCallback.order + 3  # after the epoch log (62) has printed the epoch
+class EarlyStop(EarlyStoppingCallback):
+    """fastai's EarlyStoppingCallback that a resumed stage continues: the count of epochs without
+    improvement and the best of the interrupted fit come back from the resume file. Its one line
+    names the monitored value and the epochs waited (fastai's names an epoch of the current fit,
+    which a resumed or multi-stage phase numbers otherwise)."""
 
     def __init__(self, patience: int, monitor: str = "valid_loss"):
-        super().__init__(monitor=monitor)
-        self.patience, self.wait, self.resumed = patience, 0, None
-
-    def resume_with(self, best: float | None, wait: int) -> None:
-        self.resumed = (best, wait)
+        super().__init__(monitor=monitor, patience=patience)
+        self.wait, self.resumed = 0, None
 
     def before_fit(self):
-        self.wait = 0
         super().before_fit()
         if self.run and self.resumed is not None:
             best, self.wait = self.resumed
@@ -176,11 +175,17 @@ class EarlyStop(TrackerCallback):
             self.resumed = None
 
     def after_epoch(self):
-        super().after_epoch()
+        TrackerCallback.after_epoch(self)
         self.wait = 0 if self.new_best else self.wait + 1
         if self.wait >= self.patience:
             print(f"no improvement of {self.monitor} in {self.wait} epochs: stopping early")
             raise CancelFitException()
+
+    def resume_state(self):
+        return None if self.best is None else [float(self.best), int(self.wait)]
+
+    def load_resume_state(self, state, mid_stage: bool) -> None:
+        self.resumed = tuple(state) if mid_stage and state is not None else None
 
 
 class EpochLog(Callback):
@@ -196,10 +201,10 @@ class EpochLog(Callback):
     Replaces fastai's own epoch table: the Learner's ``logger`` is fastcore's ``noop``.
     """
 
-    order = TrackerCallback.order + 2  # after SaveBest (61) decided new_best, before EarlyStop (63) may end the fit
+    order = TrackerCallback.order + 2  # after the checkpoint (61) decided new_best, before EarlyStop (63) may end the fit
 
-    def __init__(self, path, phase: int, checkpoint: SaveBest):
-        self.path, self.phase, self.checkpoint = path, phase, checkpoint
+    def __init__(self, path, phase: int):
+        self.path, self.phase = path, phase
         self.stage, self.rows, self.header = "", [], None
 
     @property
@@ -216,10 +221,17 @@ class EpochLog(Callback):
             self._print("phase", "stage", "epoch", self.header[2:], "best")
         epoch, values = self.epoch_number, list(self.recorder.log[1:])
         self.rows.append([self.stage, epoch, *values])
-        self._print(self.phase, self.stage, epoch, values, "*" if self.checkpoint.new_best else "")
+        checkpoint = getattr(self.learn, "save_checkpoint", None)  # fastai names a callback after its class
+        self._print(self.phase, self.stage, epoch, values, "*" if checkpoint is not None and checkpoint.new_best else "")
         if is_main_process():
             lines = [",".join(self.header)] + [",".join(map(_cell, r)) for r in self.rows]
             io.write_text(self.path, "\n".join(lines) + "\n")
+
+    def resume_state(self):
+        return [[_plain(cell) for cell in row] for row in self.rows]
+
+    def load_resume_state(self, rows, mid_stage: bool) -> None:
+        self.rows = [list(row) for row in rows or []]
 
     def _print(self, phase, stage, epoch, values, mark):
         widths = [max(10, len(name)) for name in self.header[2:]]
@@ -233,6 +245,11 @@ def _shown(value) -> str:
     return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _plain(value):
+    """numpy scalars -> Python numbers, so the resume file loads with ``weights_only=True``."""
+    return value.item() if hasattr(value, "item") and not isinstance(value, torch.Tensor) else value
+
+
 def _cell(value) -> str:
     """A value of the CSV: empty for none and NaN."""
     if value is None:
@@ -242,9 +259,10 @@ def _cell(value) -> str:
     return str(value)
 
 
-class StopOnNonFiniteLoss(Callback):
-    """Stops the run when the training loss is NaN or infinite, naming phase, epoch (as the epoch
-    log numbers them) and batch (1 is the epoch's first).
+class StopOnNonFiniteLoss(TerminateOnNaNCallback):
+    """fastai's TerminateOnNaNCallback, made loud: instead of cancelling the fit silently (the run
+    would go on to the next stage and report), stops the run with a one-line error naming phase,
+    epoch (as the epoch log numbers them) and batch (1 is the epoch's first).
 
     Checked after the batch, where fastai reads the loss on the host anyway (its running
     train_loss), so the check adds no wait for the GPU. The run stops before the epoch ends,
@@ -252,20 +270,15 @@ class StopOnNonFiniteLoss(Callback):
     disk are those of the last finished epoch.
     """
 
-    order = -10
-
-    def __init__(self, log: EpochLog):
-        self.log = log
-
     def before_fit(self):
         self.run = not hasattr(self.learn, "lr_finder")  # the finder's own stop_div ends its divergence
 
     def after_batch(self):
         if self.training and not torch.isfinite(self.loss).all():
-            phase = self.log.phase
-            raise UserError(f"loss became non-finite in phase {phase}, epoch {self.log.epoch_number}, "
-                            f"batch {self.iter + 1}; lower the learning rate of phase{phase} or check the data")
+            log = self.learn.epoch_log
+            raise UserError(f"loss became non-finite in phase {log.phase}, epoch {log.epoch_number}, "
+                            f"batch {self.iter + 1}; lower the learning rate of phase{log.phase} or check the data")
 
 
-__all__ = ["MemoryMomentum", "MeanAUC", "MemoryValue", "SaveBest", "SaveLast", "EarlyStop", "EpochLog",
+__all__ = ["MemoryMomentum", "MeanAUC", "MemoryValue", "SaveCheckpoint", "EarlyStop", "EpochLog",
            "StopOnNonFiniteLoss"]

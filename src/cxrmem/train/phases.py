@@ -38,7 +38,7 @@ from .figures import plot_lr_find
 from ..utils.figures import safe_plot
 from . import distributed, speed
 from .callbacks import (
-    EarlyStop, EpochLog, MeanAUC, MemoryMomentum, MemoryValue, SaveBest, SaveLast, StopOnNonFiniteLoss,
+    EarlyStop, EpochLog, MeanAUC, MemoryMomentum, MemoryValue, SaveCheckpoint, StopOnNonFiniteLoss,
 )
 from .losses import build_loss
 from .resume import ResumeState, SaveProgress, SkipFinishedEpochs, phase_seed, saved_progress
@@ -136,7 +136,7 @@ def find_lr(learn: Learner) -> float:
             shutil.rmtree(leftover.parent, ignore_errors=True)
     learn.opt = None  # the first fit makes a fresh optimizer, as on ranks that did not run the finder,
     model.zero_grad()  # and no gradients: fastai's optimizer decays frozen weights that hold a (zero) gradient
-    safe_plot(plot_lr_find, learn.recorder.lrs, learn.recorder.losses, lr, learn.cfg.run_dir / "lr_find_phase1.png")
+    safe_plot(plot_lr_find, learn.recorder.lrs, learn.recorder.losses, lr, learn.path / "lr_find_phase1.png")
     return lr
 
 
@@ -145,15 +145,14 @@ def fit_stage(learn: Learner, state: ResumeState, phase: int, stage: str, epochs
     if epochs == 0 or state.stage_done(phase, stage):
         return
     learn.freeze() if stage == "frozen" else learn.unfreeze()
-    log = learn.epoch_log
-    skip = state.restore(learn, phase, stage, log)
+    skip = state.restore(learn, phase, stage)
     progress = state.progress
     progress.phase, progress.stage, progress.stage_complete = phase, stage, False
-    log.stage = stage
+    learn.epoch_log.stage = stage  # fastai names a Learner's callbacks after their class
     if skip < epochs:
         done = f" ({skip} done before)" if skip else ""
         print(f"phase {phase}: {stage} stage, {epochs} epoch{'s' * (epochs != 1)}{done}", flush=True)
-    callbacks = [SaveProgress(resume_path(learn.cfg), progress, log), SkipFinishedEpochs(skip, state.smooth_loss)]
+    callbacks = [SaveProgress(state.path, progress), SkipFinishedEpochs(skip, state.smooth_loss)]
     learn.fit_one_cycle(epochs, lr, cbs=callbacks, **one_cycle)
 
 
@@ -172,10 +171,9 @@ def make_learner(cfg, model, frame, phase_cfg, phase: int, device) -> Learner:
     if getattr(model, "bank", None) is not None:
         metrics += [MemoryValue(monitor, "fill"), MemoryValue(monitor, "moved")]
     validated = bool(rows["is_valid"].any())  # data.valid_pct 0: no valid loss to choose or stop by
-    best = SaveBest(checkpoint_path(cfg, phase), monitor="valid_loss") if validated \
-        else SaveLast(checkpoint_path(cfg, phase))
-    log = EpochLog(cfg.run_dir / f"history_phase{phase}.csv", phase, best)
-    callbacks = [monitor, StopOnNonFiniteLoss(log), best, log]
+    log = EpochLog(cfg.run_dir / f"history_phase{phase}.csv", phase)
+    callbacks = [monitor, StopOnNonFiniteLoss(), log,
+                 SaveCheckpoint(checkpoint_path(cfg, phase), monitor="valid_loss", every_epoch=not validated)]
     if validated and phase_cfg.early_stopping_patience is not None:
         callbacks.append(EarlyStop(phase_cfg.early_stopping_patience, monitor="valid_loss"))
     if phase_cfg.mixup > 0:
@@ -183,7 +181,7 @@ def make_learner(cfg, model, frame, phase_cfg, phase: int, device) -> Learner:
     callbacks += tracking_callbacks(cfg, phase, log)  # TensorBoard / MLflow when the config asks
     learn = Learner(dls, model.to(device), loss_func=build_loss(phase_cfg.loss), wd=phase_cfg.weight_decay,
                     metrics=metrics, splitter=splitter, path=cfg.run_dir, model_dir="models", cbs=callbacks)
-    learn.cfg, learn.epoch_log, learn.logger = cfg, log, noop  # the epoch table is the log's
+    learn.logger = noop  # the epoch table is the log's
     speed.apply_to_learner(learn, cfg.model, device)  # mixed precision and channels_last on CUDA
     if not sys.stdout.isatty():
         learn.remove_cb(ProgressCallback)

@@ -6,12 +6,17 @@ when a stage ends (early stopping included), :class:`SaveProgress` writes
 ``models/<save_name>_resume.pth`` atomically:
 
     {"model": state dict (bank included), "opt": optimizer state,
-     "progress": {phase, stage, epochs_done, stage_complete, lr, best, stop, history},
+     "progress": {phase, stage, epochs_done, stage_complete, lr, callbacks},
      "random": every random generator training draws from (see random_states)}
 
 ``--resume`` restores it at the first unfinished stage and skips that stage's
 finished epochs with :class:`SkipFinishedEpochs`, so the one-cycle schedule
 continues where it stopped (fastai recomputes its position from the epoch number).
+
+A callback with state of its own carries it in ``progress["callbacks"]`` under its fastai
+name: ``resume_state()`` gives it (plain numbers and lists), ``load_resume_state(state,
+mid_stage)`` takes it back when its phase resumes (``mid_stage``: within the interrupted stage).
+The resume file knows no callback by name.
 
 A resumed run is the uninterrupted one, to the bit on one CPU process with the same
 number of loader workers: within the phase of the interruption the random generators
@@ -47,9 +52,16 @@ class Progress:
     epochs_done: int = 0
     stage_complete: bool = False
     lr: float | None = None          # phase 1's learning rate (LR finder result)
-    best: float | None = None        # best valid_loss of the phase so far
-    stop: list | None = None         # early stopping within the stage: [best valid_loss, epochs waited]
-    history: list = field(default_factory=list)
+    callbacks: dict = field(default_factory=dict)  # callback name -> its resume_state()
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "Progress":
+        """Also reads a file of an earlier release, which named three callbacks' states itself."""
+        saved = dict(saved)
+        older = {"save_checkpoint": saved.pop("best", None), "early_stop": saved.pop("stop", None),
+                 "epoch_log": saved.pop("history", None)}
+        saved.setdefault("callbacks", {k: v for k, v in older.items() if v is not None})
+        return cls(**saved)
 
     @property
     def position(self) -> int:
@@ -64,7 +76,7 @@ class ResumeState:
         self.saved = None
         if resume:
             self.saved = on_main(lambda: _read(path))  # under torchrun: rank 0 reads, every rank gets it
-        self.progress = Progress(**self.saved["progress"]) if self.saved else Progress()
+        self.progress = Progress.from_saved(self.saved["progress"]) if self.saved else Progress()
         self.smooth_loss = None  # the Recorder's running train_loss within the interrupted stage
 
     def stage_done(self, phase: int, stage: str) -> bool:
@@ -73,10 +85,10 @@ class ResumeState:
         here, p = STAGES.index((phase, stage)), self.progress
         return here < p.position or (here == p.position and p.stage_complete)
 
-    def restore(self, learn, phase: int, stage: str, log) -> int:
+    def restore(self, learn, phase: int, stage: str) -> int:
         """At the first unfinished stage: load weights and the bank's generator; within the phase also
-        the best value, the epoch log's rows and the random generators; within the stage the optimizer
-        and early stopping. Returns the number of epochs of this stage to skip."""
+        the callbacks' states and the random generators; within the stage the optimizer. Returns the
+        number of epochs of this stage to skip."""
         self.smooth_loss = None  # only the interrupted stage continues fastai's running train_loss
         if self.saved is None:
             return 0
@@ -92,13 +104,11 @@ class ResumeState:
             state = on_parameter_devices(saved["opt"]["state"], learn.opt)
             learn.opt.load_state_dict({"state": state, "hypers": L(saved["opt"]["hypers"])})
             self.smooth_loss = saved.get("smooth_loss")
-        log.checkpoint.best = p.best if p.best is not None else log.checkpoint.best
-        log.rows = [list(row) for row in p.history]
+        for cb in learn.cbs:
+            if hasattr(cb, "load_resume_state") and cb.name in p.callbacks:
+                cb.load_resume_state(p.callbacks[cb.name], mid_stage)
         if not is_distributed():  # the file holds rank 0's generators; every rank keeps its own seeding
             set_random_states(learn, randomness)
-        early_stop = getattr(learn, "early_stop", None)  # fastai names a Learner's callbacks after their class
-        if mid_stage and early_stop is not None and p.stop is not None:
-            early_stop.resume_with(*p.stop)
         return p.epochs_done if mid_stage else 0
 
 
@@ -167,7 +177,7 @@ def _tuples(value):
 def saved_progress(path) -> Progress | None:
     """The progress a resume file records; None when there is none or it cannot be read."""
     try:
-        return Progress(**_load(path)["progress"]) if Path(path).is_file() else None
+        return Progress.from_saved(_load(path)["progress"]) if Path(path).is_file() else None
     except (UserError, KeyError, TypeError):
         return None
 
@@ -176,7 +186,7 @@ def stopped_at(path) -> str:
     """Where the run behind resume file ``path`` stopped, e.g. ``phase 1, unfrozen stage, after 3
     epochs``; ``at an unknown point`` when the file cannot be read."""
     try:
-        p = Progress(**_load(path)["progress"])
+        p = Progress.from_saved(_load(path)["progress"])
     except (UserError, KeyError, TypeError):
         return "at an unknown point"
     done = "finished" if p.stage_complete else f"after {p.epochs_done} epoch{'s' * (p.epochs_done != 1)}"
@@ -202,8 +212,8 @@ class SaveProgress(Callback):
 
     order = 80  # after the best checkpoint (61) and the epoch log (62) of the epoch are on disk
 
-    def __init__(self, path, progress: Progress, log):
-        self.path, self.progress, self.log = path, progress, log
+    def __init__(self, path, progress: Progress):
+        self.path, self.progress = path, progress
 
     def before_fit(self):
         self.run = not hasattr(self.learn, "lr_finder")
@@ -218,11 +228,7 @@ class SaveProgress(Callback):
 
     def _write(self):
         p = self.progress
-        best = self.log.checkpoint.best
-        p.best = float(best) if best is not None else None
-        early_stop = getattr(self.learn, "early_stop", None)
-        p.stop = None if early_stop is None else [float(early_stop.best), int(early_stop.wait)]
-        p.history = [[_plain(cell) for cell in row] for row in self.log.rows]
+        p.callbacks = {cb.name: cb.resume_state() for cb in self.learn.cbs if hasattr(cb, "resume_state")}
         if not is_main_process():  # under torchrun rank 0 writes; the ranks are in the same state
             return
         opt = self.learn.opt.state_dict()
