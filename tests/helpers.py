@@ -56,7 +56,7 @@ def on_every_learner(patch, make) -> None:
     patch.setattr(defaults, "callbacks", [*defaults.callbacks, Made])
 
 
-# ---- from test_weights
+# ---- a machine without internet
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost", b"127.0.0.1", b"localhost"}
 
@@ -89,7 +89,7 @@ def set_hub_offline(monkeypatch, offline=True):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
 
 
-# ---- from test_metrics
+# ---- statistics computed straight from their definitions
 
 def synthetic_split(n_images, n_classes=4, prevalence=0.3, signal=1.0, seed=0, decimals=None):
     """Targets with the given prevalence and scores that are informative but noisy."""
@@ -123,7 +123,7 @@ def direct_delong(y, a, b):
     return delta, var, math.erfc(abs(z) / math.sqrt(2.0))
 
 
-# ---- from test_dicom
+# ---- DICOM files
 
 def write_dicom(path, stored: np.ndarray, photometric: str = "MONOCHROME2", bits: int = 8, syntax=None,
                 **elements):
@@ -150,7 +150,7 @@ def write_dicom(path, stored: np.ndarray, photometric: str = "MONOCHROME2", bits
     return path
 
 
-# ---- from test_predict
+# ---- a run folder without training
 
 SIZE = 32
 

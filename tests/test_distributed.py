@@ -50,9 +50,10 @@ evaluation: {bootstrap_resamples: 50}
 
 
 def epoch_spy(batch_sizes: list, batches: list, epochs: list, values: list):
-    """A fastai callback class recording each Learner's batch size; every training batch's pixel sum; after each epoch's training
-    batches (before validation and before any checkpoint is reloaded), the parameters and the bank;
-    and each epoch's recorded losses and metrics (which decide checkpoints and early stopping)."""
+    """A fastai callback class recording each Learner's batch size; every training batch's pixel sum;
+    after each epoch's training batches (before validation and before any checkpoint is reloaded),
+    the parameters and the bank; and each epoch's recorded losses and metrics (which decide
+    checkpoints and early stopping)."""
     from fastai.callback.core import Callback
 
     from cxrmem.train.distributed import unwrap
@@ -97,7 +98,6 @@ def spy_and_train(argv: list[str]) -> int:
     def logged_replace(src, dst, *args, **kwargs):
         replaced.append(os.fspath(dst))
         return real_replace(src, dst, *args, **kwargs)
-
 
     def find_lr(learn):
         finders.append(type(learn.model).__name__)

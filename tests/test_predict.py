@@ -8,7 +8,6 @@ tests train a tiny run once and compare with ``train.py --evaluate``.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,6 @@ import torch
 from PIL import Image
 
 import cxrmem.inference.predict
-from cxrmem import report
 from cxrmem.data.findings import FINDINGS
 from cxrmem.inference.predict import collect_images, main as predict_main
 
@@ -31,31 +29,7 @@ from helpers import CALLS, IMAGENET_MEAN, IMAGENET_STD, SIZE, make_fake_run, run
 pytestmark = pytest.mark.filterwarnings("ignore:.*has no operating points:UserWarning")
 
 
-
-
-# --------------------------------------------------------------------------- the operating points reader
-
-
-def read_points_as_contracted(run_dir):
-    """``{finding: threshold or None}`` of ``<run_dir>/operating_points.json``, None without the file."""
-    path = Path(run_dir) / "operating_points.json"
-    return json.loads(path.read_text())["thresholds"] if path.is_file() else None
-
-
-@pytest.fixture(scope="module", autouse=True)
-def operating_points_reader():
-    """cxrmem.runs.folder.read_operating_points as the contract defines it, where report does not provide it."""
-    with pytest.MonkeyPatch.context() as patch:
-        if not hasattr(report, "read_operating_points"):
-            patch.setattr(report, "read_operating_points", read_points_as_contracted, raising=False)
-        yield
-
-
-
-
 # --------------------------------------------------------------------------- fixtures and helpers
-
-
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +176,6 @@ def test_batch_size_and_list_input_do_not_change_the_numbers(fake_run, pngs, tmp
 
 
 def test_dicom_files_give_the_probabilities_of_their_pngs(fake_run, pngs, tmp_path, capsys):
-
     run_dir, _ = fake_run
     folder = tmp_path / "dicom"
     folder.mkdir()

@@ -24,6 +24,7 @@ from ..utils import io
 from ..utils.errors import UserError
 from ..evaluation.auc import mean_auc, per_class_auc
 from .distributed import is_main_process, load_on_main, unwrap
+from .resume import plain
 
 
 class MemoryMomentum(Callback):
@@ -228,7 +229,7 @@ class EpochLog(Callback):
             io.write_text(self.path, "\n".join(lines) + "\n")
 
     def resume_state(self):
-        return [[_plain(cell) for cell in row] for row in self.rows]
+        return [[plain(cell) for cell in row] for row in self.rows]
 
     def load_resume_state(self, rows, mid_stage: bool) -> None:
         self.rows = [list(row) for row in rows or []]
@@ -243,11 +244,6 @@ class EpochLog(Callback):
 def _shown(value) -> str:
     """A value of the printed table: floats with 4 decimals, "-" for none (no validation split)."""
     return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def _plain(value):
-    """numpy scalars -> Python numbers, so the resume file loads with ``weights_only=True``."""
-    return value.item() if hasattr(value, "item") and not isinstance(value, torch.Tensor) else value
 
 
 def _cell(value) -> str:

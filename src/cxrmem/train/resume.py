@@ -232,7 +232,7 @@ class SaveProgress(Callback):
         if not is_main_process():  # under torchrun rank 0 writes; the ranks are in the same state
             return
         opt = self.learn.opt.state_dict()
-        hypers = [{k: _plain(v) for k, v in h.items()} for h in opt["hypers"]]
+        hypers = [{k: plain(v) for k, v in h.items()} for h in opt["hypers"]]
         io.torch_save({"model": unwrap(self.learn.model).state_dict(),
                        "opt": {"state": list(opt["state"]), "hypers": hypers},
                        "progress": asdict(p), "random": random_states(self.learn),
@@ -245,7 +245,7 @@ def smooth_loss_state(learn) -> list:
     return [int(smooth.count), torch.as_tensor(smooth.val).detach().cpu().clone()]
 
 
-def _plain(value):
+def plain(value):
     """numpy scalars -> Python numbers, so the file loads with ``weights_only=True``."""
     return value.item() if hasattr(value, "item") and not isinstance(value, torch.Tensor) else value
 
