@@ -64,8 +64,7 @@ def test_restored_optimizer_state_lands_on_the_device_of_each_parameter():
     state.progress = Progress(phase=1, stage="unfrozen", epochs_done=1)
     learn = learner("meta")
     learn.create_opt()
-    log = SimpleNamespace(checkpoint=SimpleNamespace(best=None), rows=[])
-    assert state.restore(learn, 1, "unfrozen", log) == 1
+    assert state.restore(learn, 1, "unfrozen") == 1
     restored = [(param, value) for param in learn.opt.all_params().itemgot(0)
                 for value in learn.opt.state[param].values() if isinstance(value, torch.Tensor)]
     assert len(restored) >= 4
