@@ -353,18 +353,6 @@ def rows(path):
     return len(pd.read_csv(path)) if path.is_file() else 0
 
 
-def kill_when(argv, ready, timeout=300):
-    """Start train.py, SIGKILL it as soon as ``ready()`` holds, return the exit status."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, argv)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None and not ready():
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    return proc.wait()
-
-
 RESUMED = dict(freeze=1, total=2, epochs2=3)
 
 
@@ -389,40 +377,6 @@ def uninterrupted(tmp_path_factory, tiny_data):
     return run_dir
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("phase", [1, 2])
-def test_sigkill_then_resume_completes_the_run_as_if_never_killed(tmp_path, tiny_data, uninterrupted, phase):
-    config = resumable_config(tmp_path, **RESUMED)
-    run_dir = tmp_path / "run"
-    argv = ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir]
-    stage = {1: "unfrozen", 2: "one_cycle"}[phase]  # phase 1: frozen done, one of two unfrozen epochs done
-    assert kill_when(argv, lambda: resume_point(run_dir) == (phase, stage, 1, False)) == -signal.SIGKILL
-    assert not (run_dir / "metrics.json").exists()
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, argv), "--resume"], cwd=ROOT,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert rows(run_dir / "history_phase1.csv") == 3 and rows(run_dir / "history_phase2.csv") == 3
-    for rel in ("config.yaml", "models/tiny_phase1.pth", "models/tiny_phase2.pth", "tiny_predictions.pt",
-                "metrics.json", "roc_test.png", "memory.png"):
-        assert (run_dir / rel).is_file(), rel
-    assert not (run_dir / "models/tiny_resume.pth").exists() and not list(run_dir.rglob("*.tmp"))
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["test"]["mean_auc"] is not None
-
-    # the same run as the uninterrupted one: epoch by epoch, weights (bank included) and AUCs
-    for name in ("history_phase1.csv", "history_phase2.csv"):
-        resumed, alone = (pd.read_csv(folder / name).drop(columns="time") for folder in (run_dir, uninterrupted))
-        pd.testing.assert_frame_equal(resumed, alone, rtol=1e-6)
-    for name in ("models/tiny_phase1.pth", "models/tiny_phase2.pth"):
-        resumed, alone = io.torch_load(run_dir / name), io.torch_load(uninterrupted / name)
-        assert set(resumed) == set(alone)
-        for key, value in alone.items():
-            torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=f"{name}: {key}")
-    alone = json.loads((uninterrupted / "metrics.json").read_text())
-    for split in ("valid", "test"):
-        assert metrics[split]["per_class"] == pytest.approx(alone[split]["per_class"], abs=1e-6, nan_ok=True)
-
-
 def run_on_a_terminal(argv, timeout=300):
     """train.py with stdout and stderr on a pseudo-terminal (fastai's progress bars on): (status, output)."""
     leader, follower = os.openpty()
@@ -440,18 +394,6 @@ def run_on_a_terminal(argv, timeout=300):
         chunks.append(chunk)
     os.close(leader)
     return proc.wait(timeout=60), b"".join(chunks).decode(errors="replace")
-
-
-@pytest.mark.slow
-def test_resume_on_a_terminal_after_the_first_epoch_of_a_stage(tmp_path, tiny_data):
-    config = resumable_config(tmp_path, freeze=1, total=3, epochs2=1)
-    run_dir = tmp_path / "run"
-    argv = ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir]
-    assert kill_when(argv, lambda: resume_point(run_dir) == (1, "unfrozen", 1, False)) == -signal.SIGKILL
-    status, output = run_on_a_terminal([*argv, "--resume"])
-    assert status == 0, output[-3000:]
-    assert "Epoch 3/3" in output  # fastai's bar was on, and ran to the last epoch of the stage
-    assert rows(run_dir / "history_phase1.csv") == 4 and (run_dir / "metrics.json").is_file()
 
 
 def test_off_a_terminal_each_line_arrives_when_it_is_printed(tmp_path, tiny_data):
@@ -743,25 +685,69 @@ def test_a_full_disk_is_one_line_keeps_what_was_written_and_resume_finishes(caps
     assert ours["test"]["mean_auc"] == theirs["test"]["mean_auc"]
 
 
-@pytest.mark.slow
-def test_sigterm_says_what_to_do_and_the_run_resumes(tmp_path, tiny_data, uninterrupted):
-    config = resumable_config(tmp_path, **RESUMED)
-    run_dir = tmp_path / "run"
-    argv = [sys.executable, str(ROOT / "train.py"), "--config", str(config), "--data_dir", str(tiny_data),
-            "--output_dir", str(run_dir)]
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and resume_point(run_dir) != (1, "unfrozen", 1, False):
+def start(argv, **streams):
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, argv)], cwd=ROOT, **streams)
+
+
+def stop_when(proc, ready, sig, timeout=300):
+    """Send ``sig`` to ``proc`` as soon as ``ready()`` holds; the process must still be running then."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
+    assert proc.poll() is None, "the run finished before it could be stopped"
+    proc.send_signal(sig)
+
+
+@pytest.mark.slow
+def test_killed_three_times_and_resumed_the_run_is_the_one_never_killed(tmp_path, tiny_data, uninterrupted):
+    """One run, stopped where work is lost most easily, each time resumed by the same command plus
+    --resume: SIGKILL within phase 1's second stage (no handler runs: the resume file of the last
+    epoch is all there is), SIGTERM within phase 2 (the one-line message, exit 143), SIGKILL later in
+    phase 2, and the last resume on a terminal (fastai's progress bar counts the skipped epochs).
+    It ends with the uninterrupted run's histories, weights (bank included) and AUCs."""
+    run_dir = tmp_path / "run"
+    argv = ["--config", resumable_config(tmp_path, **RESUMED), "--data_dir", tiny_data, "--output_dir", run_dir]
+    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    proc = start(argv, **quiet)  # phase 1: frozen done, one of two unfrozen epochs done
+    stop_when(proc, lambda: resume_point(run_dir) == (1, "unfrozen", 1, False), signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL and not (run_dir / "metrics.json").exists()
+
+    proc = start([*argv, "--resume"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stop_when(proc, lambda: resume_point(run_dir) == (2, "one_cycle", 1, False), signal.SIGTERM)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 143, err[-2000:]
     assert err.strip().splitlines()[-1] == ("terminated (SIGTERM): the last finished epoch is saved; add --resume to "
                                             "the same command to continue (make demo continues by itself)")
     assert "Traceback" not in err
-    done = subprocess.run([*argv, "--resume"], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads((run_dir / "metrics.json").read_text()) == json.loads((uninterrupted / "metrics.json").read_text())
+
+    proc = start([*argv, "--resume"], **quiet)
+    stop_when(proc, lambda: resume_point(run_dir) == (2, "one_cycle", 2, False), signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL and not (run_dir / "metrics.json").exists()
+
+    status, output = run_on_a_terminal([*argv, "--resume"])
+    assert status == 0, output[-3000:]
+    assert "Epoch 3/3" in output  # fastai's bar was on, and ran to the last epoch of the stage
+    assert rows(run_dir / "history_phase1.csv") == 3 and rows(run_dir / "history_phase2.csv") == 3
+    for rel in ("config.yaml", "models/tiny_phase1.pth", "models/tiny_phase2.pth", "tiny_predictions.pt",
+                "metrics.json", "roc_test.png", "memory.png"):
+        assert (run_dir / rel).is_file(), rel
+    assert not (run_dir / "models/tiny_resume.pth").exists() and not list(run_dir.rglob("*.tmp"))
+
+    # the same run as the uninterrupted one: epoch by epoch, weights (bank included) and AUCs
+    for name in ("history_phase1.csv", "history_phase2.csv"):
+        resumed, alone = (pd.read_csv(folder / name).drop(columns="time") for folder in (run_dir, uninterrupted))
+        pd.testing.assert_frame_equal(resumed, alone, rtol=1e-6)
+    for name in ("models/tiny_phase1.pth", "models/tiny_phase2.pth"):
+        resumed, alone = io.torch_load(run_dir / name), io.torch_load(uninterrupted / name)
+        assert set(resumed) == set(alone)
+        for key, value in alone.items():
+            torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=f"{name}: {key}")
+    metrics, alone = (json.loads((folder / "metrics.json").read_text()) for folder in (run_dir, uninterrupted))
+    assert metrics["test"]["mean_auc"] is not None
+    for split in ("valid", "test"):
+        assert metrics[split]["per_class"] == pytest.approx(alone[split]["per_class"], abs=1e-6, nan_ok=True)
+    assert metrics == alone  # bit-exact: every figure, intervals included
 
 
 def test_a_resume_file_of_an_earlier_release_gives_each_callback_its_state(tmp_path):

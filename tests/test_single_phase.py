@@ -130,3 +130,27 @@ def test_one_phase_without_validation_warmup_and_mixup(tmp_path, tiny_data, caps
     targets = torch.cat(log["targets"])
     assert ((targets > 0) & (targets < 1)).any()
     assert ((targets >= 0) & (targets <= 1)).all()
+
+
+@pytest.mark.parametrize("freeze, total", [(1, 2), (0, 3), (2, 1)])
+def test_phase1_is_fastais_fine_tune_stage_by_stage(monkeypatch, freeze, total):
+    """The default phase 1 makes the very fit_one_cycle calls of fastai's fine_tune (the installed
+    version's); a stage of no epochs trains nothing in either."""
+    from types import SimpleNamespace
+
+    from fastai.test_utils import synth_learner
+
+    from cxrmem.train.phases import phase1_stages
+
+    calls = []
+    monkeypatch.setattr(Learner, "fit_one_cycle", lambda self, n, lr, **kw: calls.append((n, lr, kw)))
+    monkeypatch.setattr(Learner, "freeze", lambda self: None)
+    monkeypatch.setattr(Learner, "unfreeze", lambda self: None)
+    synth_learner().fine_tune(total, 3e-3, freeze_epochs=freeze)
+    calls = [call for call in calls if call[0] > 0]
+    p1 = SimpleNamespace(warmup_epochs=0, warmup_lr=None, freeze_epochs=freeze, total_epochs=total)
+    ours = [(s.epochs, s.lr, s.one_cycle) for s in phase1_stages(p1, 3e-3) if s.epochs > 0]
+    assert len(ours) == len(calls) and len(calls) == (2 if freeze else 1)
+    for (n, lr, kw), (m, our_lr, our_kw) in zip(calls, ours):
+        assert n == m and kw == our_kw
+        assert (lr.start or 0.0, lr.stop) == pytest.approx((our_lr.start or 0.0, our_lr.stop))

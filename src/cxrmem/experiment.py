@@ -18,7 +18,6 @@ from .data.chestxray14 import format_summary, read_bboxes, summarize
 from .data.prepare import prepare_data
 from .inference.explain import pointing_game_of_run
 from .models.backbones import check_backbone
-from .models.net import build_model
 from . import report
 from .runs.folder import RunFolder
 from .train import distributed, phases, tracking
@@ -136,15 +135,13 @@ def run_pipeline(cfg, args) -> int:
     if args.evaluate or finished_before:
         own = folder.final_checkpoint
         path = Path(args.model_path) if args.model_path else own
-        model = build_model(replace(cfg.model, pretrained=False, weights=None), cfg.memory)
-        if not path.is_file():
-            raise UserError(f"model file {path} not found; pass --model_path to an existing .pth or train first")
+        model = folder.untrained_model()
         distributed.load_on_main(model, lambda: phases.load_checkpoint(model, path))
         if path.resolve() != own.resolve():  # another checkpoint: its results beside the run's, never over them
             cfg = replace(cfg, output_dir=str(folder.evaluation_dir(path)))
             print(f"evaluating {path}: results go to {cfg.run_dir} (the run's own results stay as they are)")
             if distributed.is_main_process():
-                io.write_text(cfg.run_dir / "config.yaml", dump_yaml(cfg))
+                io.write_text(RunFolder(cfg).config_file, dump_yaml(cfg))
                 io.write_text(cfg.run_dir / "model_path.txt", f"{path.resolve()}\n")
     else:
         distributed.on_main(lambda: start_run_folder(folder, args))

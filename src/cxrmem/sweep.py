@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import torch
 import yaml
 
 # The experiment schema's own helpers, so that a sweep file is validated like an experiment file.
@@ -55,7 +56,7 @@ from .evaluation.auc import mean_auc, per_class_auc
 from .evaluation.paired import mean_sd
 from .experiment import train_main
 from .models.backbones import check_backbone
-from .report import plot_auc_bars
+from .report import AUC_DECIMALS, format_auc, format_number, format_p, markdown_table, plot_auc_bars
 from .report.compare import Evaluated, bootstrap_settings, compare_pair, load_evaluated
 from .runs.folder import FINISHED, INTERRUPTED, RunFolder
 from .utils import io
@@ -320,8 +321,6 @@ def _submitit():
 
 def visible_gpus() -> list[int]:
     """Indices of the GPUs this process may use (CUDA_VISIBLE_DEVICES is honoured)."""
-    import torch
-
     count = torch.cuda.device_count()
     listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     if len(listed) == count and all(d.isdigit() for d in listed):
@@ -491,15 +490,10 @@ def summarize(sweep: Sweep, runs: list[Run]) -> Optional[dict]:
     }
 
 
-def _cell(stats: dict, digits: int = 4, signed: bool = False) -> str:
-    if stats["mean"] is None:
-        return "n/a"
-    text = f"{stats['mean']:+.{digits}f}" if signed else f"{stats['mean']:.{digits}f}"
-    return text if stats["sd"] is None else f"{text} ± {stats['sd']:.{digits}f}"
-
-
-def _p_text(p: Optional[float]) -> str:
-    return "n/a" if p is None else f"{p:.3g}"
+def mean_sd_text(stats: dict, signed: bool = False) -> str:
+    """{mean, sd} as "0.7012 ± 0.0100" (the mean alone without an SD), 'n/a' without a mean."""
+    text = format_number(stats["mean"], AUC_DECIMALS, signed)
+    return text if stats["mean"] is None or stats["sd"] is None else f"{text} ± {format_auc(stats['sd'])}"
 
 
 def summary_markdown(summary: dict) -> str:
@@ -510,20 +504,19 @@ def summary_markdown(summary: dict) -> str:
              f"({summary['test_patients']} patients).", ""]
     if summary["missing"]:
         lines += [f"Not finished (left out): {', '.join(summary['missing'])}.", ""]
-    lines += ["## Mean AUC", "",
-              f"| variant | seeds | mean AUC (mean ± SD) | Δ vs {ref} (mean ± SD) | paired bootstrap p per seed |",
-              "|---|---|---|---|---|"]
+    rows = []
     for name, v in variants.items():
         star = " *" if v["significant"]["mean_auc"] else ""
-        delta = "reference" if name == ref else _cell(v["delta_mean_auc"], signed=True) + star
-        ps = ", ".join(f"{s}: {_p_text(c['p_bootstrap'])}" for s, c in v["vs_reference"].items())
-        lines.append(f"| {name} | {len(v['seeds'])} | {_cell(v['mean_auc'])} | {delta} | {ps} |")
+        delta = "reference" if name == ref else mean_sd_text(v["delta_mean_auc"], signed=True) + star
+        ps = ", ".join(f"{s}: {format_p(c['p_bootstrap'])}" for s, c in v["vs_reference"].items())
+        rows.append([name, str(len(v["seeds"])), mean_sd_text(v["mean_auc"]), delta, ps])
+    lines += ["## Mean AUC", "",
+              *markdown_table(["variant", "seeds", "mean AUC (mean ± SD)", f"Δ vs {ref} (mean ± SD)",
+                               "paired bootstrap p per seed"], rows, left=5)]
+    rows = [[label, *(mean_sd_text(v["per_class"][label]) + (" *" if v["significant"]["per_class"][label] else "")
+                      for v in variants.values())] for label in summary["labels"]]
     lines += ["", "## AUC per finding (mean ± SD over seeds)", "",
-              "| finding | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
-    for label in summary["labels"]:
-        cells = [_cell(v["per_class"][label]) + (" *" if v["significant"]["per_class"][label] else "")
-                 for v in variants.values()]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+              *markdown_table(["finding", *variants], rows, left=len(variants) + 1)]
     lines += ["", f"`*`: different from {ref}: {summary['significance_rule']}. "
               "Per-seed differences, DeLong p-values, Holm-adjusted p-values and bootstrap intervals are in "
               "summary.json.", ""]

@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 Key = Union[int, str]
 Interval = Optional[List[float]]
@@ -79,10 +80,8 @@ _ZERO = 1e-12
 
 def to_numpy(x) -> np.ndarray:
     """Any array-like or (fastai) tensor, on any device, as a float64 ndarray."""
-    if hasattr(x, "detach") and hasattr(x, "as_subclass"):
-        import torch  # already imported by whoever made the tensor; not needed for arrays
-
-        x = x.detach().as_subclass(torch.Tensor).cpu().double().numpy()
+    if hasattr(x, "detach") and hasattr(x, "as_subclass"):  # a tensor (duck-typed: no torch import here)
+        x = x.detach().cpu().double().numpy()
     return np.asarray(x, dtype=np.float64)
 
 
@@ -139,8 +138,6 @@ def ratio(numerator: float, denominator: float) -> Optional[float]:
 
 def per_class_auc(probs, targets, labels: Optional[Sequence[str]] = None) -> Dict[Key, Optional[float]]:
     """ROC-AUC of each column: {class: auc}, None where a class lacks positives or negatives."""
-    from sklearn.metrics import roc_auc_score  # here, not at the top: sklearn takes seconds to import
-
     scores, positive, keys = check_inputs(probs, targets, labels)
     return {key: float(roc_auc_score(positive[:, c], scores[:, c])) if has_both_classes(positive[:, c])
             else None for c, key in enumerate(keys)}
@@ -380,8 +377,6 @@ def auprc(probs, targets, labels: Optional[Sequence[str]] = None) -> Dict[Key, O
 
     A random ranking scores about the prevalence, so report the two side by side.
     """
-    from sklearn.metrics import average_precision_score
-
     scores, positive, keys = check_inputs(probs, targets, labels)
     return {key: float(average_precision_score(positive[:, c], scores[:, c]))
             if has_both_classes(positive[:, c]) else None

@@ -7,6 +7,7 @@ import math
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
+from scipy.stats import rankdata
 
 from .auc import (_ZERO, Interval, Resampler, auc_samples, check_bootstrap_args, check_inputs, class_keys,
                   defined_classes, mean_auc, mean_auc_samples, per_class_auc, percentile_interval, to_numpy)
@@ -70,8 +71,6 @@ def delong_components(y, scores) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     Returns arrays (auc [K], v10 [m, K], v01 [n, K]); needs m >= 1 and n >= 1.
     Sorting makes it O(N log N) per score set instead of O(m n).
     """
-    from scipy.stats import rankdata  # here, not at the top: only comparisons need it
-
     positive = to_numpy(y) > 0.5
     scores = to_numpy(scores)
     x, y_neg = scores[positive], scores[~positive]

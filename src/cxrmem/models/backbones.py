@@ -31,7 +31,11 @@ from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
+import timm
+import timm.models
 import torchvision.models as tvm
+from huggingface_hub import hf_hub_url, try_to_load_from_cache
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..utils.errors import UserError, closest, describe_error
@@ -128,8 +132,6 @@ class HubFile:
 
     @property
     def url(self) -> str:
-        from huggingface_hub import hf_hub_url
-
         return hf_hub_url(self.repo_id, self.filename, revision=self.revision)
 
     @property
@@ -142,8 +144,6 @@ class HubFile:
         return self.cache_dir / repo_folder / "snapshots" / (self.revision or "main")
 
     def cached(self) -> Path | None:
-        from huggingface_hub import try_to_load_from_cache
-
         for filename in self.filenames:
             found = try_to_load_from_cache(self.repo_id, filename, cache_dir=self.cache_dir, revision=self.revision)
             if isinstance(found, str):
@@ -283,8 +283,6 @@ _SAFETENSORS_TWINS = {
 def _timm_file(model_name: str) -> WeightsFile | None:
     """Where timm takes ``model_name``'s pretrained weights from: its Hugging Face repository when it
     has one (a ``.bin`` file's safetensors twin first), else its URL; None when timm has none."""
-    import timm.models
-
     cfg = timm.models.get_pretrained_cfg(model_name)
     if cfg is None:
         return None
@@ -300,8 +298,6 @@ def _timm_file(model_name: str) -> WeightsFile | None:
 def _create_timm(name: str, model_name: str, file: WeightsFile | None, pretrained: bool) -> nn.Module:
     """The full timm model; ``pretrained``: a cached file is loaded as is (no request at all), else
     ``create_model(pretrained=True)`` downloads it into ``file``'s cache."""
-    import timm
-
     if not pretrained:
         return timm.create_model(model_name, pretrained=False)
     if file is None:
@@ -324,8 +320,6 @@ def _timm_body(name: str, model: nn.Module) -> Backbone:
 
 
 def _timm_source(name: str) -> _Source:
-    import timm
-
     model_name = name[len(TIMM_PREFIX) :]
     if not timm.is_model(model_name):
         raise UserError(f"model.backbone: unknown timm model {model_name!r}{_did_you_mean(model_name)}; "
@@ -340,8 +334,6 @@ def _timm_source(name: str) -> _Source:
 def _did_you_mean(name: str) -> str:
     """`` (did you mean X?)`` over the registry's names and timm's (as ``timm/<name>``), or nothing.
     Names are compared without the prefix and with ``-`` read as ``_`` (``efficientnet-b0``)."""
-    import timm
-
     bare = name.removeprefix(TIMM_PREFIX).replace("-", "_").lower()
     spelled = {n: n for n in BACKBONES}
     spelled.update({n: TIMM_PREFIX + n for n in timm.list_models() if n not in spelled})
@@ -365,8 +357,6 @@ def input_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     _source_for(name)
     if not name.startswith(TIMM_PREFIX):
         return IMAGENET_STATS
-    import timm.models
-
     cfg = timm.models.get_pretrained_cfg(name[len(TIMM_PREFIX) :])
     if cfg is None or cfg.mean is None or cfg.std is None:
         return IMAGENET_STATS
@@ -383,8 +373,6 @@ def check_backbone(name: str, image_size: int) -> None:
     _source_for(name)
     if not name.startswith(TIMM_PREFIX):
         return
-    import timm.models
-
     cfg = timm.models.get_pretrained_cfg(name[len(TIMM_PREFIX) :])
     size = cfg.input_size[-1] if cfg is not None and cfg.fixed_input_size else None
     if size is not None and size != image_size:
@@ -395,8 +383,6 @@ def check_backbone(name: str, image_size: int) -> None:
 def _load_file(path: Path):
     """A ``.safetensors`` file (as the Hugging Face hub serves timm weights), else ``torch.load(weights_only=True)``."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(path, device="cpu")
     return torch.load(path, map_location="cpu", weights_only=True)
 

@@ -29,6 +29,7 @@ from typing import Iterable, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
+from sklearn.metrics import roc_curve
 
 from ..data.chestxray14 import SUBGROUPS, SYNTHETIC_NOTE, patient_ids
 from ..data.findings import FINDINGS
@@ -101,9 +102,40 @@ def evaluate_split(probs, targets, labels: Sequence[str], n_resamples: int = 100
     }
 
 
+# ---- the numbers of every table: one spelling each
+
+NOT_AVAILABLE = "n/a"
+AUC_DECIMALS = 4
+
+
+def format_number(value: Optional[float], decimals: int = 3, signed: bool = False) -> str:
+    """``decimals`` decimals (a sign always with ``signed``), or 'n/a' for None."""
+    if value is None:
+        return NOT_AVAILABLE
+    return f"{value:+.{decimals}f}" if signed else f"{value:.{decimals}f}"
+
+
 def format_auc(value: Optional[float]) -> str:
-    """4 decimals, or 'n/a' for an undefined AUC."""
-    return "n/a" if value is None else f"{value:.4f}"
+    """An AUC (or a difference of AUCs: :func:`format_delta`) to 4 decimals, 'n/a' when undefined."""
+    return format_number(value, AUC_DECIMALS)
+
+
+def format_delta(value: Optional[float]) -> str:
+    return format_number(value, AUC_DECIMALS, signed=True)
+
+
+def format_interval(interval: Optional[Sequence[float]]) -> str:
+    """[lo, hi] as "[0.7012, 0.7544]", 'n/a' for None."""
+    if interval is None:
+        return NOT_AVAILABLE
+    return f"[{format_auc(interval[0])}, {format_auc(interval[1])}]"
+
+
+def format_p(p: Optional[float]) -> str:
+    """A p-value to 4 decimals, "<0.0001" below that, 'n/a' for None."""
+    if p is None:
+        return NOT_AVAILABLE
+    return "<0.0001" if p < 1e-4 else f"{p:.4f}"
 
 
 #: Below this many positives in a split a finding's AUC and interval rest on too few cases: flagged.
@@ -163,10 +195,6 @@ COMPACT_COLUMNS = {
     "prev": lambda r, f: r["prevalence"][f],
     "ECE": lambda r, f: r["ece"]["per_class"][f],
 }
-
-
-def format_number(value: Optional[float], decimals: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{decimals}f}"
 
 
 def operating_point_text(result: dict) -> str:
@@ -273,11 +301,14 @@ def with_interval(value: Optional[float], interval: Optional[Sequence[float]], d
     return f"{value:.{decimals}f} [{interval[0]:.{decimals}f}, {interval[1]:.{decimals}f}]"
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
-    """A GitHub Markdown table, the first column left-aligned and the others right-aligned."""
-    return ["| " + " | ".join(header) + " |",
-            "|---|" + "---:|" * (len(header) - 1),
-            *("| " + " | ".join(row) + " |" for row in rows)]
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> List[str]:
+    """A GitHub Markdown table: the first ``left`` columns left-aligned, the others right-aligned;
+    a ``|`` inside a cell is escaped."""
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return [line(header), "|" + "|".join("---" if i < left else "---:" for i in range(len(header))) + "|",
+            *(line(row) for row in rows)]
 
 
 def split_markdown(split: str, result: dict) -> List[str]:
@@ -469,8 +500,6 @@ def plot_roc(probs, targets, labels: Sequence[str], path, title: str) -> Path:
     positive), ``labels`` the C finding names. A finding without both a
     positive and a negative has no curve; the legend lists it as skipped.
     """
-    from sklearn.metrics import roc_curve
-
     scores, positive, labels = check_inputs(probs, targets, labels)
     aucs = per_class_auc(scores, positive, labels)
 

@@ -62,13 +62,12 @@ from ..utils.commands import RERUN_TO_RESUME, guarded
 from ..utils.errors import UserError
 from ..utils.figures import safe_plot
 from ..utils.io import write_json, write_text
-from . import format_auc, markdown_table, plot_auc_bars
+from . import (AUC_DECIMALS, format_auc, format_delta, format_interval, format_p, markdown_table,
+                plot_auc_bars)
 
 SPLITS = ("test", "valid")
 FIXED_COLUMNS = ("experiment", "backbone", "strategy", "bank size", "top_k", "mean AUC", "95% CI")
 MEAN_COLUMN = FIXED_COLUMNS.index("mean AUC")
-DECIMALS = 4
-NOT_AVAILABLE = "n/a"
 NO_MEMORY = "-"
 
 
@@ -188,16 +187,9 @@ def load_runs(run_dirs: Sequence, split: str) -> Tuple[List[RunResult], List[Tup
 # --------------------------------------------------------------------------- ranking and cells
 
 
-def format_interval(interval: Optional[Sequence[float]]) -> str:
-    """[lo, hi] as "[0.7012, 0.7544]", "n/a" for None."""
-    if interval is None:
-        return NOT_AVAILABLE
-    return f"[{interval[0]:.{DECIMALS}f}, {interval[1]:.{DECIMALS}f}]"
-
-
 def best_rows(values: Sequence[Optional[float]]) -> Set[int]:
     """Indices of the highest value, compared as printed (ties all included, None ignored)."""
-    rounded = {i: round(v, DECIMALS) for i, v in enumerate(values) if v is not None}
+    rounded = {i: round(v, AUC_DECIMALS) for i, v in enumerate(values) if v is not None}
     if not rounded:
         return set()
     top = max(rounded.values())
@@ -230,18 +222,11 @@ def build_table(runs: Sequence[RunResult]) -> Table:
 # --------------------------------------------------------------------------- formats
 
 
-def markdown_cell(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
 def format_markdown(table: Table, split: str) -> str:
     """The table as GitHub Markdown under a one-line caption; marked cells in bold."""
+    rows = [[f"**{c}**" if (r, i) in table.marks else c for i, c in enumerate(row)] for r, row in enumerate(table.rows)]
     lines = [f"ROC AUC on the {split} split (best of each column in bold)", "",
-             "| " + " | ".join(markdown_cell(h) for h in table.header) + " |",
-             "|" + "|".join("---" if i < MEAN_COLUMN else "---:" for i in range(len(table.header))) + "|"]
-    for r, row in enumerate(table.rows):
-        cells = [f"**{markdown_cell(c)}**" if (r, i) in table.marks else markdown_cell(c) for i, c in enumerate(row)]
-        lines.append("| " + " | ".join(cells) + " |")
+             *markdown_table(table.header, rows, left=MEAN_COLUMN)]
     return "\n".join(lines) + "\n"
 
 
@@ -370,16 +355,6 @@ def paired_comparison(runs: Sequence[RunResult], reference_dir: Path, split: str
     }
 
 
-def format_p(p: Optional[float]) -> str:
-    if p is None:
-        return NOT_AVAILABLE
-    return "<0.0001" if p < 1e-4 else f"{p:.4f}"
-
-
-def format_delta(value: Optional[float]) -> str:
-    return NOT_AVAILABLE if value is None else f"{value:+.{DECIMALS}f}"
-
-
 def format_comparison(comparison: dict) -> str:
     """The --reference tables as Markdown: the mean-AUC differences, then one table per run."""
     boot = comparison["bootstrap"]
@@ -388,11 +363,11 @@ def format_comparison(comparison: dict) -> str:
              f"{comparison['n_patients']} patients): differences run - reference; paired bootstrap over "
              f"{boot['unit']}s ({boot['resamples']} resamples); DeLong per finding, Holm over the findings", ""]
     lines += markdown_table(["run", "Δ mean AUC", "95% CI", "p (bootstrap)"],
-                            [[markdown_cell(run["name"]), format_delta(run["delta_mean_auc"]),
+                            [[run["name"], format_delta(run["delta_mean_auc"]),
                               format_interval(run["delta_mean_auc_ci95"]), format_p(run["p_bootstrap"])]
                              for run in comparison["runs"]])
     for run in comparison["runs"]:
-        lines += ["", f"{markdown_cell(run['name'])} - {markdown_cell(reference)} per finding", ""]
+        lines += ["", f"{run['name']} - {reference} per finding", ""]
         lines += markdown_table(["finding", "AUC reference", "AUC", "Δ AUC", "p DeLong", "p Holm"],
                                 [[label, format_auc(r["auc_reference"]), format_auc(r["auc"]), format_delta(r["delta_auc"]),
                                   format_p(r["p_delong"]), format_p(r["p_holm"])]

@@ -329,11 +329,12 @@ class RunFolder:
 
     # ---------------------------------------------------------------- what it holds
 
+    def untrained_model(self) -> torch.nn.Module:
+        """The run's network with fresh weights (never downloaded: a checkpoint replaces them)."""
+        return build_model(replace(self.cfg.model, pretrained=False, weights=None), self.cfg.memory)
+
     def load_model(self, model_path=None) -> torch.nn.Module:
         """The run's network (its final checkpoint, or ``model_path``) on the CPU, in eval mode."""
-        model = build_model(replace(self.cfg.model, pretrained=False, weights=None), self.cfg.memory)
-        path = Path(model_path) if model_path else self.final_checkpoint
-        if not path.is_file():
-            raise UserError(f"model file {path} not found; pass --model_path to an existing .pth or train first")
-        load_checkpoint(model, path)
+        model = self.untrained_model()
+        load_checkpoint(model, Path(model_path) if model_path else self.final_checkpoint)
         return model.eval()

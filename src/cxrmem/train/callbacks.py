@@ -123,7 +123,7 @@ class SaveCheckpoint(SaveModelCallback):
     """
 
     def __init__(self, path, monitor: str = "valid_loss", every_epoch: bool = False):
-        super().__init__(monitor=monitor, fname=path.stem, every_epoch=every_epoch, reset_on_fit=False)
+        super().__init__(monitor=monitor, every_epoch=every_epoch, reset_on_fit=False)  # writes to path, not fname
         self.path, self.new_best = path, False
 
     def before_fit(self):

@@ -45,6 +45,8 @@ import torch.distributed as dist
 from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
 from fastai.distributed import DistributedDL
+from fastai.torch_core import set_seed
+from timm.layers import convert_sync_batchnorm
 
 from ..utils.errors import UserError
 
@@ -193,8 +195,6 @@ def seed_per_rank(seed: int) -> None:
     dropout differ between ranks (call it after the model is built: the weights stay the same on every
     rank). No-op with one process."""
     if is_distributed():
-        from fastai.torch_core import set_seed
-
         set_seed(seed + rank())  # cuDNN's settings stay as the run set them (train.deterministic)
 
 
@@ -387,8 +387,6 @@ def synchronised_batch_norm(model):
     and buffers, so checkpoints keep their keys). Layers already synchronised are left as they are."""
     if any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()):
         return model
-    from timm.layers import convert_sync_batchnorm
-
     return convert_sync_batchnorm(model)
 
 

@@ -16,8 +16,10 @@ after ``early_stopping_patience`` epochs without improvement (null: never); with
 
 from __future__ import annotations
 
+import inspect
 import shutil
 import sys
+from typing import NamedTuple
 
 import torch
 
@@ -62,8 +64,8 @@ def train(cfg, frame, device, resume: bool = False) -> Learner:
     lr = state.progress.lr or choose_lr(learn, p1)
     state.progress.lr = lr
     distributed.make_distributed(learn)  # under torchrun: DDP from here on (rank 0 ran the finder alone)
-    for stage, epochs, stage_lr, one_cycle in phase1_stages(p1, lr):
-        fit_stage(learn, state, 1, stage, epochs, stage_lr, **one_cycle)
+    for stage in phase1_stages(p1, lr):
+        fit_stage(learn, state, 1, stage.name, stage.epochs, stage.lr, **stage.one_cycle)
 
     # Phase 2: all images; a new Learner from the best phase-1 weights and bank; unfrozen; one cycle.
     if cfg.phase2 is not None:
@@ -81,7 +83,7 @@ def final_stage(cfg) -> tuple[int, str]:
     """(phase, stage) of the last stage that trains: phase 2's one cycle, else phase 1's last stage."""
     if cfg.phase2 is not None and cfg.phase2.epochs > 0:
         return 2, "one_cycle"
-    return 1, [stage for stage, epochs, _, _ in phase1_stages(cfg.phase1, 1.0) if epochs > 0][-1]
+    return 1, [stage.name for stage in phase1_stages(cfg.phase1, 1.0) if stage.epochs > 0][-1]
 
 
 def training_finished(cfg) -> bool:
@@ -97,15 +99,34 @@ def finish_run(cfg) -> None:
         resume_path(cfg).unlink(missing_ok=True)
 
 
-def phase1_stages(p1, lr: float) -> list:
-    """Phase 1's (stage, epochs, lr, fit_one_cycle options): fastai's ``fine_tune(total_epochs, lr,
-    freeze_epochs)`` spelled out, or with ``warmup_epochs`` the reference's warm-up: frozen at
-    ``warmup_lr`` (null: lr / 10), then every layer at ``lr``, both with fastai's one-cycle defaults."""
+class Stage(NamedTuple):
+    """One ``fit_one_cycle`` of a phase: its name (as the resume file records it), epochs, learning
+    rate (a float or a ``slice`` over the layer groups) and fit_one_cycle's other options."""
+    name: str
+    epochs: int
+    lr: object
+    one_cycle: dict
+
+
+#: fastai's own defaults of ``Learner.fine_tune`` (lr_mult, pct_start, div), read from its signature:
+#: the unfrozen stage follows the installed fastai rather than a copy of its numbers.
+FINE_TUNE = {name: p.default for name, p in inspect.signature(Learner.fine_tune).parameters.items()
+             if name in ("lr_mult", "pct_start", "div")}
+
+
+def phase1_stages(p1, lr: float) -> list[Stage]:
+    """Phase 1 as data. By default fastai's ``fine_tune(total_epochs, lr, freeze_epochs)``, stage by
+    stage: frozen at ``slice(lr)`` with ``pct_start=0.99`` (fine_tune's frozen fit), then unfrozen at
+    ``slice(lr / 2 / lr_mult, lr / 2)`` with its ``pct_start`` and ``div``. With ``warmup_epochs`` the
+    reference's warm-up: frozen at ``warmup_lr`` (null: lr / 10), then every layer at ``lr``, both
+    with fit_one_cycle's defaults."""
     if p1.warmup_epochs:
         warmup_lr = p1.warmup_lr if p1.warmup_lr is not None else lr / 10
-        return [("frozen", p1.warmup_epochs, warmup_lr, {}), ("unfrozen", p1.total_epochs, lr, {})]
-    return [("frozen", p1.freeze_epochs, slice(lr), dict(pct_start=0.99)),
-            ("unfrozen", p1.total_epochs, slice(lr / 200, lr / 2), dict(pct_start=0.3, div=5.0))]
+        return [Stage("frozen", p1.warmup_epochs, warmup_lr, {}), Stage("unfrozen", p1.total_epochs, lr, {})]
+    top = lr / 2  # fine_tune halves base_lr once it unfreezes
+    return [Stage("frozen", p1.freeze_epochs, slice(lr), {"pct_start": 0.99}),
+            Stage("unfrozen", p1.total_epochs, slice(top / FINE_TUNE["lr_mult"], top),
+                  {"pct_start": FINE_TUNE["pct_start"], "div": FINE_TUNE["div"]})]
 
 
 def choose_lr(learn: Learner, phase_cfg) -> float:
@@ -199,7 +220,7 @@ def resume_path(cfg):
 def load_checkpoint(model, path) -> None:
     """Load a weights-only state dict into ``model``; a mismatch is a one-line UserError."""
     if not path.is_file():
-        raise UserError(f"checkpoint {path} not found; train first or pass --model_path to an existing .pth")
+        raise UserError(f"model file {path} not found; pass --model_path to an existing .pth or train first")
     try:
         state = io.torch_load(path)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file

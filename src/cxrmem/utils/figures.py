@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -46,8 +47,6 @@ def save_figure(figure: Figure, path) -> Path:
 
 def palette(n: int) -> list:
     """n distinguishable colours (tab10 up to 10, tab20 beyond)."""
-    from matplotlib import colormaps
-
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
 
