@@ -31,20 +31,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from helpers import tiny_config
+
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 DUMP_ENV = "CXRMEM_TEST_DUMP"
-
-TINY = """
-experiment_name: tiny
-model: {backbone: resnet18, pretrained: false}
-memory: {use_memory: true, bank_size: 16, top_k: 3, update_strategy: rarity, rarity_threshold: 0.1}
-data: {image_size: 32, num_workers: 0, seed: 0, valid_pct: 0.25}
-phase1: {batch_size: 8, use_lr_finder: true, base_lr: 0.001, freeze_epochs: 1, total_epochs: 1}
-phase2: {batch_size: 16, epochs: 1, lr_min: 0.0001, lr_max: 0.001}
-evaluation: {bootstrap_resamples: 50}
-"""
-
 
 # --------------------------------------------------------------------------- the launched script
 
@@ -137,7 +128,8 @@ def ddp_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     data, config, run_dir, dump = tmp / "cxr14", tmp / "tiny.yaml", tmp / "run", tmp / "dump"
     generate(data, n_patients=40, size=32, seed=3, workers=1)
-    config.write_text(TINY)
+    tiny_config(config, memory={"update_strategy": "rarity", "rarity_threshold": 0.1},
+                phase1={"use_lr_finder": True}, evaluation={"bootstrap_resamples": 50})
     dump.mkdir()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import re
 import math
+import re
 import sys
 
 import pandas as pd
@@ -178,8 +180,20 @@ def improvements(losses):
     return [loss < min(losses[:i], default=math.inf) for i, loss in enumerate(losses)]
 
 
-def test_off_a_terminal_every_stage_says_it_has_begun_and_a_synthetic_set_says_so(tmp_path, tiny_data, capsys):
-    run_dir, out = train_tiny(tmp_path, tiny_data, capsys, "stages")
+@pytest.fixture(scope="module")
+def second_run(memory_run, tiny_data):
+    """The memory run's config trained once more, in another folder, off a terminal: (run folder, stdout)."""
+    _, _, tmp_path = memory_run
+    run_dir, out = tmp_path / "memory_again", io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = train_main(["--config", str(write_config(tmp_path)), "--data_dir", str(tiny_data),
+                             "--output_dir", str(run_dir)])
+    assert status == 0
+    return run_dir, out.getvalue()
+
+
+def test_off_a_terminal_every_stage_says_it_has_begun_and_a_synthetic_set_says_so(second_run):
+    run_dir, out = second_run
     lines = [line for line in out.splitlines() if line.startswith(("phase 1: ", "phase 2: ", "evaluating: "))]
     stages = [" ".join(line.split()[:2]) if line.startswith("evaluating") else re.split(r" \(|,| ->", line)[0]
               for line in lines]
@@ -242,9 +256,8 @@ def test_evaluate_with_an_explicit_model_path(memory_run, tiny_data, tmp_path, c
     assert (tmp_path / "eval" / "evaluations" / "tiny_phase1" / "metrics.json").is_file()
 
 
-def test_same_config_and_seed_give_identical_aucs(memory_run, tiny_data, capsys):
-    run_dir, _, tmp_path = memory_run
-    again, _ = train_tiny(tmp_path, tiny_data, capsys, "memory_again")
+def test_same_config_and_seed_give_identical_aucs(memory_run, second_run):
+    run_dir, again = memory_run[0], second_run[0]
     first = json.loads((run_dir / "metrics.json").read_text())
     second = json.loads((again / "metrics.json").read_text())
     for split in first:

@@ -24,7 +24,7 @@ from cxrmem.models.net import build_model
 from cxrmem.evaluation.localisation import pointing_game
 from cxrmem.models.backbones import IMAGENET_STATS
 
-from helpers import run_cli
+from helpers import run_cli, tiny_config
 
 NODULE, MASS = FINDINGS.index("Nodule"), FINDINGS.index("Mass")
 MEMORY = SimpleNamespace(use_memory=True, bank_size=16, update_strategy="fifo", top_k=3, normalize_retrieved="both",
@@ -219,19 +219,9 @@ def test_pointing_game_pools_chunks_exactly(net, tiny_data):
         assert chunked[finding]["chance_rate"] == pytest.approx(result["chance_rate"])
 
 
-TINY = """
-experiment_name: tiny_eval
-model: {backbone: resnet18, pretrained: false}
-memory: {use_memory: true, bank_size: 16, top_k: 3, update_strategy: fifo}
-data: {image_size: 128, num_workers: 0, seed: 0, valid_pct: 0.25}
-phase1: {batch_size: 8, use_lr_finder: false, freeze_epochs: 0, total_epochs: 1}
-evaluation: {bootstrap_resamples: 20}
-"""
-
-
 def test_evaluate_writes_localisation_into_metrics(tiny_data, tmp_path, capsys):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(TINY)
+    config = tiny_config(tmp_path / "tiny.yaml", experiment_name="tiny_eval", data={"image_size": 128},
+                         phase1={"freeze_epochs": 0}, phase2=None)
     cfg = load_config(config, [], data_dir=str(tiny_data), output_dir=str(tmp_path / "run"))
     checkpoint = tmp_path / "untrained.pth"
     torch.manual_seed(0)

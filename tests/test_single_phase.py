@@ -16,19 +16,7 @@ from cxrmem.experiment import train_main
 from cxrmem.data.split import SplitWarning, assign_splits
 from cxrmem.train.callbacks import EarlyStop, SaveCheckpoint
 
-from helpers import on_every_learner, run_cli
-
-ONE_PHASE = """
-experiment_name: solo
-model: {backbone: resnet18, pretrained: false}
-memory: {bank_size: 16, top_k: 3, update_strategy: fifo}
-data: {image_size: 32, num_workers: 0, seed: 0, valid_pct: %(valid_pct)s}
-phase1: {filter_normal: false, batch_size: 8, use_lr_finder: false, base_lr: 0.001, freeze_epochs: 1,
-         total_epochs: 1, warmup_epochs: %(warmup)d, warmup_lr: 0.0002, early_stopping_patience: null,
-         mixup: %(mixup)s}
-evaluation: {bootstrap_resamples: 20}
-"""
-
+from helpers import on_every_learner, run_cli, tiny_config
 
 def test_valid_pct_0_puts_every_train_val_patient_in_train():
     frame = pd.DataFrame({"image_index": [f"{p:08d}_000.png" for p in range(10)],
@@ -73,8 +61,9 @@ def run_one_phase(tmp_path, tiny_data, capsys, monkeypatch, valid_pct=0.25, warm
 
     on_every_learner(monkeypatch, lambda: Spy(log))
     monkeypatch.setattr(Learner, "fit_one_cycle", recorded)
-    config = tmp_path / "solo.yaml"
-    config.write_text(ONE_PHASE % {"valid_pct": valid_pct, "warmup": warmup, "mixup": mixup})
+    config = tiny_config(tmp_path / "solo.yaml", experiment_name="solo", phase2=None, data={"valid_pct": valid_pct},
+                         phase1={"filter_normal": False, "warmup_epochs": warmup, "warmup_lr": 0.0002,
+                                 "early_stopping_patience": None, "mixup": mixup})
     run_dir = tmp_path / "run"
     status, out, err = run_cli(train_main, ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir],
                                capsys)

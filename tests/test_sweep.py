@@ -29,24 +29,18 @@ from cxrmem.report.compare import main as compare_main
 from cxrmem.runs.folder import predictions_path
 from cxrmem.train.phases import resume_path
 
-from helpers import ROOT, run_cli
+from helpers import ROOT, run_cli, tiny_config
 
 SWEEPS = ROOT / "configs" / "sweeps"
 
-TINY_BASE = """
-experiment_name: tiny
-model: {backbone: resnet18, pretrained: false}
-memory: {use_memory: true, bank_size: 16, top_k: 3, update_strategy: fifo}
-data: {image_size: 32, num_workers: 0, seed: 0, valid_pct: 0.25}
-phase1: {batch_size: 8, use_lr_finder: false, base_lr: 0.001, freeze_epochs: 0, total_epochs: 1}
-phase2: null
-evaluation: {bootstrap_resamples: 50}
-"""
+def tiny_base(path):
+    """The sweep's base: the tiny experiment in one phase of one epoch."""
+    return tiny_config(path, phase1={"freeze_epochs": 0}, phase2=None, evaluation={"bootstrap_resamples": 50})
 
 
 def write_sweep(folder: Path, data_dir, executor="{name: local, jobs: 2}", extra="") -> Path:
     """A 2 variants x 2 seeds sweep of the tiny experiment (one epoch per run)."""
-    (folder / "tiny.yaml").write_text(TINY_BASE)
+    tiny_base(folder / "tiny.yaml")
     path = folder / "tiny_sweep.yaml"
     path.write_text(f"""
 name: tiny_sweep
@@ -125,7 +119,7 @@ def test_variants_grid_seeds_and_settings(tmp_path, tiny_data):
 def test_base_is_found_beside_the_sweep_file_or_in_the_project_root(tmp_path, monkeypatch):
     beside = tmp_path / "here.yaml"
     beside.write_text("variants: {a: {}}\nbase: tiny.yaml\n")
-    (tmp_path / "tiny.yaml").write_text(TINY_BASE)
+    tiny_base(tmp_path / "tiny.yaml")
     assert Path(load_sweep(beside).base).resolve() == (tmp_path / "tiny.yaml").resolve()
     monkeypatch.chdir(tmp_path)
     assert load_sweep(SWEEPS / "demo_ablation.yaml").base.endswith("configs/experiments/demo_synthetic.yaml")
@@ -315,7 +309,7 @@ def test_slurm_executor_without_slurm_is_one_line_before_anything_runs(tmp_path,
 @pytest.mark.parametrize("value", ["x\ntouch {marker} #\n", "touch {marker}\n", "a\n\nb"])
 def test_a_line_break_in_a_sweep_value_is_refused_before_anything_is_printed(tmp_path, tiny_data, capsys, value):
     marker = tmp_path / "owned"
-    extra = f"description: sweep\n"
+    extra = "description: sweep\n"
     path = write_sweep(tmp_path, tiny_data)
     text = path.read_text().replace("  fifo: {}", f"  fifo: {{description: {json.dumps(value.format(marker=marker))}}}")
     path.write_text(text + extra)

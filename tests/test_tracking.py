@@ -28,7 +28,7 @@ from cxrmem.data.chestxray14 import FINDINGS
 from cxrmem.utils.errors import UserError
 from cxrmem.train import tracking
 
-from helpers import ROOT, on_every_learner, run_cli
+from helpers import ROOT, on_every_learner, run_cli, tiny_config
 
 # --------------------------------------------------------------------------- helpers
 
@@ -70,7 +70,7 @@ def metric_history(client, run_id, key):
 def test_tracking_is_off_by_default_and_mlflow_takes_true_false_or_a_uri(tmp_path):
     off = from_dict({}).tracking
     assert (off.tensorboard, off.mlflow, off.experiment) == (False, None, None)
-    assert tracking.callbacks(from_dict({}), 1, SimpleNamespace(rows=[])) == []
+    assert tracking.callbacks(from_dict({}), 1) == []
     assert from_dict({"tracking": {"mlflow": True}}).tracking.mlflow == "default"
     assert from_dict({"tracking": {"mlflow": False}}).tracking.mlflow is None
     assert from_dict({"tracking": {"mlflow": "http://host:5000"}}).tracking.mlflow == "http://host:5000"
@@ -86,10 +86,10 @@ def test_tracking_is_off_by_default_and_mlflow_takes_true_false_or_a_uri(tmp_pat
 
 def test_only_the_main_process_gets_callbacks(tmp_path, monkeypatch):
     cfg = config(tmp_path, tensorboard=True, mlflow="default")
-    made = tracking.callbacks(cfg, 1, SimpleNamespace(rows=[]))
+    made = tracking.callbacks(cfg, 1)
     assert [type(cb).__name__ for cb in made] == ["PhaseTensorBoard", "MLflowLogger"]
     monkeypatch.setenv("RANK", "1")
-    assert tracking.callbacks(cfg, 1, SimpleNamespace(rows=[])) == []
+    assert tracking.callbacks(cfg, 1) == []
 
 
 @pytest.mark.parametrize("key, modules", [("tensorboard", ["tensorboard", "fastai.callback.tensorboard"]),
@@ -101,7 +101,7 @@ def test_a_missing_package_is_one_line_naming_the_extra(tmp_path, monkeypatch, k
     monkeypatch.setenv("RANK", rank)  # every rank fails alike
     cfg = config(tmp_path, **{key: True})
     with pytest.raises(UserError) as error:
-        tracking.callbacks(cfg, 1, SimpleNamespace(rows=[]))
+        tracking.callbacks(cfg, 1)
     message = str(error.value)
     assert "\n" not in message and f"tracking.{key}" in message and "pip install 'cxrmem[tracking]'" in message
 
@@ -116,8 +116,9 @@ def test_an_unusable_store_is_one_line(tmp_path):
 # --------------------------------------------------------------------------- TensorBoard
 
 
-class Rows(Callback):
-    """Stands in for the phase's epoch table: one row per finished epoch, over all fits."""
+class EpochLog(Callback):
+    """Stands in for the phase's epoch table under its fastai name (``learn.epoch_log``): one row per
+    finished epoch, over all fits."""
 
     order = 60
 
@@ -134,9 +135,9 @@ def test_tensorboard_steps_run_on_over_the_fits_of_a_phase(tmp_path):
     y = x @ torch.tensor([[1.0], [-2.0], [0.5]])
     train, valid = list(zip(x[:64], y[:64])), list(zip(x[64:], y[64:]))
     dls = DataLoaders.from_dsets(train, valid, bs=16, device="cpu")
-    rows = Rows()
+    rows = EpochLog()
     cfg = config(tmp_path, tensorboard=True)
-    learn = Learner(dls, torch.nn.Linear(3, 1), loss_func=MSELossFlat(), cbs=[rows, *tracking.callbacks(cfg, 1, rows)])
+    learn = Learner(dls, torch.nn.Linear(3, 1), loss_func=MSELossFlat(), cbs=[rows, *tracking.callbacks(cfg, 1)])
     with learn.no_bar(), learn.no_logging():
         learn.fit(2, 1e-2)  # like phase 1's frozen stage
         learn.fit(1, 1e-2)  # and its unfrozen one: fastai counts from 0 again
@@ -155,16 +156,16 @@ def test_tensorboard_steps_run_on_over_the_fits_of_a_phase(tmp_path):
 
 
 class FakeLearner(SimpleNamespace):
-    """What MLflowLogger reads from a Learner: the Recorder's names and values of the epoch."""
+    """What MLflowLogger reads from a Learner: the Recorder's names and values of the epoch, the epoch table."""
 
-    def __init__(self):
+    def __init__(self, epochs):
         names = ["epoch", "train_loss", "valid_loss", "valid_auc", "memory_fill", "memory_moved", "time"]
-        super().__init__(recorder=SimpleNamespace(metric_names=names, log=[]))
+        super().__init__(recorder=SimpleNamespace(metric_names=names, log=[]), epoch_log=epochs)
 
 
 def run_epochs(logger, epochs, values):
     """Drive ``logger`` through one fit whose epochs end with ``values`` (train_loss, valid_loss, ...)."""
-    logger.learn = FakeLearner()
+    logger.learn = FakeLearner(epochs)
     logger("before_fit")
     for index, row in enumerate(values):
         logger("before_epoch")
@@ -182,7 +183,7 @@ def test_mlflow_run_params_epochs_resume_and_final_aucs(tmp_path, empty_store):
 
     # a fresh training: phase 1 frozen (1 epoch) then unfrozen (1 epoch) on one phase-1 Learner
     epochs1 = SimpleNamespace(rows=[])
-    logger = tracking.MLflowLogger(cfg, 1, epochs1)
+    logger = tracking.MLflowLogger(cfg, 1)
     run_epochs(logger, epochs1, [[0.9, 0.8, 0.55, 0.25, float("nan")]])
     run_epochs(logger, epochs1, [[0.7, 0.6, 0.65, 0.5, 0.1]])
     run_id = (cfg.run_dir / "mlflow_run_id.txt").read_text().strip()
@@ -194,13 +195,13 @@ def test_mlflow_run_params_epochs_resume_and_final_aucs(tmp_path, empty_store):
     assert metric_history(client, run_id, "phase1/valid_loss") == [(1, 0.8), (2, 0.6)]
     assert metric_history(client, run_id, "phase1/memory_fill") == [(1, 0.25), (2, 0.5)]
     assert metric_history(client, run_id, "phase1/train_loss") == [(1, 0.9), (2, 0.7)]
-    assert set(run.data.metrics) == {f"phase1/{n}" for n in FakeLearner().recorder.metric_names[1:-1]}
+    assert set(run.data.metrics) == {f"phase1/{n}" for n in FakeLearner(None).recorder.metric_names[1:-1]}
 
     # killed, then resumed in phase 2 (another process): the same MLflow run goes on
     epochs2 = SimpleNamespace(rows=[])
-    run_epochs(tracking.MLflowLogger(cfg, 2, epochs2), epochs2, [[0.5, 0.45, 0.7, 0.5, 0.0]])
+    run_epochs(tracking.MLflowLogger(cfg, 2), epochs2, [[0.5, 0.45, 0.7, 0.5, 0.0]])
     epochs2_resumed = SimpleNamespace(rows=list(epochs2.rows))
-    run_epochs(tracking.MLflowLogger(cfg, 2, epochs2_resumed), epochs2_resumed, [[0.4, 0.42, 0.72, 0.5, 0.0]])
+    run_epochs(tracking.MLflowLogger(cfg, 2), epochs2_resumed, [[0.4, 0.42, 0.72, 0.5, 0.0]])
     assert (cfg.run_dir / "mlflow_run_id.txt").read_text().strip() == run_id
     assert metric_history(client, run_id, "phase2/valid_loss") == [(1, 0.45), (2, 0.42)]
 
@@ -226,11 +227,11 @@ def test_mlflow_run_params_epochs_resume_and_final_aucs(tmp_path, empty_store):
 
     # a new training in the same folder opens a new run; one that replaces an interrupted run marks it KILLED
     epochs = SimpleNamespace(rows=[])
-    run_epochs(tracking.MLflowLogger(cfg, 1, epochs), epochs, [[0.9, 0.8, 0.5, 0.2, 0.0]])
+    run_epochs(tracking.MLflowLogger(cfg, 1), epochs, [[0.9, 0.8, 0.5, 0.2, 0.0]])
     second = (cfg.run_dir / "mlflow_run_id.txt").read_text().strip()
     assert second != run_id and client.get_run(run_id).info.status == "FINISHED"
     epochs = SimpleNamespace(rows=[])
-    run_epochs(tracking.MLflowLogger(cfg, 1, epochs), epochs, [[0.9, 0.8, 0.5, 0.2, 0.0]])
+    run_epochs(tracking.MLflowLogger(cfg, 1), epochs, [[0.9, 0.8, 0.5, 0.2, 0.0]])
     assert client.get_run(second).info.status == "KILLED"
     experiment = client.get_experiment_by_name("grouped").experiment_id
     assert len(client.search_runs([experiment])) == 3
@@ -241,7 +242,7 @@ def test_a_store_failing_during_training_is_a_warning(tmp_path, empty_store, mon
 
     cfg = config(tmp_path, mlflow=store_at(empty_store, tmp_path / "mlflow.db"))
     epochs = SimpleNamespace(rows=[])
-    logger = tracking.MLflowLogger(cfg, 1, epochs)
+    logger = tracking.MLflowLogger(cfg, 1)
 
     def unavailable(*args, **kwargs):
         raise MlflowException("database is locked")
@@ -254,21 +255,10 @@ def test_a_store_failing_during_training_is_a_warning(tmp_path, empty_store, mon
 
 # --------------------------------------------------------------------------- tiny runs, read back
 
-TINY = """
-experiment_name: tiny
-model: {backbone: resnet18, pretrained: false}
-memory: {use_memory: true, bank_size: 16, top_k: 3, update_strategy: fifo}
-data: {image_size: 32, num_workers: 0, seed: 0, valid_pct: 0.25}
-phase1: {batch_size: 8, use_lr_finder: %(finder)s, base_lr: 0.001, freeze_epochs: 1, total_epochs: 1}
-phase2: {batch_size: 16, epochs: %(epochs2)d, lr_min: 0.0001, lr_max: 0.001, early_stopping_patience: 5}
-evaluation: {bootstrap_resamples: 20}
-tracking: {tensorboard: true, mlflow: '%(uri)s', experiment: e2e}
-"""
-
-
 def tiny_run_argv(tmp_path, tiny_data, uri, finder=True, epochs2=1):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY % {"finder": str(finder).lower(), "epochs2": epochs2, "uri": uri})
+    path = tiny_config(tmp_path / "tiny.yaml", phase1={"use_lr_finder": finder},
+                       phase2={"epochs": epochs2, "early_stopping_patience": 5},
+                       tracking={"tensorboard": True, "mlflow": str(uri), "experiment": "e2e"})
     return ["--config", path, "--data_dir", tiny_data, "--output_dir", tmp_path / "run"]
 
 

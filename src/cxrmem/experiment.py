@@ -23,15 +23,14 @@ from .runs.folder import RunFolder
 from .train import distributed, phases, tracking
 from .train.split_predictions import predict_splits
 from .utils import io
-from .utils.commands import guarded
+from .utils.commands import add_shared_options, guarded
 from .utils.errors import UserError, closest
 
 EXPERIMENTS_DIR = Path("configs") / "experiments"
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set memory.top_k=5 (repeatable)")
+    add_shared_options(parser, "set", "debug")
     parser.add_argument("--data_dir", help="shorthand for --set data.data_dir=DIR")
     parser.add_argument("--output_dir", help="run folder (default: runs/<experiment_name>)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -43,7 +42,6 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                         help="continue a killed or interrupted run from its last finished epoch")
     parser.add_argument("--overwrite", action="store_true",
                         help="train again in a run folder that holds a finished or interrupted run")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
 
 def train_parser() -> argparse.ArgumentParser:

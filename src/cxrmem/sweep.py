@@ -60,7 +60,7 @@ from .report import AUC_DECIMALS, format_auc, format_number, format_p, markdown_
 from .report.compare import Evaluated, bootstrap_settings, compare_pair, load_evaluated
 from .runs.folder import FINISHED, INTERRUPTED, RunFolder
 from .utils import io
-from .utils.commands import guarded
+from .utils.commands import add_shared_options, guarded
 from .utils.errors import UserError
 from .utils.figures import safe_plot
 
@@ -564,15 +564,13 @@ def parser() -> argparse.ArgumentParser:
     mode.add_argument("--dry-run", action="store_true",
                       help="print one train.py command per run still to do (nothing else) and exit")
     mode.add_argument("--summary", action="store_true", help="only write the summary of the finished runs")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key in every run, e.g. --set data.data_dir=/data/cxr14 (repeatable)")
+    add_shared_options(p, "set", "debug")  # --set: in every run
     p.add_argument("--output_dir", help="the sweep's folder (default: runs/<sweep name>)")
     p.add_argument("--executor", help="local or slurm (default: the sweep file's executor.name)")
     p.add_argument("--jobs", type=int, help="runs at a time (default: the sweep file's executor.jobs)")
     p.add_argument("--partition", help="slurm partition")
     p.add_argument("--time", type=int, help="minutes a run may take")
     p.add_argument("--gpus-per-job", type=int, dest="gpus_per_job", help="GPUs per run")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return p
 
 

@@ -53,7 +53,7 @@ import numpy as np
 from PIL import Image
 
 from ..utils import io
-from ..utils.commands import RERUN_TO_RESUME, guarded
+from ..utils.commands import RERUN_TO_RESUME, add_shared_options, guarded
 from ..utils.errors import UserError, describe_error
 from .chestxray14 import METADATA_FILES, find_metadata_csv, image_folders
 from .images import IMAGE_SUFFIXES, READ_ERRORS, find_damaged_images, read_shrunk
@@ -410,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_dir", required=True, help="the ChestX-ray14 folder (CSV, lists, images_*/images)")
     parser.add_argument("--out", default=None, help="cache folder (default: <data_dir>_<size>px)")
     parser.add_argument("--size", type=int, default=256, help="shorter image side in pixels (default 256)")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
+    add_shared_options(parser, "workers", "debug")
     parser.add_argument("--format", choices=tuple(FORMATS), default="png",
                         help="png keeps every file name; jpg is smaller and faster to decode (default png)")
     return parser

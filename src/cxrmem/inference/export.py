@@ -35,7 +35,7 @@ import torch
 from ..data.findings import FINDINGS
 from ..runs.folder import RunFolder, read_operating_points
 from ..utils import io
-from ..utils.commands import guarded
+from ..utils.commands import add_shared_options, guarded
 from ..utils.errors import UserError, describe_error
 from .network import TorchNetwork
 
@@ -209,8 +209,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder (config.yaml and the final checkpoint)")
     p.add_argument("--format", required=True, choices=tuple(FORMATS), help="onnx (onnxruntime) or torchscript")
     p.add_argument("--out", help="file to write (default: RUN_DIR/<save_name>.onnx or .torchscript.pt)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    return p
+    return add_shared_options(p, "debug")
 
 
 @guarded

@@ -43,7 +43,7 @@ from ..data.images import IMAGE_SUFFIXES, READ_ERRORS, UndecodableImage, open_im
 from ..data.loaders import collatable, default_num_workers, read_xray
 from ..runs.folder import RunFolder, read_operating_points
 from ..utils import io
-from ..utils.commands import guarded
+from ..utils.commands import add_shared_options, guarded
 from ..utils.errors import UserError, closest, describe_error
 from . import explain
 from .export import load_exported
@@ -318,8 +318,7 @@ def parser() -> argparse.ArgumentParser:
                    metavar="F[,F...]", help="draw these findings for every image instead of the positive calls "
                    "(comma-separated or repeated, e.g. --heatmap-findings Effusion,Mass)")
     p.add_argument("--batch-size", type=int, help="images per batch (default: the run's evaluation batch size)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    return p
+    return add_shared_options(p, "debug")
 
 
 @guarded

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..utils.commands import guarded
+from ..utils.commands import add_shared_options, guarded
 from .backbones import BACKBONES, TIMM_PREFIX, build_backbone, pretrained_file
 
 __all__ = ["download", "main"]
@@ -70,8 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cxrmem-weights",
         description="Fetch pretrained backbone weights into the torch / Hugging Face caches ahead of training.",
     )
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    common = add_shared_options(argparse.ArgumentParser(add_help=False), "debug")
     commands = parser.add_subparsers(dest="command", required=True)
     fetch = commands.add_parser("download", parents=[common],
                                 help="download the weights of these backbones and print where they went")

@@ -58,7 +58,7 @@ from ..data.chestxray14 import patient_ids
 from ..evaluation.auc import make_resampler
 from ..evaluation.paired import compare_scores
 from ..runs.folder import RunFileError, find_predictions, load_split, read_config, read_metrics
-from ..utils.commands import RERUN_TO_RESUME, guarded
+from ..utils.commands import RERUN_TO_RESUME, add_shared_options, guarded
 from ..utils.errors import UserError
 from ..utils.figures import safe_plot
 from ..utils.io import write_json, write_text
@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compare every other run with this one on the same images: DeLong and Holm per finding, "
                              "paired bootstrap of the mean AUC (reads the runs' predictions files)")
     parser.add_argument("--json", metavar="FILE.json", help="with --reference: write the comparison as JSON")
-    return parser
+    return add_shared_options(parser, "debug")
 
 
 def compare(run_dirs: Sequence, split: str, out: Optional[str], reference: Optional[str] = None,

@@ -199,7 +199,7 @@ def make_learner(cfg, model, frame, phase_cfg, phase: int, device) -> Learner:
         callbacks.append(EarlyStop(phase_cfg.early_stopping_patience, monitor="valid_loss"))
     if phase_cfg.mixup > 0:
         callbacks.append(MixUp(phase_cfg.mixup))  # blends targets too: our losses take float targets
-    callbacks += tracking_callbacks(cfg, phase, log)  # TensorBoard / MLflow when the config asks
+    callbacks += tracking_callbacks(cfg, phase)  # TensorBoard / MLflow when the config asks
     learn = Learner(dls, model.to(device), loss_func=build_loss(phase_cfg.loss), wd=phase_cfg.weight_decay,
                     metrics=metrics, splitter=splitter, path=cfg.run_dir, model_dir="models", cbs=callbacks)
     learn.logger = noop  # the epoch table is the log's

@@ -43,14 +43,14 @@ ARTIFACTS = ("*.png", "metrics.json", "config.yaml")
 MAX_PARAM_LENGTH = 500  # the longest parameter value every supported MLflow version stores
 
 
-def callbacks(cfg, phase: int, epochs) -> list:
+def callbacks(cfg, phase: int) -> list:
     """The tracking callbacks of one phase's Learner ([] when tracking is off, and on ranks other than 0).
 
-    ``epochs.rows`` holds one row per epoch the phase has finished (the epoch table, restored on
-    ``--resume``): it gives the continuous epoch number. A tracker whose package is missing is a
-    UserError on every rank.
+    They count epochs through the phase from ``learn.epoch_log.rows`` (the epoch table, fastai's
+    name for the EpochLog callback, restored on ``--resume``). A tracker whose package is missing is
+    a UserError on every rank.
     """
-    made = [make(cfg, phase, epochs) for key, make in TRACKERS.items() if getattr(cfg.tracking, key)]
+    made = [make(cfg, phase) for key, make in TRACKERS.items() if getattr(cfg.tracking, key)]
     return made if is_main_process() else []
 
 
@@ -65,10 +65,10 @@ def _require(module: str, key: str):
 # --------------------------------------------------------------------------- TensorBoard
 
 
-def tensorboard_callback(cfg, phase: int, epochs):
+def tensorboard_callback(cfg, phase: int):
     _require("fastai.callback.tensorboard", "tensorboard")
     log_dir = cfg.run_dir / "tensorboard" / f"phase{phase}"
-    return _phase_tensorboard()(epochs, log_dir=str(log_dir), trace_model=False, log_preds=False)
+    return _phase_tensorboard()(log_dir=str(log_dir), trace_model=False, log_preds=False)
 
 
 @lru_cache(maxsize=None)
@@ -82,12 +82,12 @@ def _phase_tensorboard():
         valid_loss and the metrics. fastai counts from 0 at every fit: phase 1's two fits (frozen,
         unfrozen) would lie on top of each other, and a resumed fit would start again at 0."""
 
-        def __init__(self, epochs, **kwargs):
+        def __init__(self, **kwargs):
             super().__init__(**kwargs)
-            self.phase_epochs, self.first_step = epochs, 0
+            self.first_step = 0
 
         def before_epoch(self):
-            self.first_step = len(self.phase_epochs.rows) * len(self.dls.train)
+            self.first_step = len(self.learn.epoch_log.rows) * len(self.dls.train)
 
         @property
         def train_iter(self):  # read by fastai's after_batch and after_epoch in place of the Learner's count
@@ -103,9 +103,9 @@ def _phase_tensorboard():
 # --------------------------------------------------------------------------- MLflow
 
 
-def mlflow_callback(cfg, phase: int, epochs):
+def mlflow_callback(cfg, phase: int):
     _require("mlflow", "mlflow")
-    return MLflowLogger(cfg, phase, epochs)
+    return MLflowLogger(cfg, phase)
 
 
 class MLflowLogger(Callback):
@@ -117,17 +117,17 @@ class MLflowLogger(Callback):
 
     order = Recorder.order + 1  # once the Recorder holds the epoch's values; before early stopping ends a fit
 
-    def __init__(self, cfg, phase: int, epochs):
-        self.config, self.phase, self.phase_epochs = cfg, phase, epochs
+    def __init__(self, cfg, phase: int):
+        self.config, self.phase = cfg, phase
         self.run_id, self.epoch_step = None, 0
 
     def before_fit(self):
         self.run = not hasattr(self.learn, "lr_finder")  # the LR finder's mock epochs are not logged
         if self.run and self.run_id is None:
-            self.run_id = open_run(self.config, fresh=self.phase == 1 and not self.phase_epochs.rows)
+            self.run_id = open_run(self.config, fresh=self.phase == 1 and not self.learn.epoch_log.rows)
 
     def before_epoch(self):
-        self.epoch_step = len(self.phase_epochs.rows) + 1
+        self.epoch_step = len(self.learn.epoch_log.rows) + 1
 
     def after_epoch(self):
         names, values = self.recorder.metric_names[1:], self.recorder.log[1:]  # without the fit's epoch index

@@ -5,6 +5,7 @@ Every entry point is ``@guarded``; the messages below are the ones a stopped com
 
 from __future__ import annotations
 
+import argparse
 import functools
 import re
 import signal
@@ -14,6 +15,22 @@ import warnings
 
 from . import io
 from .errors import UserError
+
+
+#: The options several commands take, each spelled once: name -> how to add it to a parser.
+SHARED_OPTIONS = {
+    "debug": lambda p: p.add_argument("--debug", action="store_true", help="show tracebacks for errors"),
+    "set": lambda p: p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                                    help="override a config key, e.g. --set memory.top_k=5 (repeatable)"),
+    "workers": lambda p: p.add_argument("--workers", type=int, default=None, help="processes (default: every core)"),
+}
+
+
+def add_shared_options(parser: argparse.ArgumentParser, *names: str) -> argparse.ArgumentParser:
+    """Add the named SHARED_OPTIONS to ``parser`` (or an argument group); returns it."""
+    for name in names:
+        SHARED_OPTIONS[name](parser)
+    return parser
 
 
 TRAINING_INTERRUPTED = ("interrupted: the last finished epoch is saved; add --resume to the same command to "

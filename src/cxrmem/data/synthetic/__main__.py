@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ...utils.commands import RERUN_TO_RESUME, guarded
+from ...utils.commands import RERUN_TO_RESUME, add_shared_options, guarded
 from .writing import format_summary, generate
 
 
@@ -18,9 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="number of patients (about 3.6 images each; default 100)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="processes drawing images (default: every core)")
-    return parser
+    return add_shared_options(parser, "workers", "debug")
 
 
 @guarded(interrupted=RERUN_TO_RESUME)
