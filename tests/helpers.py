@@ -158,7 +158,7 @@ SIZE = 32
 FAKE_RUN = {
     "experiment_name": "fake",
     "output_dir": "/nonexistent/elsewhere",  # the run folder given on the command line wins
-    "model": {"backbone": "resnet18", "pretrained": False},
+    "model": {"backbone": "timm/test_efficientnet", "pretrained": False},
     "memory": {"use_memory": True, "bank_size": 16, "top_k": 3, "update_strategy": "fifo"},
     "data": {"image_size": SIZE, "num_workers": 0},
     "phase1": {"batch_size": 4},
@@ -204,7 +204,7 @@ def make_fake_run(run_dir: Path, memory: bool = True) -> tuple[Path, torch.nn.Mo
 
 TINY = {
     "experiment_name": "tiny",
-    "model": {"backbone": "resnet18", "pretrained": False},
+    "model": {"backbone": "timm/test_efficientnet", "pretrained": False},
     "memory": {"use_memory": True, "bank_size": 16, "top_k": 3, "update_strategy": "fifo"},
     "data": {"image_size": 32, "num_workers": 0, "seed": 0, "valid_pct": 0.25},
     "phase1": {"batch_size": 8, "use_lr_finder": False, "base_lr": 0.001, "freeze_epochs": 1, "total_epochs": 1},

@@ -248,6 +248,7 @@ def test_pretrained_weights_not_available_offline(capsys, finished_run, tiny_dat
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_cache"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf"))
     expect_one_line_error(capsys, ["--config", config, "--data_dir", tiny_data, "--output_dir", tmp_path / "new",
+                                   "--set", "model.backbone=resnet18",  # torchvision's; timm's: test_weights
                                    "--set", "model.pretrained=true"], "model.pretrained: false")
 
 
