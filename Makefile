@@ -40,12 +40,16 @@ demo: $(STAMP)
 	  $(BIN)/python train.py --config $(DEMO_CONFIG) --output_dir $(DEMO_RUN); \
 	fi
 
+# One pytest worker per core (pytest-xdist), each test file on one worker so that its module
+# fixtures are built once; conftest gives each worker one thread (docs/architecture.md: the figures).
+PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadfile
+
 test: $(TEST_STAMP)
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: $(TEST_STAMP)
 	$(BIN)/python bench/memory_bench.py

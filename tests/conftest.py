@@ -7,10 +7,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import tiny_config
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # make test: one worker per core, so one thread per worker
+    os.environ["OMP_NUM_THREADS"] = "1"    # and per process it starts (the variable is inherited)
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

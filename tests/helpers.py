@@ -18,6 +18,7 @@ from fastai.learner import defaults
 from cxrmem.config import dump_yaml, from_dict
 from cxrmem.data.findings import FINDINGS
 from cxrmem.models.net import build_model
+from cxrmem.runs.folder import CONFIG_FILE, predictions_path, save_predictions, write_metrics
 from cxrmem.train.phases import checkpoint_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,6 +181,22 @@ def write_points(run_dir, thresholds: dict) -> None:
         {"rule": "youden", "split": "valid", "thresholds": {f: thresholds.get(f) for f in FINDINGS}}))
 
 
+def write_fake_run(run_dir: Path, config, metrics: dict | None = None, predictions: dict | None = None) -> Path:
+    """A run folder made by hand, through the run folder's own writers: config.yaml (``config``: a
+    Config, or a plain mapping of the keys a test needs), metrics.json when ``metrics`` is given, the
+    predictions file when ``predictions`` ({probs, targets, image_index, split}; labels: the 14) is."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config, sort_keys=False) if isinstance(config, dict) else dump_yaml(config)
+    (run_dir / CONFIG_FILE).write_text(text)
+    if metrics is not None:
+        write_metrics(run_dir, metrics)
+    if predictions is not None:
+        name = config["experiment_name"] if isinstance(config, dict) else config.experiment_name
+        save_predictions(predictions_path(run_dir, name), labels=FINDINGS, **predictions)
+    return run_dir
+
+
 def make_fake_run(run_dir: Path, memory: bool = True) -> tuple[Path, torch.nn.Module]:
     """A run folder with config.yaml and a final checkpoint of an untrained network whose bank is filled."""
     raw = json.loads(json.dumps(FAKE_RUN))
@@ -192,8 +209,7 @@ def make_fake_run(run_dir: Path, memory: bool = True) -> tuple[Path, torch.nn.Mo
         for _ in range(3):
             model(torch.randn(8, 3, SIZE, SIZE))
     model.eval()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    write_fake_run(run_dir, cfg)
     path = run_dir / checkpoint_path(cfg, 2).relative_to(cfg.run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)

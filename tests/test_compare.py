@@ -19,7 +19,7 @@ from cxrmem.evaluation.auc import PatientResampler
 from cxrmem.evaluation.paired import paired_bootstrap
 from cxrmem.runs.folder import predictions_path, save_predictions
 
-from helpers import direct_delong
+from helpers import direct_delong, write_fake_run
 
 LABELS = ["Atelectasis", "Edema", "Fibrosis", "Hernia", "Mass"]
 #                 Atelectasis Edema   Fibrosis Hernia Mass
@@ -31,15 +31,12 @@ AUC_B = {"Atelectasis": 0.90, "Edema": 0.64999, "Fibrosis": 0.60, "Hernia": None
 
 def write_run(folder, per_class, mean=0.8, memory=True, splits=("valid", "test"), name=None):
     """A finished run folder made by hand: config.yaml and metrics.json only."""
-    folder.mkdir(parents=True, exist_ok=True)
     config = {"experiment_name": name or folder.name, "model": {"backbone": "resnet18"},
               "memory": {"use_memory": memory, "update_strategy": "rarity", "bank_size": 64, "top_k": 5}}
-    (folder / "config.yaml").write_text(yaml.safe_dump(config))
     result = {"mean_auc": mean, "mean_auc_ci95": [mean - 0.02, mean + 0.02], "per_class": per_class,
               "ci95": {k: (None if v is None else [v - 0.05, min(1.0, v + 0.05)]) for k, v in per_class.items()},
               "n_images": 100, "n_positive": {k: 5 for k in per_class}}
-    (folder / "metrics.json").write_text(json.dumps({split: result for split in splits}))
-    return folder
+    return write_fake_run(folder, config, metrics={split: result for split in splits})
 
 
 @pytest.fixture

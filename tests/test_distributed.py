@@ -309,7 +309,7 @@ def test_more_processes_than_gpus_stop_every_rank_with_one_line_before_joining(m
 
 
 def slow_preparation(rank: int, port: int, out: str) -> None:
-    """One of two gloo ranks whose default group times out after 2 s; rank 0 prepares for 6 s."""
+    """One of two gloo ranks whose default group times out after 1 s; rank 0 prepares for 3 s."""
     import time
     from datetime import timedelta
 
@@ -317,9 +317,9 @@ def slow_preparation(rank: int, port: int, out: str) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
-    assert distributed.join(timeout=timedelta(seconds=2))
+    assert distributed.join(timeout=timedelta(seconds=1))
     try:
-        value = distributed.on_main(lambda: time.sleep(6) or 42)
+        value = distributed.on_main(lambda: time.sleep(3) or 42)
         Path(out, f"rank{rank}").write_text(str(value))
     finally:
         torch.distributed.destroy_process_group()
@@ -328,7 +328,7 @@ def slow_preparation(rank: int, port: int, out: str) -> None:
 @slow
 def test_work_rank_0_does_alone_may_outlast_the_process_group_timeout(tmp_path, monkeypatch):
     """A first run's data preparation on rank 0 takes longer than the default group's timeout (NCCL's
-    is 10 minutes; 2 s here): the other rank waits for it on the preparation group and gets its result."""
+    is 10 minutes; 1 s here): the other rank waits for it on the preparation group and gets its result."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.multiprocessing.spawn(slow_preparation, args=(free_port(), str(tmp_path)), nprocs=2, join=True)

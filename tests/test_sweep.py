@@ -26,10 +26,9 @@ from cxrmem.utils.errors import UserError
 from cxrmem.sweep import ALPHA, gpu_groups, grid_variants, load_sweep, main, plan_runs, run_state, set_argument, significant, train_argv, train_command
 from cxrmem.evaluation.auc import mean_auc, per_class_auc
 from cxrmem.report.compare import main as compare_main
-from cxrmem.runs.folder import predictions_path
 from cxrmem.train.phases import resume_path
 
-from helpers import ROOT, run_cli, tiny_config
+from helpers import ROOT, run_cli, tiny_config, write_fake_run
 
 SWEEPS = ROOT / "configs" / "sweeps"
 
@@ -194,16 +193,11 @@ def test_the_sweep_files_of_the_project(monkeypatch):
 
 def fake_finished(run, test_names=None, probs=None, targets=None):
     """A finished run folder as train.py leaves it (config.yaml, metrics.json, predictions)."""
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    (run.run_dir / "config.yaml").write_text(dump_yaml(run.config))
-    (run.run_dir / "metrics.json").write_text("{}")
     names = test_names or ["00000001_000.png"]
     probs = np.zeros((len(names), 14)) if probs is None else probs
     targets = np.zeros((len(names), 14)) if targets is None else targets
-    torch.save({"probs": torch.as_tensor(probs, dtype=torch.float32),
-                "targets": torch.as_tensor(targets, dtype=torch.float32),
-                "labels": list(FINDINGS), "image_index": list(names), "split": ["test"] * len(names)},
-               predictions_path(run.run_dir, run.config.experiment_name))
+    write_fake_run(run.run_dir, run.config, metrics={},
+                   predictions={"probs": probs, "targets": targets, "image_index": names, "split": "test"})
 
 
 def test_states_and_dry_run_print_exactly_the_runs_left(tmp_path, tiny_data, capsys, monkeypatch):
