@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -378,40 +379,34 @@ def uninterrupted(tmp_path_factory, tiny_data):
     return run_dir
 
 
-def run_on_a_terminal(argv, timeout=300):
-    """train.py with stdout and stderr on a pseudo-terminal (fastai's progress bars on): (status, output)."""
-    leader, follower = os.openpty()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, argv)], cwd=ROOT,
-                            stdin=subprocess.DEVNULL, stdout=follower, stderr=follower)
-    os.close(follower)
-    chunks, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # the terminal closed: the process has exited
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(leader)
-    return proc.wait(timeout=60), b"".join(chunks).decode(errors="replace")
+class OnATerminal:
+    """train.py with stdout and stderr on a pseudo-terminal (fastai's progress bars on), its output read
+    by a thread as it comes: ``proc``, and ``output()`` once the process has ended."""
 
+    def __init__(self, argv):
+        leader, follower = os.openpty()
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, argv)], cwd=ROOT,
+                                     stdin=subprocess.DEVNULL, stdout=follower, stderr=follower)
+        os.close(follower)
+        self.chunks = []
+        self.reader = threading.Thread(target=self._read, args=(leader,), daemon=True)
+        self.reader.start()
 
-def test_off_a_terminal_each_line_arrives_when_it_is_printed(tmp_path, tiny_data):
-    """Python buffers a pipe's output in blocks; a run's lines must reach a log file as they happen."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(resumable_config(tmp_path)),
-                             "--data_dir", str(tiny_data), "--output_dir", str(tmp_path / "run")], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        for line in proc.stdout:
-            if line.startswith("evaluating: predicting"):  # printed without a flush of its own
-                assert not (tmp_path / "run" / "metrics.json").exists()  # read before the results are written
+    def _read(self, leader):
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal closed: the process has exited
                 break
-        else:
-            raise AssertionError("no evaluation line")
-    finally:
-        proc.kill()
-        proc.wait()
+            if not chunk:
+                break
+            self.chunks.append(chunk)
+        os.close(leader)
+
+    def output(self, timeout=120) -> str:
+        self.proc.wait(timeout=timeout)
+        self.reader.join(timeout=timeout)
+        return b"".join(self.chunks).decode(errors="replace")
 
 
 @pytest.mark.parametrize("leftover", [False, True])
@@ -703,9 +698,10 @@ def stop_when(proc, ready, sig, timeout=300):
 def test_killed_three_times_and_resumed_the_run_is_the_one_never_killed(tmp_path, tiny_data, uninterrupted):
     """One run, stopped where work is lost most easily, each time resumed by the same command plus
     --resume: SIGKILL within phase 1's second stage (no handler runs: the resume file of the last
-    epoch is all there is), SIGTERM within phase 2 (the one-line message, exit 143), SIGKILL later in
-    phase 2, and the last resume on a terminal (fastai's progress bar counts the skipped epochs).
-    It ends with the uninterrupted run's histories, weights (bank included) and AUCs."""
+    epoch is all there is); on a terminal, SIGTERM within phase 2 (the one-line message, exit 143;
+    fastai's progress bar counts the skipped epoch); SIGKILL later in phase 2; the last resume writes
+    to a pipe, as to a log file, where each line must arrive when it is printed. It ends with the
+    uninterrupted run's histories, weights (bank included) and AUCs."""
     run_dir = tmp_path / "run"
     argv = ["--config", resumable_config(tmp_path, **RESUMED), "--data_dir", tiny_data, "--output_dir", run_dir]
     quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -714,21 +710,30 @@ def test_killed_three_times_and_resumed_the_run_is_the_one_never_killed(tmp_path
     stop_when(proc, lambda: resume_point(run_dir) == (1, "unfrozen", 1, False), signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL and not (run_dir / "metrics.json").exists()
 
-    proc = start([*argv, "--resume"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    stop_when(proc, lambda: resume_point(run_dir) == (2, "one_cycle", 1, False), signal.SIGTERM)
-    err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 143, err[-2000:]
-    assert err.strip().splitlines()[-1] == ("terminated (SIGTERM): the last finished epoch is saved; add --resume to "
-                                            "the same command to continue (make demo continues by itself)")
-    assert "Traceback" not in err
+    terminal = OnATerminal([*argv, "--resume"])
+    stop_when(terminal.proc, lambda: resume_point(run_dir) == (2, "one_cycle", 1, False), signal.SIGTERM)
+    output = terminal.output()
+    assert terminal.proc.returncode == 143, output[-3000:]
+    assert "Epoch 2/2" in output  # fastai's bar was on, and ran to the last epoch of the resumed stage
+    assert output.strip().splitlines()[-1] == ("terminated (SIGTERM): the last finished epoch is saved; add "
+                                               "--resume to the same command to continue (make demo continues "
+                                               "by itself)")
+    assert "Traceback" not in output
 
     proc = start([*argv, "--resume"], **quiet)
     stop_when(proc, lambda: resume_point(run_dir) == (2, "one_cycle", 2, False), signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL and not (run_dir / "metrics.json").exists()
 
-    status, output = run_on_a_terminal([*argv, "--resume"])
-    assert status == 0, output[-3000:]
-    assert "Epoch 3/3" in output  # fastai's bar was on, and ran to the last epoch of the stage
+    # Python buffers a pipe's output in blocks; a run's lines must reach a log file as they happen
+    proc = start([*argv, "--resume"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith("evaluating: predicting"):  # printed without a flush of its own
+            assert not (run_dir / "metrics.json").exists()  # read before the results are written
+            break
+    else:
+        raise AssertionError("no evaluation line")
+    proc.stdout.read()
+    assert proc.wait(timeout=120) == 0
     assert rows(run_dir / "history_phase1.csv") == 3 and rows(run_dir / "history_phase2.csv") == 3
     for rel in ("config.yaml", "models/tiny_phase1.pth", "models/tiny_phase2.pth", "tiny_predictions.pt",
                 "metrics.json", "roc_test.png", "memory.png"):

@@ -25,6 +25,8 @@ from cxrmem.data.synthetic.plan import plan_dataset
 from cxrmem.data.synthetic.writing import data_entry_text
 from cxrmem.utils.errors import UserError
 
+from helpers import run_cli
+
 N_PATIENTS = 40
 SIZE = 48
 SEED = 7
@@ -220,9 +222,14 @@ def test_python_dash_m_runs_the_command_line(tmp_path):
     done = subprocess.run(command + ["--out", str(tmp_path / "m")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "3 patients" in done.stdout and (tmp_path / "m" / "Data_Entry_2017.csv").is_file()
+
+
+
+def test_an_output_that_is_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("not a folder")
-    done = subprocess.run(command + ["--out", str(tmp_path / "file")], capture_output=True, text=True)
-    assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
+    status, _, err = run_cli(main, ["--n-patients", "3", "--size", "16", "--workers", "1", "--out", tmp_path / "file"],
+                             capsys)
+    assert status == 2 and err.startswith("error: ") and err.count("\n") == 1
 
 
 # ---- labels ----------------------------------------------------------------------
