@@ -90,6 +90,31 @@ def set_hub_offline(monkeypatch, offline=True):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
 
 
+# ---- what a run logged (TensorBoard and MLflow are optional extras: imported when used)
+
+def new_mlflow_store(path: Path) -> str:
+    """An MLflow SQLite store with its tables made (which takes seconds); returns its URI."""
+    from mlflow.tracking import MlflowClient
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{path}"
+    MlflowClient(tracking_uri=uri).search_experiments()
+    return uri
+
+
+def scalars(folder, tag) -> list:
+    """(step, value) of every TensorBoard scalar ``tag`` in the event files of ``folder``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def metric_history(client, run_id, key) -> list:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
 # ---- statistics computed straight from their definitions
 
 def synthetic_split(n_images, n_classes=4, prevalence=0.3, signal=1.0, seed=0, decimals=None):

@@ -1,6 +1,7 @@
 """torchrun with two CPU processes (gloo, GPUs hidden) on a tiny synthetic set, both phases, LR finder included.
 
-Checks: one run folder, written by rank 0 only, and one report and epoch log; the LR
+Checks: one run folder, written by rank 0 only, and one report and epoch log; TensorBoard and
+MLflow logged by rank 0 alone, each epoch once; the LR
 finder runs on rank 0 alone, on the plain model; the per-process batch
 is the configured one halved; the ranks train on different images yet, after every
 epoch's training batches, hold the same weights (DDP) and the same memory bank (its
@@ -31,7 +32,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import tiny_config
+from helpers import metric_history, new_mlflow_store, scalars, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -128,8 +129,10 @@ def ddp_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     data, config, run_dir, dump = tmp / "cxr14", tmp / "tiny.yaml", tmp / "run", tmp / "dump"
     generate(data, n_patients=40, size=32, seed=3, workers=1)
+    uri = new_mlflow_store(tmp / "store" / "mlflow.db")
     tiny_config(config, memory={"update_strategy": "rarity", "rarity_threshold": 0.1},
-                phase1={"use_lr_finder": True}, evaluation={"bootstrap_resamples": 50})
+                phase1={"use_lr_finder": True}, evaluation={"bootstrap_resamples": 50},
+                tracking={"tensorboard": True, "mlflow": uri, "experiment": "ddp"})
     dump.mkdir()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
@@ -142,7 +145,7 @@ def ddp_run(tmp_path_factory):
     states = [torch.load(dump / f"state_rank{r}.pt", weights_only=True) for r in range(WORLD)]
     epochs = [torch.load(dump / f"epochs_rank{r}.pt", weights_only=True) for r in range(WORLD)]
     return SimpleNamespace(run_dir=run_dir, config=config, data=data, stdout=done.stdout, records=records,
-                           states=states, epochs=epochs)
+                           states=states, epochs=epochs, mlflow=uri)
 
 
 def evaluation_frame(run):
@@ -159,12 +162,14 @@ def evaluation_frame(run):
 def test_one_run_folder_written_by_rank_0_only_and_one_report(ddp_run):
     run_dir = ddp_run.run_dir
     expected = {"config.yaml", "metrics.json", "tiny_predictions.pt", "history_phase1.csv", "history_phase2.csv",
-                "models/tiny_phase1.pth", "models/tiny_phase2.pth", "lr_find_phase1.png"}
+                "models/tiny_phase1.pth", "models/tiny_phase2.pth", "lr_find_phase1.png", "mlflow_run_id.txt"}
     present = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
     assert expected <= present
     present.discard(".cxrmem.lock")  # rank 0's lock on the folder (an empty file; the lock went with it)
     assert not [p for p in present if "tmp" in p or p.startswith(".")], present  # no leftovers of any rank
-    assert [d for d in run_dir.rglob("*") if d.is_dir()] == [run_dir / "models"]
+    folders = [run_dir / name for name in ("models", "tensorboard", "tensorboard/phase1", "tensorboard/phase2")]
+    assert sorted(d for d in run_dir.rglob("*") if d.is_dir()) == folders
+    present -= {p for p in present if p.startswith("tensorboard/")}  # appended to, not replaced: next test
     mine = lambda record: [p for p in record["replaced"] if Path(p).is_relative_to(run_dir)]  # noqa: E731
     assert mine(ddp_run.records[1]) == []
     written = {Path(p).relative_to(run_dir).as_posix() for p in mine(ddp_run.records[0])}
@@ -176,6 +181,22 @@ def test_one_run_folder_written_by_rank_0_only_and_one_report(ddp_run):
     epoch_lines = [line.split()[:3] for line in ddp_run.stdout.splitlines()
                    if line.split()[1:2] in (["frozen"], ["unfrozen"], ["one_cycle"])]
     assert epoch_lines == [["1", "frozen", "1"], ["1", "unfrozen", "2"], ["2", "one_cycle", "1"]]
+
+
+@slow
+def test_only_rank_0_logs_to_tensorboard_and_mlflow(ddp_run):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=ddp_run.mlflow)
+    runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    for phase, epochs in ((1, 2), (2, 1)):
+        logged = metric_history(client, runs[0].info.run_id, f"phase{phase}/valid_loss")
+        assert [step for step, _ in logged] == list(range(1, epochs + 1))  # once, not once per rank
+        folder = ddp_run.run_dir / "tensorboard" / f"phase{phase}"
+        files = list(folder.glob("events.out.tfevents.*"))
+        assert len({f.name.split(".")[-2] for f in files}) == 1  # one writing process (its pid in the name)
+        assert len(scalars(folder, "valid_loss")) == epochs
 
 
 @slow

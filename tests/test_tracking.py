@@ -5,10 +5,7 @@ read back with TensorBoard's and MLflow's own readers."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -20,7 +17,6 @@ from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.losses import MSELossFlat
 from mlflow.tracking import MlflowClient
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cxrmem.experiment import train_main
 from cxrmem.config import from_dict
@@ -28,7 +24,7 @@ from cxrmem.data.chestxray14 import FINDINGS
 from cxrmem.utils.errors import UserError
 from cxrmem.train import tracking
 
-from helpers import ROOT, on_every_learner, run_cli, tiny_config
+from helpers import metric_history, new_mlflow_store, on_every_learner, run_cli, scalars, tiny_config
 
 # --------------------------------------------------------------------------- helpers
 
@@ -37,7 +33,7 @@ from helpers import ROOT, on_every_learner, run_cli, tiny_config
 def empty_store(tmp_path_factory):
     """An MLflow SQLite database with its tables made once (making them takes seconds); tests copy it."""
     path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    new_mlflow_store(path)
     return path
 
 
@@ -52,16 +48,6 @@ def config(tmp_path, **tracking_keys):
                      "tracking": tracking_keys})
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     return cfg
-
-
-def scalars(folder, tag):
-    events = EventAccumulator(str(folder))
-    events.Reload()
-    return [(e.step, e.value) for e in events.Scalars(tag)]
-
-
-def metric_history(client, run_id, key):
-    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
 # --------------------------------------------------------------------------- configuration
@@ -346,28 +332,3 @@ def test_a_resumed_run_continues_its_mlflow_run_and_tensorboard_steps(tmp_path, 
     last = scalars(folder, "valid_loss")[-1][0]
     train_steps = {step for step, _ in scalars(folder, "train_loss")}
     assert last % 2 == 0 and max(train_steps) == last and set(range(last // 2 + 1, last + 1)) <= train_steps
-
-
-@pytest.mark.slow
-def test_under_torchrun_only_rank_0_logs(tmp_path, tiny_data, empty_store):
-    uri = store_at(empty_store, tmp_path / "store" / "mlflow.db")
-    argv = tiny_run_argv(tmp_path, tiny_data, uri, finder=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(port), str(ROOT / "train.py"), *map(str, argv)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "CUDA_VISIBLE_DEVICES": "",  # gloo, CPU
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    run_dir = tmp_path / "run"
-    client = MlflowClient(tracking_uri=uri)
-    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    for phase, epochs in ((1, 2), (2, 1)):
-        logged = metric_history(client, runs[0].info.run_id, f"phase{phase}/valid_loss")
-        assert [step for step, _ in logged] == list(range(1, epochs + 1))  # once, not once per rank
-        files = list((run_dir / "tensorboard" / f"phase{phase}").glob("events.out.tfevents.*"))
-        assert len({f.name.split(".")[-2] for f in files}) == 1  # one writing process (its pid in the name)
-        assert len(scalars(run_dir / "tensorboard" / f"phase{phase}", "valid_loss")) == epochs
