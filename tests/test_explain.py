@@ -245,7 +245,7 @@ def test_evaluate_writes_localisation_into_metrics(tiny_data, tmp_path, capsys):
 def test_without_grad_cam_a_run_warns_and_skips_the_pointing_game(net, tiny_data, monkeypatch):
     frame, _, _ = load_frame(tiny_data, valid_pct=0.25, seed=0)
     cfg = SimpleNamespace(data=SimpleNamespace(data_dir=tiny_data, image_size=128),
-                          phase1=SimpleNamespace(batch_size=8), phase2=None)
+                          evaluation_batch_size=8)
     monkeypatch.setitem(sys.modules, "pytorch_grad_cam", None)
     with pytest.warns(UserWarning, match="pointing game skipped.*cxrmem\\[explain\\]"):
         assert explain.pointing_game_of_run(cfg, net, frame) == {}
@@ -260,7 +260,7 @@ def test_a_map_too_coarse_for_the_boxes_skips_the_game_and_says_why(net, tiny_da
         cell = 1024 / (size // 32)
         assert (explain.too_coarse(net, size, boxes) is not None) == (cell > 2 * side), size
     cfg = SimpleNamespace(data=SimpleNamespace(data_dir=tiny_data, image_size=64),
-                          phase1=SimpleNamespace(batch_size=8), phase2=None)
+                          evaluation_batch_size=8)
     assert explain.pointing_game_of_run(cfg, net, frame) == {}
     out = capsys.readouterr().out
     assert "pointing game skipped: the Grad-CAM map is 2 x 2 cells at 64 px" in out and "data.image_size" in out

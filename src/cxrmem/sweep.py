@@ -441,7 +441,7 @@ def _mean_sd(values) -> dict:
     return {"mean": result.mean, "sd": result.sd}
 
 
-def summarize(sweep: Sweep, runs: list[Run]) -> Optional[dict]:
+def sweep_summary(sweep: Sweep, runs: list[Run]) -> Optional[dict]:
     """The summary.json contract (None when no run has finished). Each variant is compared with the
     reference run of the same seed as the compare command does (:func:`cxrmem.report.compare.compare_pair`,
     with the reference run's bootstrap settings), so both give the same figures."""
@@ -544,7 +544,7 @@ def plot_summary(summary: dict, path) -> Path:
 
 def write_summary(sweep: Sweep, runs: list[Run], root: Path) -> Optional[dict]:
     """summary.json, summary.md and summary.png in ``root``; None (nothing written) without a finished run."""
-    summary = summarize(sweep, runs)
+    summary = sweep_summary(sweep, runs)
     if summary is None:
         return None
     io.write_json(root / "summary.json", summary)

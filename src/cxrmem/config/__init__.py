@@ -238,6 +238,12 @@ class Config:
         """Seed of initialisation, data order, augmentation and dropout: ``seed``, else ``data.seed``."""
         return self.data.seed if self.seed is None else self.seed
 
+    @property
+    def evaluation_batch_size(self) -> int:
+        """Images per batch when a trained model is evaluated, predicts, explains or is exported:
+        the last phase's batch size."""
+        return (self.phase2 or self.phase1).batch_size
+
 
 # --------------------------------------------------------------------------- validation
 

@@ -292,7 +292,7 @@ def pointing_game_of_run(cfg, model, frame) -> dict:
             print(f"pointing game skipped: {coarse}")
             return {}
         print(f"pointing game: Grad-CAM on the {len(in_play)} boxes of the {' and '.join(splits)} images")
-        batch_size = (cfg.phase2 or cfg.phase1).batch_size
+        batch_size = cfg.evaluation_batch_size
         return {split: grad_cam_pointing_game(model, rows, boxes, cfg.data.image_size, batch_size)
                 for split, rows in splits.items()}
     except UserError as error:

@@ -196,7 +196,7 @@ def export_run(run_dir, fmt: str, out=None) -> Path:
         "preprocessing": "8-bit grey (DICOM through its LUTs), squished to image_size x image_size (bilinear), "
                          "replicated to 3 channels, x = (pixels / 255 - mean) / std per channel",
         "thresholds": read_operating_points(run_dir),
-        "batch_size": (cfg.phase2 or cfg.phase1).batch_size,
+        "batch_size": cfg.evaluation_batch_size,
     })
     print(f"wrote {out} and {metadata_path(out).name} (checked against the PyTorch model on a batch of "
           f"{CHECK_BATCH}: relative logit difference {difference:.1e})")

@@ -166,7 +166,7 @@ def run_predictor(run_dir, model_path, device) -> Predictor:
     folder = RunFolder.open(run_dir)
     cfg, model = folder.cfg, folder.load_model(model_path)
     return Predictor(TorchNetwork(model, device, cfg.model), cfg.data.image_size, list(FINDINGS),
-                     read_operating_points(run_dir), (cfg.phase2 or cfg.phase1).batch_size,
+                     read_operating_points(run_dir), cfg.evaluation_batch_size,
                      workers_for(cfg.data.num_workers, device), f"run {run_dir}", model.input_stats, model=model)
 
 

@@ -21,7 +21,7 @@ def predict_splits(cfg, model, frame, device) -> dict:
     Under torchrun each rank predicts its share of a split and rank 0 gets all of
     them back, in the split's order, each image exactly once; the other ranks get {}.
     """
-    batch_size = distributed.per_rank_batch_size((cfg.phase2 or cfg.phase1).batch_size)
+    batch_size = distributed.per_rank_batch_size(cfg.evaluation_batch_size)
     dls = build_dataloaders(phase_frame(frame, filter_normal=False), cfg.data, batch_size, device,
                             distributed.unwrap(model).input_stats)
     model = speed.prepare_for_inference(distributed.unwrap(model), cfg.model, device)
