@@ -294,11 +294,10 @@ def write_results(cfg, predictions: dict, metadata: Optional[pd.DataFrame] = Non
 
 def with_interval(value: Optional[float], interval: Optional[Sequence[float]], decimals: int = 3) -> str:
     """'0.712 [0.650, 0.770]', the value alone without interval, 'n/a' without value."""
-    if value is None:
-        return "n/a"
-    if interval is None:
-        return f"{value:.{decimals}f}"
-    return f"{value:.{decimals}f} [{interval[0]:.{decimals}f}, {interval[1]:.{decimals}f}]"
+    text = format_number(value, decimals)
+    if value is None or interval is None:
+        return text
+    return f"{text} [{format_number(interval[0], decimals)}, {format_number(interval[1], decimals)}]"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> List[str]:
