@@ -99,9 +99,9 @@ def unit_weights(n_images):
 @pytest.mark.parametrize("decimals", [None, 2, 1])
 def test_unit_weights_equal_sklearn_including_ties(decimals):
     probs, targets = synthetic_split(500, n_classes=3, decimals=decimals, seed=3)
-    scores, positive, _ = check_inputs(probs, targets, labels_for(3))
+    scores, positive, negative, _ = check_inputs(probs, targets, labels_for(3))
     for c in range(3):
-        ours = weighted_auc(build_rank_index(scores[:, c], positive[:, c]), unit_weights(500))[0]
+        ours = weighted_auc(build_rank_index(scores[:, c], positive[:, c], ~positive[:, c]), unit_weights(500))[0]
         ref = roc_auc_score(positive[:, c], scores[:, c])
         # Ours is the exactly rounded ratio; sklearn integrates the curve in
         # floating point, so the two may differ in the last bit only.
@@ -111,7 +111,7 @@ def test_unit_weights_equal_sklearn_including_ties(decimals):
 def test_unit_weights_with_all_scores_tied_give_one_half():
     positive = np.array([True, False, True, False, False])
     scores = np.full(5, 0.3)
-    assert weighted_auc(build_rank_index(scores, positive), unit_weights(5))[0] == 0.5
+    assert weighted_auc(build_rank_index(scores, positive, ~positive), unit_weights(5))[0] == 0.5
 
 
 def brute_force_weighted_auc(scores, positive, weights):
@@ -129,7 +129,7 @@ def test_resampled_weights_equal_brute_force_and_repeated_rows():
     n = 40
     scores = np.round(rng.random(n), 1)
     positive = rng.random(n) < 0.4
-    index = build_rank_index(scores, positive)
+    index = build_rank_index(scores, positive, ~positive)
     counts = ImageResampler(n)(np.random.default_rng(1), 5)
     assert counts.shape == (5, n) and np.issubdtype(counts.dtype, np.integer) and (counts >= 0).all()
     assert (counts.sum(axis=1) == n).all()
@@ -147,8 +147,8 @@ def test_resample_without_positives_is_skipped():
     # One positive among 30 images: about e^-1 of the resamples miss it.
     probs, targets = synthetic_split(30, n_classes=1, prevalence=0.0, seed=2)
     targets[0, 0] = 1.0
-    scores, positive, _ = check_inputs(probs, targets, ["rare"])
-    samples = bootstrap_auc_samples(scores, positive, n_resamples=200, seed=0)
+    scores, positive, negative, _ = check_inputs(probs, targets, ["rare"])
+    samples = bootstrap_auc_samples(scores, positive, ~positive, n_resamples=200, seed=0)
     missing = np.isnan(samples[:, 0])
     assert 0.2 < missing.mean() < 0.55
     finite = samples[~missing, 0]
@@ -195,10 +195,10 @@ def test_bootstrap_is_deterministic_for_a_seed():
 
 def test_block_size_does_not_change_the_resamples(monkeypatch):
     probs, targets = synthetic_split(200, n_classes=2, seed=4)
-    scores, positive, _ = check_inputs(probs, targets, labels_for(2))
-    whole = bootstrap_auc_samples(scores, positive, n_resamples=30, seed=1)
+    scores, positive, negative, _ = check_inputs(probs, targets, labels_for(2))
+    whole = bootstrap_auc_samples(scores, positive, ~positive, n_resamples=30, seed=1)
     monkeypatch.setattr(cxrmem.evaluation.auc, "_BLOCK_ELEMENTS", 200 * 7)   # blocks of 7 resamples
-    blocked = bootstrap_auc_samples(scores, positive, n_resamples=30, seed=1)
+    blocked = bootstrap_auc_samples(scores, positive, ~positive, n_resamples=30, seed=1)
     np.testing.assert_array_equal(whole, blocked)
 
 
@@ -208,14 +208,14 @@ def test_a_resampler_with_per_image_weights_drives_the_bootstrap():
     # by 4 -- the image bootstrap of the original set with the same draws, resample by resample.
     probs, targets = synthetic_split(120, n_classes=3, prevalence=0.2, seed=6, decimals=2)
     doubled = np.repeat(np.arange(120), 2)
-    scores, positive, _ = check_inputs(probs, targets, labels_for(3))
-    scores2, positive2, _ = check_inputs(probs[doubled], targets[doubled], labels_for(3))
-    by_image = bootstrap_auc_samples(scores, positive, n_resamples=40, seed=3)
-    by_patient = bootstrap_auc_samples(scores2, positive2, n_resamples=40, seed=3,
+    scores, positive, negative, _ = check_inputs(probs, targets, labels_for(3))
+    scores2, positive2, negative2, _ = check_inputs(probs[doubled], targets[doubled], labels_for(3))
+    by_image = bootstrap_auc_samples(scores, positive, ~positive, n_resamples=40, seed=3)
+    by_patient = bootstrap_auc_samples(scores2, positive2, ~positive2, n_resamples=40, seed=3,
                                        resampler=PatientResampler.from_ids(doubled))
     np.testing.assert_array_equal(by_patient, by_image)
     # ... whereas drawing single images of the doubled set gives other resamples.
-    assert not np.array_equal(bootstrap_auc_samples(scores2, positive2, n_resamples=40, seed=3), by_image)
+    assert not np.array_equal(bootstrap_auc_samples(scores2, positive2, ~positive2, n_resamples=40, seed=3), by_image)
 
 
 def test_default_resampler_is_the_image_bootstrap():
@@ -422,7 +422,7 @@ def test_holm_is_monotone_and_bounded():
 def test_weighted_auc_with_unit_weights_equals_sklearn():
     rng = np.random.default_rng(0)
     y, a, _ = paired_scores(rng, 300, decimals=1)
-    index = build_rank_index(a, y > 0.5)
+    index = build_rank_index(a, y > 0.5, y <= 0.5)
     assert weighted_auc(index, np.ones((1, 300), dtype=np.int64))[0] == pytest.approx(
         roc_auc_score(y, a), abs=1e-15)
 
@@ -432,7 +432,7 @@ def test_weighted_auc_equals_sklearn_with_sample_weights():
     y, a, _ = paired_scores(rng, 200, decimals=1)
     weights = rng.integers(0, 4, size=(6, 200))
     weights[5, y > 0.5] = 0                               # no positive left
-    auc = weighted_auc(build_rank_index(a, y > 0.5), weights)
+    auc = weighted_auc(build_rank_index(a, y > 0.5, y <= 0.5), weights)
     for r in range(5):
         assert auc[r] == pytest.approx(roc_auc_score(y, a, sample_weight=weights[r]), abs=1e-12)
     assert np.isnan(auc[5])
@@ -566,10 +566,10 @@ def test_paired_bootstrap_uses_the_mean_rule_of_the_single_bootstrap():
     result = paired_bootstrap(y, a, b, n_resamples=300, seed=4, resampler=resampler)
     positive = y > 0.5
     scored = np.array([True, True, True])
-    means = [mean_auc_samples(bootstrap_auc_samples(s, positive, 300, seed=4, resampler=resampler), scored)
+    means = [mean_auc_samples(bootstrap_auc_samples(s, positive, ~positive, 300, seed=4, resampler=resampler), scored)
              for s in (a, b)]
     deltas = means[1] - means[0]
-    assert np.isnan(bootstrap_auc_samples(a, positive, 300, seed=4, resampler=resampler)[:, 2]).mean() > 0.2
+    assert np.isnan(bootstrap_auc_samples(a, positive, ~positive, 300, seed=4, resampler=resampler)[:, 2]).mean() > 0.2
     assert result.n_used == np.isfinite(deltas).sum() == 300
     assert result.ci == pytest.approx(list(np.percentile(deltas, [2.5, 97.5])), abs=1e-12)
     expected = np.mean([roc_auc_score(y[:, c], b[:, c]) - roc_auc_score(y[:, c], a[:, c]) for c in range(3)])

@@ -58,7 +58,7 @@ def test_evaluate_split_is_plain_json():
     probs, targets = synthetic_split(300, n_classes=14, prevalence=0.1, seed=9)
     targets[:, 13] = 0.0    # Hernia absent from this split
     result = evaluate_split(torch.tensor(probs), torch.tensor(targets), FINDINGS, n_resamples=100)
-    assert set(result) == {"mean_auc", "mean_auc_ci95", "per_class", "ci95", "n_images", "n_positive",
+    assert set(result) == {"mean_auc", "mean_auc_ci95", "per_class", "ci95", "n_images", "n_positive", "n_labelled",
                            "bootstrap_unit", "operating_point", "thresholds", "at_threshold", "at_threshold_ci95",
                            "auprc", "prevalence", "ece", "subgroups"}
     assert result["n_images"] == 300 and type(result["n_images"]) is int

@@ -6,7 +6,10 @@ Conventions (shared by every module of :mod:`cxrmem.evaluation`)
 -----------
 -----------
 * ``probs`` and ``targets`` are [N images, C classes] (numpy arrays, lists, or torch tensors,
-  fastai subclasses included); a target > 0.5 is a positive. A call is ``prob >= threshold``.
+  fastai subclasses included); a target > 0.5 is a positive, one <= 0.5 a negative, and NaN a
+  *missing* label (a finding the image's data set does not grade, or an uncertain one left out):
+  that image is left out of that class's every figure, never counted as a negative. A call is
+  ``prob >= threshold``.
 * Results are keyed by ``labels[c]`` when labels are given, else by the column index ``c``.
 * An undefined figure is ``None``, never NaN and never 0.0: the AUC of a class without positive
   or without negative example, a ratio whose denominator is 0. Such a class is left out of the
@@ -100,8 +103,9 @@ def class_keys(n_classes: int, labels: Optional[Sequence[str]]) -> List[Key]:
 
 
 def check_inputs(probs, targets, labels: Optional[Sequence[str]] = None
-                 ) -> Tuple[np.ndarray, np.ndarray, List[Key]]:
-    """Validate shapes and values; return (scores float64 [N, C], positives bool [N, C], class keys)."""
+                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, List[Key]]:
+    """Validate shapes and values; return (scores float64 [N, C], positives bool [N, C],
+    negatives bool [N, C], class keys). A missing (NaN) target is in neither."""
     scores, target_values = to_numpy(probs), to_numpy(targets)
     if scores.ndim != 2 or scores.shape != target_values.shape:
         raise ValueError(f"probs {scores.shape} and targets {target_values.shape} must both be [N, C]")
@@ -109,18 +113,17 @@ def check_inputs(probs, targets, labels: Optional[Sequence[str]] = None
     n_bad = int((~np.isfinite(scores)).sum())
     if n_bad:
         raise ValueError(f"probs contain {n_bad} NaN/inf values; the model output diverged")
-    return scores, target_values > 0.5, keys
+    return scores, target_values > 0.5, target_values <= 0.5, keys
 
 
-def has_both_classes(positive: np.ndarray) -> bool:
-    """True when a boolean column holds at least one positive and one negative."""
-    return 0 < int(positive.sum()) < positive.size
+def has_both_classes(positive: np.ndarray, negative: np.ndarray) -> bool:
+    """True when a class (boolean columns) holds at least one positive and one negative."""
+    return bool(positive.any() and negative.any())
 
 
-def defined_classes(positive: np.ndarray) -> np.ndarray:
+def defined_classes(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
     """bool [C]: the class has at least one positive and one negative."""
-    n_pos = positive.sum(axis=0)
-    return (n_pos > 0) & (n_pos < positive.shape[0])
+    return positive.any(axis=0) & negative.any(axis=0)
 
 
 def none_for_nan(value) -> Optional[float]:
@@ -138,9 +141,10 @@ def ratio(numerator: float, denominator: float) -> Optional[float]:
 
 def per_class_auc(probs, targets, labels: Optional[Sequence[str]] = None) -> Dict[Key, Optional[float]]:
     """ROC-AUC of each column: {class: auc}, None where a class lacks positives or negatives."""
-    scores, positive, keys = check_inputs(probs, targets, labels)
-    return {key: float(roc_auc_score(positive[:, c], scores[:, c])) if has_both_classes(positive[:, c])
-            else None for c, key in enumerate(keys)}
+    scores, positive, negative, keys = check_inputs(probs, targets, labels)
+    labelled = positive | negative
+    return {key: float(roc_auc_score(positive[labelled[:, c], c], scores[labelled[:, c], c]))
+            if has_both_classes(positive[:, c], negative[:, c]) else None for c, key in enumerate(keys)}
 
 
 def mean_auc(per_class: Dict[Key, Optional[float]]) -> Optional[float]:
@@ -163,10 +167,11 @@ class RankIndex(NamedTuple):
     tied: np.ndarray        # positions (into positives) where below < not_above
 
 
-def build_rank_index(scores: np.ndarray, positive: np.ndarray) -> RankIndex:
-    """Sort the negatives of one class once and locate every positive among them."""
+def build_rank_index(scores: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> RankIndex:
+    """Sort the negatives of one class once and locate every positive among them (images in
+    neither, missing labels, weigh nothing)."""
     positives = np.flatnonzero(positive)
-    negatives = np.flatnonzero(~positive)
+    negatives = np.flatnonzero(negative)
     negatives_sorted = negatives[np.argsort(scores[negatives], kind="stable")]
     negative_scores = scores[negatives_sorted]
     positive_scores = scores[positives]
@@ -289,16 +294,17 @@ def weight_blocks(resampler: Resampler, n_images: int, n_resamples: int,
 # Bootstrap of the AUC
 # --------------------------------------------------------------------------
 
-def auc_samples(score_sets: Sequence[np.ndarray], positive: np.ndarray, n_resamples: int, seed: int,
-                resampler: Optional[Resampler] = None) -> List[np.ndarray]:
+def auc_samples(score_sets: Sequence[np.ndarray], positive: np.ndarray, negative: np.ndarray, n_resamples: int,
+                seed: int, resampler: Optional[Resampler] = None) -> List[np.ndarray]:
     """AUC of every class in every resample, for each score set [N, C] under the SAME resamples:
     one array [R, C] per set, NaN where undefined (throughout for a class undefined on the split)."""
     n_images, n_classes = positive.shape
     samples = [np.full((n_resamples, n_classes), np.nan) for _ in score_sets]
-    defined = np.flatnonzero(defined_classes(positive))
+    defined = np.flatnonzero(defined_classes(positive, negative))
     if defined.size == 0 or n_resamples == 0:
         return samples
-    indexes = [{c: build_rank_index(scores[:, c], positive[:, c]) for c in defined} for scores in score_sets]
+    indexes = [{c: build_rank_index(scores[:, c], positive[:, c], negative[:, c]) for c in defined}
+               for scores in score_sets]
     resampler = resampler or ImageResampler(n_images)
     for rows, weights in weight_blocks(resampler, n_images, n_resamples, seed):
         for sample, index in zip(samples, indexes):
@@ -307,14 +313,14 @@ def auc_samples(score_sets: Sequence[np.ndarray], positive: np.ndarray, n_resamp
     return samples
 
 
-def bootstrap_auc_samples(scores: np.ndarray, positive: np.ndarray, n_resamples: int = 1000,
+def bootstrap_auc_samples(scores: np.ndarray, positive: np.ndarray, negative: np.ndarray, n_resamples: int = 1000,
                           seed: int = 0, resampler: Optional[Resampler] = None) -> np.ndarray:
     """AUC of every class in every resample: array [R, C], NaN where undefined.
 
-    ``scores`` float [N, C] and ``positive`` bool [N, C] as from :func:`check_inputs`;
+    ``scores`` float [N, C], ``positive`` and ``negative`` bool [N, C] as from :func:`check_inputs`;
     ``resampler`` draws the weights (default: :class:`ImageResampler`).
     """
-    (samples,) = auc_samples([scores], positive, n_resamples, seed, resampler)
+    (samples,) = auc_samples([scores], positive, negative, n_resamples, seed, resampler)
     return samples
 
 
@@ -360,10 +366,10 @@ def bootstrap_ci(probs, targets, labels: Optional[Sequence[str]] = None, n_resam
     interval of :func:`mean_auc_samples` (None likewise).
     """
     check_bootstrap_args(n_resamples, level)
-    scores, positive, keys = check_inputs(probs, targets, labels)
-    samples = bootstrap_auc_samples(scores, positive, n_resamples, seed, resampler)
+    scores, positive, negative, keys = check_inputs(probs, targets, labels)
+    samples = bootstrap_auc_samples(scores, positive, negative, n_resamples, seed, resampler)
     per_class = {key: percentile_interval(samples[:, c], level) for c, key in enumerate(keys)}
-    return per_class, percentile_interval(mean_auc_samples(samples, defined_classes(positive)), level)
+    return per_class, percentile_interval(mean_auc_samples(samples, defined_classes(positive, negative)), level)
 
 
 
@@ -377,18 +383,20 @@ def auprc(probs, targets, labels: Optional[Sequence[str]] = None) -> Dict[Key, O
 
     A random ranking scores about the prevalence, so report the two side by side.
     """
-    scores, positive, keys = check_inputs(probs, targets, labels)
-    return {key: float(average_precision_score(positive[:, c], scores[:, c]))
-            if has_both_classes(positive[:, c]) else None
+    scores, positive, negative, keys = check_inputs(probs, targets, labels)
+    labelled = positive | negative
+    return {key: float(average_precision_score(positive[labelled[:, c], c], scores[labelled[:, c], c]))
+            if has_both_classes(positive[:, c], negative[:, c]) else None
             for c, key in enumerate(keys)}
 
 
 def prevalence(targets, labels: Optional[Sequence[str]] = None) -> Dict[Key, Optional[float]]:
-    """Fraction of positive images per class; None when there are no images."""
-    positive = to_numpy(targets) > 0.5
-    if positive.ndim != 2:
-        raise ValueError(f"targets {positive.shape} must be [N, C]")
-    return {key: ratio(positive[:, c].sum(), positive.shape[0])
-            for c, key in enumerate(class_keys(positive.shape[1], labels))}
+    """Fraction of positive images per class among those labelled for it; None when there are none."""
+    values = to_numpy(targets)
+    if values.ndim != 2:
+        raise ValueError(f"targets {values.shape} must be [N, C]")
+    positive, labelled = values > 0.5, np.isfinite(values)
+    return {key: ratio(positive[:, c].sum(), labelled[:, c].sum())
+            for c, key in enumerate(class_keys(values.shape[1], labels))}
 
 

@@ -61,15 +61,16 @@ def expected_calibration_error(probs, targets, n_bins: int = 10,
                                labels: Optional[Sequence[str]] = None) -> dict:
     """ECE = sum_b (n_b / n) |mean prob in b - fraction positive in b| over equal-width bins.
 
-    Returns {"pooled": ece, "per_class": {class: ece}}. "pooled" bins all N x C (probability,
-    target) pairs together, every class's every image counting once; "per_class" bins each
-    column alone. Calibration needs no positive or negative example, so a class is None only
-    when there are no images.
+    Returns {"pooled": ece, "per_class": {class: ece}}. "pooled" bins all labelled (probability,
+    target) pairs together, every class's every labelled image counting once; "per_class" bins
+    each column's labelled images alone. Calibration needs no positive or negative example, so a
+    class is None only when no image is labelled for it.
     """
-    scores, positive, keys = check_inputs(probs, targets, labels)
+    scores, positive, negative, keys = check_inputs(probs, targets, labels)
+    labelled = positive | negative
     return {
-        "pooled": calibration_bins(scores, positive, n_bins).ece,
-        "per_class": {key: calibration_bins(scores[:, c], positive[:, c], n_bins).ece
+        "pooled": calibration_bins(scores[labelled], positive[labelled], n_bins).ece,
+        "per_class": {key: calibration_bins(scores[labelled[:, c], c], positive[labelled[:, c], c], n_bins).ece
                       for c, key in enumerate(keys)},
     }
 
@@ -81,10 +82,11 @@ def reliability_diagram(probs, targets, n_bins: int = 10,
     bins = {bin_centres, mean_predicted, observed_frequency, counts}, the middle two None in
     empty bins. Plot observed against mean predicted; the diagonal is perfect calibration.
     """
-    scores, positive, keys = check_inputs(probs, targets, labels)
+    scores, positive, negative, keys = check_inputs(probs, targets, labels)
+    labelled = positive | negative
     return {
-        "pooled": calibration_bins(scores, positive, n_bins).as_dict(),
-        "per_class": {key: calibration_bins(scores[:, c], positive[:, c], n_bins).as_dict()
+        "pooled": calibration_bins(scores[labelled], positive[labelled], n_bins).as_dict(),
+        "per_class": {key: calibration_bins(scores[labelled[:, c], c], positive[labelled[:, c], c], n_bins).as_dict()
                       for c, key in enumerate(keys)},
     }
 

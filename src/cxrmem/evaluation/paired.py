@@ -16,21 +16,22 @@ from .auc import (_ZERO, Interval, Resampler, auc_samples, check_bootstrap_args,
 # DeLong's test (fast algorithm of Sun & Xu, 2014)
 # --------------------------------------------------------------------------
 
-def as_matrix(x, name: str) -> np.ndarray:
-    """float64 [N, C] (a 1-D input becomes one column); NaN or inf is an error."""
+def as_matrix(x, name: str, targets: bool = False) -> np.ndarray:
+    """float64 [N, C] (a 1-D input becomes one column); NaN or inf is an error, except NaN in
+    ``targets`` (a missing label)."""
     values = to_numpy(x)
     if values.ndim == 1:
         values = values[:, None]
     if values.ndim != 2:
         raise ValueError(f"{name} must be [N] or [N, C], got shape {values.shape}")
-    if not np.isfinite(values).all():
+    if not (np.isfinite(values) | (targets & np.isnan(values))).all():
         raise ValueError(f"{name} contains NaN or inf values")
     return values
 
 
-def as_vector(x, name: str) -> np.ndarray:
-    """float64 [N] (an [N, 1] column is accepted); NaN or inf is an error."""
-    values = as_matrix(x, name)
+def as_vector(x, name: str, targets: bool = False) -> np.ndarray:
+    """float64 [N] (an [N, 1] column is accepted); NaN or inf as in :func:`as_matrix`."""
+    values = as_matrix(x, name, targets)
     if values.shape[1] != 1:
         raise ValueError(f"{name} must be one column [N], got shape {values.shape}; "
                          "test one class at a time or use delong_per_class")
@@ -68,12 +69,13 @@ def delong_components(y, scores) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         V01_j = (1/m) sum_i psi(X_i, Y_j) = 1 - (T_Z(Y_j) - T_Y(Y_j)) / m
         AUC   = mean_i V10_i = (sum_i T_Z(X_i) - m (m + 1) / 2) / (m n)
 
-    Returns arrays (auc [K], v10 [m, K], v01 [n, K]); needs m >= 1 and n >= 1.
+    Returns arrays (auc [K], v10 [m, K], v01 [n, K]); needs m >= 1 and n >= 1. Images with a
+    missing (NaN) target are in neither X nor Y.
     Sorting makes it O(N log N) per score set instead of O(m n).
     """
-    positive = to_numpy(y) > 0.5
+    targets = to_numpy(y)
     scores = to_numpy(scores)
-    x, y_neg = scores[positive], scores[~positive]
+    x, y_neg = scores[targets > 0.5], scores[targets <= 0.5]
     m, n = x.shape[0], y_neg.shape[0]
     tx = rankdata(x, axis=0)
     ty = rankdata(y_neg, axis=0)
@@ -102,12 +104,12 @@ def delong_test(y, scores_a, scores_b) -> DeLongResult:
       also |delta| <= 1e-12 the two are indistinguishable, z = 0 and p = 1.0;
       otherwise (both AUCs perfectly determined and different) z and p are None.
     """
-    y = as_vector(y, "y")
+    y = as_vector(y, "y", targets=True)
     a = as_vector(scores_a, "scores_a")
     b = as_vector(scores_b, "scores_b")
     check_same_shape(y, a, b)
     n_pos = int((y > 0.5).sum())
-    n_neg = int(y.size - n_pos)
+    n_neg = int((y <= 0.5).sum())  # a missing (NaN) target is neither
     if n_pos == 0 or n_neg == 0:
         return DeLongResult(None, None, None, None, None, None, None, n_pos, n_neg)
 
@@ -135,7 +137,7 @@ def delong_per_class(y, scores_a, scores_b, labels: Sequence[str]) -> Dict[str, 
     Returns {label: DeLongResult fields as a dict, plus ``p_holm``}; classes whose p is None are
     left out of the correction and keep ``p_holm`` None.
     """
-    y = as_matrix(y, "y")
+    y = as_matrix(y, "y", targets=True)
     a = as_matrix(scores_a, "scores_a")
     b = as_matrix(scores_b, "scores_b")
     check_same_shape(y, a, b)
@@ -202,15 +204,15 @@ def paired_bootstrap(targets, scores_a, scores_b, n_resamples: int = 1000, seed:
     resample: ci and p None.
     """
     check_bootstrap_args(n_resamples, level)
-    a, positive, _ = check_inputs(scores_a, targets)
-    b, _, _ = check_inputs(scores_b, targets)
-    scored = defined_classes(positive)
+    a, positive, negative, _ = check_inputs(scores_a, targets)
+    b, _, _, _ = check_inputs(scores_b, targets)
+    scored = defined_classes(positive, negative)
     if not scored.any():
         return PairedBootstrap(None, None, None, 0)
-    observed = [mean_auc(per_class_auc(s, positive)) for s in (a, b)]
+    observed = [mean_auc(per_class_auc(s, targets)) for s in (a, b)]
     delta = float(observed[1] - observed[0])
 
-    samples_a, samples_b = auc_samples([a, b], positive, n_resamples, seed, resampler)
+    samples_a, samples_b = auc_samples([a, b], positive, negative, n_resamples, seed, resampler)
     deltas = mean_auc_samples(samples_b, scored) - mean_auc_samples(samples_a, scored)
     deltas = deltas[np.isfinite(deltas)]
     if deltas.size == 0:

@@ -6,7 +6,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from .auc import check_inputs, mean_auc, per_class_auc
+from .auc import check_inputs, mean_auc, per_class_auc, to_numpy
 
 
 class Subgroup(NamedTuple):
@@ -28,7 +28,8 @@ def subgroup_auc(probs, targets, metadata, subgroups: Dict[str, Subgroup],
     of the class, mean_auc the mean over the defined classes (None if none). Images whose cell
     is missing or unreadable are in no group of that grouping.
     """
-    scores, positive, keys = check_inputs(probs, targets, labels)
+    scores, _, _, keys = check_inputs(probs, targets, labels)
+    values = to_numpy(targets)  # NaN (missing) kept, so each subgroup leaves it out as the whole split does
     missing = [g.column for g in subgroups.values() if g.column not in metadata.columns]
     if missing:
         raise ValueError(f"metadata lacks the column(s) {', '.join(missing)}")
@@ -43,7 +44,7 @@ def subgroup_auc(probs, targets, metadata, subgroups: Dict[str, Subgroup],
         result[name] = {}
         for group in ordered:
             rows = groups == group
-            per_class = dict(zip(keys, per_class_auc(scores[rows], positive[rows]).values()))
+            per_class = dict(zip(keys, per_class_auc(scores[rows], values[rows]).values()))
             result[name][group] = {"n_images": int(rows.sum()), "mean_auc": mean_auc(per_class),
                                    "per_class": per_class}
     return result

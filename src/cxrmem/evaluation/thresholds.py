@@ -119,13 +119,14 @@ def operating_points(probs, targets, rule: str) -> List[Optional[float]]:
     nothing). None for a class without positive or without negative example.
     """
     choose = parse_operating_point(rule)
-    scores, positive, _ = check_inputs(probs, targets)
+    scores, positive, negative, _ = check_inputs(probs, targets)
     thresholds: List[Optional[float]] = []
     for c in range(scores.shape[1]):
-        if not has_both_classes(positive[:, c]):
+        if not has_both_classes(positive[:, c], negative[:, c]):
             thresholds.append(None)
             continue
-        table = roc_table(scores[:, c], positive[:, c])
+        rows = positive[:, c] | negative[:, c]
+        table = roc_table(scores[rows, c], positive[rows, c])
         thresholds.append(float(table.thresholds[choose(table)]))
     return thresholds
 
@@ -144,16 +145,18 @@ def operating_points(probs, targets, rule: str) -> List[Optional[float]]:
 #
 # so R resamples of all classes are the matrix product W [R, N] @ A [N, 4C].
 
-def call_matrices(scores: np.ndarray, positive: np.ndarray, thresholds: Sequence[Optional[float]]):
-    """Indicator arrays [N, C] (float64) of TP, FP, FN, TN; all zero in a class without threshold."""
+def call_matrices(scores: np.ndarray, positive: np.ndarray, negative: np.ndarray,
+                  thresholds: Sequence[Optional[float]]):
+    """Indicator arrays [N, C] (float64) of TP, FP, FN, TN; all zero in a class without threshold
+    and for a missing label (neither positive nor negative)."""
     if len(thresholds) != scores.shape[1]:
         raise ValueError(f"{scores.shape[1]} columns but {len(thresholds)} thresholds")
     defined = np.array([t is not None for t in thresholds], dtype=bool)
     cut = np.array([np.inf if t is None else float(t) for t in thresholds])
     called = (scores >= cut) & defined
-    negative = ~positive & defined
+    positive, negative = positive & defined, negative & defined
     return tuple(m.astype(np.float64) for m in (
-        called & positive, called & negative, ~called & positive & defined, ~called & negative))
+        called & positive, called & negative, ~called & positive, ~called & negative))
 
 
 def figures_from_counts(tp, fp, fn, tn) -> Dict[str, np.ndarray]:
@@ -176,8 +179,8 @@ def at_threshold(probs, targets, thresholds: Sequence[Optional[float]],
     A figure is None where its denominator is 0; all five are None for a class whose threshold
     is None.
     """
-    scores, positive, keys = check_inputs(probs, targets, labels)
-    counts = [m.sum(axis=0) for m in call_matrices(scores, positive, thresholds)]
+    scores, positive, negative, keys = check_inputs(probs, targets, labels)
+    counts = [m.sum(axis=0) for m in call_matrices(scores, positive, negative, thresholds)]
     figures = figures_from_counts(*counts)
     return {key: {name: none_for_nan(figures[name][c]) for name in FIGURES}
             for c, key in enumerate(keys)}
@@ -195,9 +198,9 @@ def bootstrap_at_threshold(probs, targets, thresholds: Sequence[Optional[float]]
     fixed: only the evaluated images are resampled.
     """
     check_bootstrap_args(n_resamples, level)
-    scores, positive, keys = check_inputs(probs, targets, labels)
+    scores, positive, negative, keys = check_inputs(probs, targets, labels)
     n_images, n_classes = scores.shape
-    indicators = np.concatenate(call_matrices(scores, positive, thresholds), axis=1)   # [N, 4C]
+    indicators = np.concatenate(call_matrices(scores, positive, negative, thresholds), axis=1)   # [N, 4C]
     counts = np.empty((n_resamples, 4 * n_classes))
     for rows, weights in weight_blocks(resampler or ImageResampler(n_images), n_images, n_resamples, seed):
         counts[rows] = weights.astype(np.float64) @ indicators

@@ -66,7 +66,8 @@ def evaluate_split(probs, targets, labels: Sequence[str], n_resamples: int = 100
     Keys (95% percentile intervals over ``n_resamples`` resamples seeded with ``seed``, the same
     resamples for every interval):
 
-    * mean_auc, mean_auc_ci95, per_class, ci95, n_images, n_positive;
+    * mean_auc, mean_auc_ci95, per_class, ci95, n_images, n_positive, n_labelled (images whose label
+      for the finding is known: a missing label, NaN in ``targets``, is left out of every figure);
     * bootstrap_unit ("patient" or "image");
     * operating_point {rule, split} or None; thresholds {label: t or None};
       at_threshold {label: {sensitivity, specificity, ppv, npv, f1}} and at_threshold_ci95
@@ -75,10 +76,11 @@ def evaluate_split(probs, targets, labels: Sequence[str], n_resamples: int = 100
     * ece {"pooled", "per_class": {label}} over CALIBRATION_BINS equal-width bins;
     * subgroups {"sex" | "age" | "view": {group: {n_images, mean_auc, per_class}}} ({} without metadata).
     """
-    scores, positive, labels = check_inputs(probs, targets, labels)
+    scores, positive, negative, labels = check_inputs(probs, targets, labels)
+    targets = np.where(positive, 1.0, np.where(negative, 0.0, np.nan))  # missing labels stay missing
     resampler = resampler or ImageResampler(scores.shape[0])
-    per_class = per_class_auc(scores, positive, labels)
-    ci95, mean_ci95 = bootstrap_ci(scores, positive, labels, n_resamples, seed, level=0.95, resampler=resampler)
+    per_class = per_class_auc(scores, targets, labels)
+    ci95, mean_ci95 = bootstrap_ci(scores, targets, labels, n_resamples, seed, level=0.95, resampler=resampler)
     chosen = (operating_point or {}).get("thresholds") or {}
     thresholds = [chosen.get(label) for label in labels]
     return {
@@ -88,17 +90,18 @@ def evaluate_split(probs, targets, labels: Sequence[str], n_resamples: int = 100
         "ci95": ci95,
         "n_images": int(scores.shape[0]),
         "n_positive": {label: int(positive[:, c].sum()) for c, label in enumerate(labels)},
+        "n_labelled": {label: int((positive | negative)[:, c].sum()) for c, label in enumerate(labels)},
         "bootstrap_unit": resampler.unit,
         "operating_point": None if operating_point is None else
         {"rule": operating_point["rule"], "split": operating_point["split"]},
         "thresholds": dict(zip(labels, thresholds)),
-        "at_threshold": at_threshold(scores, positive, thresholds, labels),
-        "at_threshold_ci95": bootstrap_at_threshold(scores, positive, thresholds, n_resamples, seed, 0.95, labels,
+        "at_threshold": at_threshold(scores, targets, thresholds, labels),
+        "at_threshold_ci95": bootstrap_at_threshold(scores, targets, thresholds, n_resamples, seed, 0.95, labels,
                                                     resampler),
-        "auprc": auprc(scores, positive, labels),
-        "prevalence": prevalence(positive, labels),
-        "ece": expected_calibration_error(scores, positive, CALIBRATION_BINS, labels),
-        "subgroups": {} if metadata is None else subgroup_auc(scores, positive, metadata, SUBGROUPS, labels),
+        "auprc": auprc(scores, targets, labels),
+        "prevalence": prevalence(targets, labels),
+        "ece": expected_calibration_error(scores, targets, CALIBRATION_BINS, labels),
+        "subgroups": {} if metadata is None else subgroup_auc(scores, targets, metadata, SUBGROUPS, labels),
     }
 
 
@@ -499,8 +502,8 @@ def plot_roc(probs, targets, labels: Sequence[str], path, title: str) -> Path:
     positive), ``labels`` the C finding names. A finding without both a
     positive and a negative has no curve; the legend lists it as skipped.
     """
-    scores, positive, labels = check_inputs(probs, targets, labels)
-    aucs = per_class_auc(scores, positive, labels)
+    scores, positive, negative, labels = check_inputs(probs, targets, labels)
+    aucs = per_class_auc(probs, targets, labels)
 
     figure = new_figure(9, 6)
     axes = figure.add_subplot()
@@ -510,7 +513,8 @@ def plot_roc(probs, targets, labels: Sequence[str], path, title: str) -> Path:
         if aucs[label] is None:
             skipped.append(label)
             continue
-        fpr, tpr, _ = roc_curve(positive[:, column], scores[:, column])
+        rows = positive[:, column] | negative[:, column]
+        fpr, tpr, _ = roc_curve(positive[rows, column], scores[rows, column])
         axes.plot(fpr, tpr, color=colours[column], linestyle=("-", "--")[column % 2],
                   linewidth=1.3, label=f"{label} ({aucs[label]:.3f})")
     axes.plot([0, 1], [0, 1], color="black", linestyle=":", linewidth=0.8, label="chance")
@@ -535,12 +539,13 @@ def plot_reliability(probs, targets, labels: Sequence[str], path, title: str,
     then one small panel per finding on the same axes (its ECE and positives in its title), each
     with the pooled curve in grey for reference, so that no two findings' lines cross.
     """
-    scores, positive, labels = check_inputs(probs, targets, labels)
+    scores, positive, negative, labels = check_inputs(probs, targets, labels)
+    labelled = positive | negative
     columns = 4
     rows = 1 + math.ceil(len(labels) / columns)
     figure = new_figure(2.6 * columns, 2.6 * rows + 1.2)
     grid = figure.add_gridspec(rows + 1, columns, height_ratios=(2.0, 0.7, *([1.6] * (rows - 1))))
-    pooled = calibration_bins(scores, positive, n_bins)
+    pooled = calibration_bins(scores[labelled], positive[labelled], n_bins)
     axes = figure.add_subplot(grid[0, :2])
     counts_axes = figure.add_subplot(grid[1, :2], sharex=axes)
     axes.plot([0, 1], [0, 1], color="black", linestyle=":", linewidth=0.8)
@@ -558,7 +563,7 @@ def plot_reliability(probs, targets, labels: Sequence[str], path, title: str,
              f"blue: one finding", ha="left", va="top", fontsize="medium", transform=key.transAxes)
     for column, label in enumerate(labels):
         panel = figure.add_subplot(grid[2 + column // columns, column % columns], sharex=axes, sharey=axes)
-        bins = calibration_bins(scores[:, column], positive[:, column], n_bins)
+        bins = calibration_bins(scores[labelled[:, column], column], positive[labelled[:, column], column], n_bins)
         panel.plot([0, 1], [0, 1], color="black", linestyle=":", linewidth=0.8)
         panel.plot(pooled.mean_predicted, pooled.observed, "-", color="grey", linewidth=1, alpha=0.7)
         panel.plot(bins.mean_predicted, bins.observed, ".-", color="tab:blue", linewidth=1.2)

@@ -1,4 +1,4 @@
-"""Multi-label losses for logits ``x`` [B, C] and 0/1 targets ``y`` [B, C].
+"""Multi-label losses for logits ``x`` [B, C] and targets ``y`` [B, C] in [0, 1], NaN where missing.
 
 Every loss here is an ``nn.Module`` that fastai can use as ``loss_func``:
 
@@ -8,6 +8,12 @@ Every loss here is an ``nn.Module`` that fastai can use as ``loss_func``:
 * a ``reduction`` attribute ('mean', 'sum' or 'none'); fastai sets it to
   'none' in ``get_preds(with_loss=True)``. 'mean' averages over all B*C
   elements, 'none' returns the [B, C] element losses.
+
+A missing target (NaN: a finding the image's data set does not grade, or an
+uncertain label under ``data.uncertain: ignore``) contributes exactly zero loss
+and zero gradient, and 'mean' then averages over the known elements only:
+``L = sum_{known} l / #known``. A batch with every target known takes
+``l.mean()`` as before, to the bit.
 
 Inputs may be fastai ``TensorBase`` subclasses (``TensorMultiCategory`` ...);
 they are viewed as plain tensors first, and the arithmetic runs in float32 so
@@ -72,12 +78,15 @@ class MultiLabelLoss(nn.Module):
                 f"{type(self).__name__}: logits {tuple(logits.shape)} and targets "
                 f"{tuple(targets.shape)} must have the same shape"
             )
-        losses = self.elementwise(logits, targets)
+        known = ~torch.isnan(targets)
+        if bool(known.all()):  # one host sync, as fastai's per-batch loss logging already makes
+            losses = self.elementwise(logits, targets)
+            return losses.mean() if self.reduction == "mean" else losses.sum() if self.reduction == "sum" else losses
+        # missing targets are zero-filled for elementwise() and their losses replaced by 0: no gradient flows
+        losses = torch.where(known, self.elementwise(logits, torch.where(known, targets, 0.0)), 0.0)
         if self.reduction == "mean":
-            return losses.mean()
-        if self.reduction == "sum":
-            return losses.sum()
-        return losses
+            return losses.sum() / known.sum().clamp(min=1)
+        return losses.sum() if self.reduction == "sum" else losses
 
     def activation(self, x: torch.Tensor) -> torch.Tensor:
         """Logits to probabilities: sigmoid(x)."""
