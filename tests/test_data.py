@@ -143,7 +143,7 @@ def test_damaged_files_are_found_without_decoding(data_copy):
 def test_check_data_prints_and_writes_the_summary(tiny_data, tmp_path, capsys):
     out, summary = check_data(tiny_data, tmp_path / "run", capsys)
     assert set(summary) == {"train", "valid", "test", "phase1_train", "phase1_valid", "missing_images",
-                            "split_source", "bboxes", "synthetic"}
+                            "split_source", "bboxes", "synthetic", "dataset", "findings"}
     assert summary["split_source"] == "official" and summary["missing_images"] == 0
     assert summary["synthetic"] is True and "data: SYNTHETIC" in out  # tiny_data was drawn by the generator
     frame, _, _ = load_frame(tiny_data, valid_pct=0.1, seed=42)

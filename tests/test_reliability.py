@@ -234,7 +234,7 @@ def test_a_checkpoint_with_code_in_it_is_refused_and_never_run(capsys, finished_
     assert not (tmp_path / "ran").exists()
 
 
-@pytest.mark.parametrize("override", ["model.backbone=resnet34", "model.num_classes=5", "memory.bank_size=32"])
+@pytest.mark.parametrize("override", ["model.backbone=resnet34", "model.findings=Atelectasis,Effusion", "memory.bank_size=32"])
 def test_checkpoint_of_another_model(capsys, finished_run, tiny_data, override):
     config, run_dir = finished_run
     expect_one_line_error(capsys, ["--config", config, "--data_dir", tiny_data, "--output_dir", run_dir,

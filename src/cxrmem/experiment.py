@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .config import dump_yaml, load_config
 from .config.reference import legacy_experiments
-from .data.chestxray14 import format_summary, read_bboxes, summarize
+from .data.summary import format_summary, summarize
 from .data.prepare import prepare_data
 from .inference.explain import pointing_game_of_run
 from .models.backbones import check_backbone
@@ -116,8 +116,8 @@ def run_pipeline(cfg, args) -> int:
     print(f"# {cfg.experiment_name}: resolved configuration\n{dump_yaml(cfg)}")
     data = distributed.on_main(lambda: prepare_data(cfg, decode=args.check_data))
     if args.check_data:
-        summary = summarize(data.frame, data.split_source, len(data.missing), read_bboxes(cfg.data.data_dir),
-                            data.synthetic)
+        summary = summarize(data.frame, data.split_source, len(data.missing), data.boxes, data.synthetic,
+                            data.findings, data.labels, cfg.data.dataset)
         print(format_summary(summary))
         if distributed.is_main_process():
             io.write_json(cfg.run_dir / "data_summary.json", summary)

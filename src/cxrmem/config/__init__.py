@@ -63,11 +63,19 @@ def section(cls, doc: str, optional: bool = False):
 NORMALIZE_MODES = ("both", "query_only", "memory_only", "none")
 STRATEGIES = ("rarity", "statistical", "diversity", "hybrid", "entropy", "fifo", "reservoir")
 LOSSES = ("bce", "asl", "focal")
+# The data sets of cxrmem.data.registry, by name (a test holds the two equal).
+DATASET_NAMES = ("chestxray14", "chexpert", "mimic_cxr", "padchest", "vindr_cxr", "nih_google")
+UNCERTAIN_POLICIES = ("ignore", "zeros", "ones", "smooth")
 
 
 @dataclass
 class ModelConfig:
-    num_classes: int = opt(14, "number of output classes (the 14 ChestX-ray14 findings)", lo=1)
+    num_classes: int | None = opt(None, "number of output classes; null: one per finding the model predicts "
+                                  "(model.findings); a number must equal their count", lo=1, nullable=True,
+                                  value_type=int)
+    findings: list | None = opt(None, "findings the model predicts, in output order, from the label space of "
+                                "docs/datasets.md (a list, or names separated by commas); null: the training data "
+                                "set's own (ChestX-ray14's 14 by default)", kind="names", nullable=True)
     backbone: str = opt(
         "efficientnet_v2_s",
         "backbone name: efficientnet_v2_s/m/l, resnet18/34/50, densenet121 or timm/<name>",
@@ -114,8 +122,19 @@ class CacheConfig:
 
 @dataclass
 class DataConfig:
-    data_dir: str = opt("data/chestxray14", "ChestX-ray14 root (Data_Entry_2017.csv, lists, images_*/images)",
-                        kind="path")
+    dataset: str = opt("chestxray14", "the data set at data_dir, as its publisher ships it (docs/datasets.md)",
+                       choices=DATASET_NAMES)
+    data_dir: str = opt("data/chestxray14", "data set root (ChestX-ray14: Data_Entry_2017.csv, lists, images_*/images; "
+                        "the others: docs/datasets.md)", kind="path")
+    views: str = opt("frontal", "images kept: frontal (PA and AP), all, or view names separated by commas "
+                     "(e.g. PA or PA,AP; a list also works)", kind="names_text")
+    uncertain: str = opt("ignore", "uncertain labels (CheXpert, MIMIC-CXR) of the train split: ignore (missing: no "
+                         "loss), zeros, ones or smooth (uniform in [0.55, 0.85]); in valid and test always missing",
+                         choices=UNCERTAIN_POLICIES)
+    mimic_labeler: str = opt("chexpert", "MIMIC-CXR: labels of the chexpert or the negbio labeller",
+                             choices=("chexpert", "negbio"))
+    radiologists: str = opt("any", "VinDr-CXR: a finding is positive when any radiologist marks it, or a majority",
+                            choices=("any", "majority"))
     image_size: int = opt(224, "side of the network input in pixels", lo=16)
     seed: int = opt(42, "seed of the splits (validation patients, derived test); of training too while seed is null")
     valid_pct: float = opt(0.1, "fraction of train_val patients held out for validation; 0: train on every "
@@ -291,6 +310,8 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, source: str = "<config>"
         value = "default" if value else None
     if kind == "auto_int" and value == "auto":
         return value
+    if kind in ("names", "names_text"):
+        return _names(key, value, text=kind == "names_text")
     if value is None and (f.default is None or kind == "path" or m.get("nullable")):
         return None
     if f.name == "channels_last" and isinstance(value, bool):
@@ -316,6 +337,22 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, source: str = "<config>"
        hi is not None and (value > hi or (m["hi_open"] and value == hi)):
         raise UserError(f"{key}: {value!r} is out of range; it must be {_range_text(m)}")
     return value
+
+
+def _names(key: str, value: Any, text: bool) -> Any:
+    """A list of names: a YAML list of strings or one string of names separated by commas; returned as a
+    list (``text``: as one comma-separated string). Null stays null."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else None
+    if items is None or not all(isinstance(v, str) for v in items):
+        raise UserError(f"{key}: expected names (a list, or text separated by commas), got {value!r}")
+    names = [v.strip() for v in items if v.strip()]
+    if not names:
+        raise UserError(f"{key}: no names given; write at least one, or null")
+    if len(set(names)) < len(names):
+        raise UserError(f"{key}: {next(n for n in names if names.count(n) > 1)!r} is named twice; name it once")
+    return ",".join(names) if text else names
 
 
 def _origin(key: str, source: str, origins: dict[str, str]) -> str:

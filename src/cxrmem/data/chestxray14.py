@@ -27,7 +27,8 @@ from ..evaluation.subgroups import Subgroup
 from ..utils.errors import UserError, closest, describe_error
 from .findings import FINDINGS, NO_FINDING
 from .images import IMAGE_SUFFIXES
-from .split import TEST_LIST, TRAIN_VAL_LIST, OfficialLists, assign_splits, phase_frame
+from .release import DataSet, Loaded, count_labels, view_filter
+from .split import SPLITS, TEST_LIST, TRAIN_VAL_LIST, OfficialLists, assign_splits, phase_frame
 
 CSV_NAME = "Data_Entry_2017.csv"  # the 2017 file; the 2020 revision is also accepted under its own name
 METADATA_FILES = (CSV_NAME, "Data_Entry_2017_v2020.csv")
@@ -171,11 +172,6 @@ def read_bboxes(data_dir) -> pd.DataFrame:
     return pd.concat([frame, coords.astype(float)], axis=1)
 
 
-def boxes_in_split(boxes: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
-    """The boxes on the images of ``rows`` (a frame with ``image_index``)."""
-    return boxes[boxes["image_index"].isin(rows["image_index"])]
-
-
 # --------------------------------------------------------------------------- images on disk
 
 
@@ -239,72 +235,6 @@ def read_official_lists(data_dir: Path) -> tuple[OfficialLists | None, str]:
     return None, f"{absent} not found in {data_dir}"
 
 
-# --------------------------------------------------------------------------- summary
-
-
-def count_boxes(boxes: pd.DataFrame, box_findings) -> dict[str, int]:
-    counts = boxes["finding"].value_counts()
-    return {f: int(counts.get(f, 0)) for f in box_findings}
-
-
-def describe(rows: pd.DataFrame, boxes: pd.DataFrame, box_findings) -> dict:
-    return {
-        "n_images": int(len(rows)),
-        "n_patients": int(rows["patient_id"].nunique()),
-        "positives": {f: int(rows[f].sum()) for f in FINDINGS},
-        "bboxes": count_boxes(boxes_in_split(boxes, rows), box_findings),
-    }
-
-
-SYNTHETIC_NOTE = "data: SYNTHETIC (drawn by cxrmem.data.synthetic, not radiographs; its figures say nothing of real X-rays)"
-
-
-def summarize(frame: pd.DataFrame, split_source: str, missing_images: int, boxes: pd.DataFrame,
-              synthetic: bool) -> dict:
-    """The data_summary.json content: per split and for phase 1's train/valid, and ``bboxes``:
-    {finding: boxes on the data set's images} for the findings the box file names (FINDINGS order);
-    ``synthetic``: the set was drawn by cxrmem.data.synthetic."""
-    named = set(boxes["finding"])
-    box_findings = [f for f in FINDINGS if f in named]
-    phase1 = phase_frame(frame, filter_normal=True)
-    parts = {
-        "train": frame[frame["split"] == "train"],
-        "valid": frame[frame["split"] == "valid"],
-        "test": frame[frame["split"] == "test"],
-        "phase1_train": phase1[~phase1["is_valid"]],
-        "phase1_valid": phase1[phase1["is_valid"]],
-    }
-    summary = {name: describe(rows, boxes, box_findings) for name, rows in parts.items()}
-    summary["bboxes"] = count_boxes(boxes_in_split(boxes, frame), box_findings)
-    summary["missing_images"] = int(missing_images)
-    summary["split_source"] = split_source
-    summary["synthetic"] = bool(synthetic)
-    return summary
-
-
-def format_summary(summary: dict) -> str:
-    """A fixed-width table: one row per finding, one column per split."""
-    parts = ["train", "valid", "test", "phase1_train", "phase1_valid"]
-    width = max(map(len, FINDINGS)) + 2
-    lines = [f"{'':<{width}}" + "".join(f"{p:>14}" for p in parts)]
-    for key in ("n_images", "n_patients"):
-        lines.append(f"{key:<{width}}" + "".join(f"{summary[p][key]:>14}" for p in parts))
-    lines.append("positives per finding:")
-    for f in FINDINGS:
-        lines.append(f"  {f:<{width - 2}}" + "".join(f"{summary[p]['positives'][f]:>14}" for p in parts))
-    box_findings = list(summary.get("bboxes", {}))
-    if box_findings:
-        lines.append(f"boxes per finding ({BBOX_FILE}):")
-        for f in box_findings:
-            lines.append(f"  {f:<{width - 2}}" + "".join(f"{summary[p]['bboxes'][f]:>14}" for p in parts))
-    else:
-        lines.append(f"boxes: none ({BBOX_FILE} absent or empty)")
-    lines.append(f"split: {summary['split_source']}; images missing on disk: {summary['missing_images']}")
-    if summary.get("synthetic"):
-        lines.append(SYNTHETIC_NOTE)
-    return "\n".join(lines)
-
-
 def load_frame(data_dir: Path, valid_pct: float, seed: int, missing_images: str = "error"):
     """Metadata -> labelled, located and split frame. Returns (frame, split_source, missing names)."""
     data_dir = Path(data_dir)
@@ -360,3 +290,26 @@ SUBGROUPS: Dict[str, Subgroup] = {
     "age": Subgroup("patient_age", age_band, ("<40", "40-59", "60+")),
     "view": Subgroup("view_position", category, ("PA", "AP")),
 }
+
+
+# --------------------------------------------------------------------------- the registry entry
+
+
+class ChestXray14(DataSet):
+    """ChestX-ray14's entry: its own road (:func:`load_frame`), kept as it always was, so every experiment
+    file trains on exactly the frame it did; only the label counts and the view filter are added."""
+
+    def load(self, data_dir: Path, data_cfg, findings) -> Loaded:
+        frame, source, missing = load_frame(data_dir, data_cfg.valid_pct, data_cfg.seed, data_cfg.missing_images)
+        counts = {split: count_labels(frame.loc[frame["split"].eq(split), FINDINGS].astype(float))
+                  for split in SPLITS}
+        if data_cfg.views not in ("frontal", "all"):  # every ChestX-ray14 image is a frontal PA or AP view
+            frame = frame[view_filter(frame, data_cfg.views).to_numpy()].reset_index(drop=True)
+        absent = [f for f in findings if f not in FINDINGS]
+        if absent:  # findings ChestX-ray14 does not grade: missing
+            frame = frame.assign(**{f: np.nan for f in absent})
+        return Loaded(frame, source, missing, counts, read_bboxes(data_dir))
+
+
+DATASET = ChestXray14("chestxray14", "ChestX-ray14 (NIH Clinical Center)",
+                      f"{CSV_NAME}, {TRAIN_VAL_LIST}, {TEST_LIST} and images_*/images", read=None)

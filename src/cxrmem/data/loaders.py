@@ -93,22 +93,23 @@ class ReadXray(Transform):
 
 
 class FindingsReader:
-    """get_y: a frame row -> its 14 finding labels as one float32 array, in FINDINGS order.
+    """get_y: a frame row -> its finding labels as one float32 array, in ``findings`` order (NaN: missing).
 
-    Same values as ``ColReader(FINDINGS)`` at a small fraction of the cost: the column
+    Same values as ``ColReader(findings)`` at a small fraction of the cost: the column
     positions are looked up once per frame (rows of one frame have equal column indexes,
-    a cheap identity check) and read from the row's values in one step, instead of 14
-    pandas look-ups per image.
+    a cheap identity check) and read from the row's values in one step, instead of one
+    pandas look-up per finding and image.
     """
 
-    def __init__(self):
+    def __init__(self, findings=FINDINGS):
+        self.findings = list(findings)
         self._columns, self._positions = None, None
 
     def __call__(self, row) -> np.ndarray:
         if self._columns is None or not row.index.equals(self._columns):
-            self._columns, self._positions = row.index, row.index.get_indexer(FINDINGS)
+            self._columns, self._positions = row.index, row.index.get_indexer(self.findings)
             if (self._positions < 0).any():
-                raise KeyError(f"frame lacks finding column(s): {np.asarray(FINDINGS)[self._positions < 0]}")
+                raise KeyError(f"frame lacks finding column(s): {np.asarray(self.findings)[self._positions < 0]}")
         return row.to_numpy()[self._positions].astype(np.float32)
 
 
@@ -137,18 +138,19 @@ def batch_transforms(augment: bool, stats):
     return [*augmentation, ThreeChannels(), Normalize.from_stats(*stats)]
 
 
-def build_dataloaders(frame, data_cfg, batch_size: int, device: torch.device, stats):
+def build_dataloaders(frame, data_cfg, batch_size: int, device: torch.device, stats, findings=FINDINGS):
     """Phase frame (with ``is_valid``) -> fastai DataLoaders (train shuffled, valid in frame order),
-    images normalised with ``stats`` = (mean, std) per channel (the network's ``input_stats``).
+    images normalised with ``stats`` = (mean, std) per channel (the network's ``input_stats``), targets
+    the frame's ``findings`` columns (NaN where missing).
 
     The shuffling order follows Python's ``random`` state at this call: seed it first.
     """
     on_cuda = device.type == "cuda"
     workers = default_num_workers(on_cuda) if data_cfg.num_workers == "auto" else data_cfg.num_workers
     block = DataBlock(
-        blocks=(ResizedXrayBlock(data_cfg.image_size), MultiCategoryBlock(encoded=True, vocab=FINDINGS)),
+        blocks=(ResizedXrayBlock(data_cfg.image_size), MultiCategoryBlock(encoded=True, vocab=list(findings))),
         get_x=ColReader("path"),
-        get_y=FindingsReader(),
+        get_y=FindingsReader(findings),
         splitter=ColSplitter("is_valid"),
         batch_tfms=batch_transforms(data_cfg.augment, stats),
     )

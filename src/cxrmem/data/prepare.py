@@ -16,7 +16,7 @@ import pandas as pd
 from ..utils.errors import UserError
 from . import synthetic
 from .cache import ensure_cache
-from .chestxray14 import load_frame
+from .registry import get_dataset, model_findings
 from .images import find_damaged_images
 
 DAMAGED_LIST = "damaged_images.txt"
@@ -24,11 +24,14 @@ DAMAGED_LIST = "damaged_images.txt"
 
 @dataclass
 class PreparedData:
-    frame: pd.DataFrame          # one row per usable image, with ``path`` and ``split``
+    frame: pd.DataFrame          # one row per usable image, with ``path``, ``split`` and one column per finding
     split_source: str            # "official" or "derived"
     missing: list[str]           # CSV rows without a file (dropped under missing_images: drop)
     data_dir: Path               # where images are read from (the cache when one is used)
     synthetic: bool              # data.data_dir holds a set drawn by cxrmem.data.synthetic
+    labels: dict                 # {split: {label: {positive, negative, uncertain, missing}}}, as the file gives them
+    boxes: pd.DataFrame          # [image_index, finding, x, y, w, h] (empty without)
+    findings: list[str]          # the model's findings, the frame's label columns
 
 
 def ensure_synthetic(data_cfg) -> None:
@@ -83,7 +86,13 @@ def prepare_data(cfg, decode: bool = False) -> PreparedData:
     if not Path(data.data_dir).is_dir():
         raise UserError(f"data_dir {data.data_dir} does not exist; set data.data_dir or pass --data_dir "
                         f"(or add data.synthetic to generate a synthetic set there)")
+    dataset = get_dataset(data.dataset)
+    if data.cache is not None and data.dataset != "chestxray14":
+        raise UserError(f"data.cache: the pre-resized cache is built for ChestX-ray14's layout only; set data.cache "
+                        f"to null for {data.dataset}")
     image_dir = resolve_image_dir(data)
-    frame, source, missing = load_frame(image_dir, data.valid_pct, data.seed, data.missing_images)
-    frame = drop_damaged(frame, cfg.run_dir, data.missing_images, decode)
-    return PreparedData(frame, source, missing, image_dir, synthetic.is_synthetic(data.data_dir))
+    findings = model_findings(cfg)
+    loaded = dataset.load(image_dir, data, findings)
+    frame = drop_damaged(loaded.frame, cfg.run_dir, data.missing_images, decode)
+    return PreparedData(frame, loaded.split_source, loaded.missing, image_dir, synthetic.is_synthetic(data.data_dir),
+                        loaded.labels, loaded.boxes, findings)

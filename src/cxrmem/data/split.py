@@ -141,9 +141,10 @@ def assign_splits(frame: pd.DataFrame, lists: OfficialLists | None, valid_pct: f
     return frame.assign(split=split).reset_index(drop=True), source
 
 
-def phase_frame(frame: pd.DataFrame, filter_normal: bool) -> pd.DataFrame:
-    """Train + valid rows for one phase, with ``is_valid``; only abnormal images if ``filter_normal``."""
+def phase_frame(frame: pd.DataFrame, filter_normal: bool, findings=FINDINGS) -> pd.DataFrame:
+    """Train + valid rows for one phase, with ``is_valid``; under ``filter_normal`` only abnormal images:
+    those with a positive among ``findings`` (a missing label is no positive)."""
     rows = frame[frame["split"].isin(["train", "valid"])]
     if filter_normal:
-        rows = rows[rows[FINDINGS].sum(axis=1) > 0]
+        rows = rows[(rows[list(findings)] > 0.5).any(axis=1)]
     return rows.assign(is_valid=rows["split"].eq("valid")).reset_index(drop=True)

@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..data.findings import FINDINGS
+from ..data.registry import model_findings
 from ..runs.folder import RunFolder, read_operating_points
 from ..utils import io
 from ..utils.commands import add_shared_options, guarded
@@ -187,9 +187,9 @@ def export_run(run_dir, fmt: str, out=None) -> Path:
         "experiment_name": cfg.experiment_name,
         "backbone": cfg.model.backbone,
         "input": {"name": INPUT_NAME, "shape": ["N", 3, size, size], "dtype": "float32"},
-        "output": {"name": OUTPUT_NAME, "shape": ["N", len(FINDINGS)], "dtype": "float32",
+        "output": {"name": OUTPUT_NAME, "shape": ["N", len(model_findings(cfg))], "dtype": "float32",
                    "meaning": "logits; probability = 1 / (1 + exp(-logit))"},
-        "labels": list(FINDINGS),
+        "labels": model_findings(cfg),
         "image_size": size,
         "mean": mean,
         "std": std,

@@ -38,7 +38,8 @@ from fastai.torch_core import default_device
 from fastai.vision.all import TensorImage
 from fastprogress.fastprogress import progress_bar
 
-from ..data.findings import FINDINGS
+from ..data.findings import label_space
+from ..data.registry import model_findings
 from ..data.images import IMAGE_SUFFIXES, READ_ERRORS, UndecodableImage, open_image
 from ..data.loaders import collatable, default_num_workers, read_xray
 from ..runs.folder import RunFolder, read_operating_points
@@ -99,7 +100,7 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
     for item in map(Path, inputs):
         list_reader = LIST_READERS.get(item.suffix.lower())
         if not item.exists():
-            hint = (f"; {item} is a finding: name findings as --heatmap-findings A,B" if str(item) in FINDINGS
+            hint = (f"; {item} is a finding: name findings as --heatmap-findings A,B" if str(item) in label_space()
                     else "; check the path")
             raise UserError(f"{item} does not exist{hint}")
         if item.is_dir():
@@ -165,7 +166,7 @@ def workers_for(setting, device: torch.device) -> int:
 def run_predictor(run_dir, model_path, device) -> Predictor:
     folder = RunFolder.open(run_dir)
     cfg, model = folder.cfg, folder.load_model(model_path)
-    return Predictor(TorchNetwork(model, device, cfg.model), cfg.data.image_size, list(FINDINGS),
+    return Predictor(TorchNetwork(model, device, cfg.model), cfg.data.image_size, model_findings(cfg),
                      read_operating_points(run_dir), cfg.evaluation_batch_size,
                      workers_for(cfg.data.num_workers, device), f"run {run_dir}", model.input_stats, model=model)
 

@@ -92,11 +92,13 @@ def splitter(model: CXRNet) -> list[list[nn.Parameter]]:
     return [list(model.body.parameters()), list(model.head.parameters())]
 
 
-def build_model(model_cfg: ModelConfig, memory_cfg: MemoryConfig | None = None) -> CXRNet:
+def build_model(model_cfg: ModelConfig, memory_cfg: MemoryConfig | None = None, num_classes: int | None = None) -> CXRNet:
     """A :class:`CXRNet` from the ``model`` and ``memory`` config sections (no bank without
-    ``memory_cfg`` or with ``use_memory: false``)."""
+    ``memory_cfg`` or with ``use_memory: false``), with ``num_classes`` outputs (the number of findings
+    it predicts; default ``model.num_classes``, else 14)."""
     backbone = build_backbone(model_cfg.backbone, pretrained=model_cfg.pretrained, weights=model_cfg.weights)
     use_memory = memory_cfg is not None and memory_cfg.use_memory
     bank = MemoryBank(backbone.num_features, memory_cfg) if use_memory else None
-    return CXRNet(backbone, num_classes=model_cfg.num_classes, dropout_rate=model_cfg.dropout_rate, bank=bank,
+    outputs = num_classes or model_cfg.num_classes or 14
+    return CXRNet(backbone, num_classes=outputs, dropout_rate=model_cfg.dropout_rate, bank=bank,
                   stats=input_stats(model_cfg.backbone))

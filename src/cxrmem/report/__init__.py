@@ -31,8 +31,9 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import roc_curve
 
-from ..data.chestxray14 import SUBGROUPS, SYNTHETIC_NOTE, patient_ids
-from ..data.findings import FINDINGS
+from ..data.chestxray14 import SUBGROUPS, patient_ids
+from ..data.summary import SYNTHETIC_NOTE
+from ..data.registry import model_findings
 from ..data.synthetic import is_synthetic
 from ..evaluation.auc import (ImageResampler, auprc, bootstrap_ci, check_inputs, make_resampler, mean_auc,
                               per_class_auc, prevalence)
@@ -233,14 +234,14 @@ def clinical_lines(result: dict) -> List[str]:
 # --------------------------------------------------------------------------- a run's results
 
 
-def choose_operating_points(predictions: dict, rule: str) -> Optional[dict]:
+def choose_operating_points(predictions: dict, rule: str, findings: Sequence[str]) -> Optional[dict]:
     """operating_points.json's content: ``rule``'s threshold per finding on the validation split's
     predictions; None when there is no validation split."""
     if THRESHOLD_SPLIT not in predictions:
         return None
     probs, targets, _ = predictions[THRESHOLD_SPLIT]
     thresholds = operating_points(probs, targets, rule)
-    return {"rule": rule, "split": THRESHOLD_SPLIT, "thresholds": dict(zip(FINDINGS, thresholds))}
+    return {"rule": rule, "split": THRESHOLD_SPLIT, "thresholds": dict(zip(findings, thresholds))}
 
 
 def metadata_rows(metadata: Optional[pd.DataFrame], image_names: Sequence[str]) -> Optional[pd.DataFrame]:
@@ -263,12 +264,13 @@ def write_results(cfg, predictions: dict, metadata: Optional[pd.DataFrame] = Non
     bootstrap draws ``evaluation.bootstrap_unit`` (patients from the image names).
     """
     evaluation = cfg.evaluation
-    point = choose_operating_points(predictions, evaluation.operating_point)
+    findings = model_findings(cfg)
+    point = choose_operating_points(predictions, evaluation.operating_point, findings)
     if point is None:
         (Path(cfg.run_dir) / OPERATING_POINTS_FILE).unlink(missing_ok=True)  # none chosen: no stale file
     else:
         write_operating_points(cfg.run_dir, point)
-    metrics = {split: evaluate_split(probs, targets, FINDINGS, evaluation.bootstrap_resamples, cfg.data.seed,
+    metrics = {split: evaluate_split(probs, targets, findings, evaluation.bootstrap_resamples, cfg.data.seed,
                                      resampler=make_resampler(evaluation.bootstrap_unit, patient_ids(names)),
                                      operating_point=point, metadata=metadata_rows(metadata, names))
                for split, (probs, targets, names) in predictions.items()}
@@ -281,7 +283,7 @@ def write_results(cfg, predictions: dict, metadata: Optional[pd.DataFrame] = Non
             predictions_path(cfg.run_dir, cfg.experiment_name),
             np.concatenate([predictions[s][0] for s in splits]),
             np.concatenate([predictions[s][1] for s in splits]),
-            FINDINGS,
+            findings,
             [name for s in splits for name in predictions[s][2]],
             [s for s in splits for _ in predictions[s][2]],
         )

@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from ..config import AliasRefused, Config, RepeatedKey, StrictLoader, load_config, same_experiment
+from ..data.registry import model_findings
 from ..models.net import build_model
 from ..train.phases import checkpoint_path, load_checkpoint, resume_path
 from ..train.resume import stopped_at
@@ -331,7 +332,8 @@ class RunFolder:
 
     def untrained_model(self) -> torch.nn.Module:
         """The run's network with fresh weights (never downloaded: a checkpoint replaces them)."""
-        return build_model(replace(self.cfg.model, pretrained=False, weights=None), self.cfg.memory)
+        return build_model(replace(self.cfg.model, pretrained=False, weights=None), self.cfg.memory,
+                           len(model_findings(self.cfg)))
 
     def load_model(self, model_path=None) -> torch.nn.Module:
         """The run's network (its final checkpoint, or ``model_path``) on the CPU, in eval mode."""

@@ -30,7 +30,7 @@ from fastai.imports import noop  # fastai tells "no logger" by this very functio
 from fastai.learner import Learner
 
 from ..utils import io
-from ..data.findings import FINDINGS
+from ..data.registry import model_findings
 from ..data.loaders import build_dataloaders
 from ..data.split import phase_frame
 from ..utils.errors import UserError
@@ -53,7 +53,7 @@ def train(cfg, frame, device, resume: bool = False) -> Learner:
     With ``resume``, finished stages and epochs recorded in the resume file are skipped.
     """
     speed.seed_run(cfg.train_seed, cfg.train.deterministic)  # deterministic: bit-exact cuDNN, else autotuned
-    model = build_model(cfg.model, cfg.memory)
+    model = build_model(cfg.model, cfg.memory, len(model_findings(cfg)))
     distributed.seed_per_rank(cfg.train_seed)  # under torchrun: same weights, own augmentation and dropout
     state = ResumeState(resume_path(cfg), resume)
 
@@ -180,15 +180,16 @@ def fit_stage(learn: Learner, state: ResumeState, phase: int, stage: str, epochs
 def make_learner(cfg, model, frame, phase_cfg, phase: int, device) -> Learner:
     """A fastai Learner for one phase: its data, loss, weight decay and callbacks; our epoch log
     instead of fastai's table (fastai's progress bars stay on a terminal)."""
-    rows = phase_frame(frame, phase_cfg.filter_normal)
+    findings = model_findings(cfg)
+    rows = phase_frame(frame, phase_cfg.filter_normal, findings)
     n_train = int((~rows["is_valid"]).sum())
     if n_train < phase_cfg.batch_size:
         raise UserError(f"phase {phase} has {n_train} training images, fewer than phase{phase}.batch_size "
                         f"({phase_cfg.batch_size}); lower the batch size or use more data")
     batch_size = distributed.per_rank_batch_size(phase_cfg.batch_size, f"phase{phase}.batch_size")
-    dls = build_dataloaders(rows, cfg.data, batch_size, device, distributed.unwrap(model).input_stats)
+    dls = build_dataloaders(rows, cfg.data, batch_size, device, distributed.unwrap(model).input_stats, findings)
     monitor = MemoryMomentum(phase_cfg.memory_momentum)
-    metrics = [MeanAUC(FINDINGS)]
+    metrics = [MeanAUC(findings)]
     if getattr(model, "bank", None) is not None:
         metrics += [MemoryValue(monitor, "fill"), MemoryValue(monitor, "moved")]
     validated = bool(rows["is_valid"].any())  # data.valid_pct 0: no valid loss to choose or stop by

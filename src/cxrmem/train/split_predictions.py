@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from ..data.loaders import build_dataloaders
+from ..data.registry import model_findings
 from ..data.split import phase_frame
 from . import distributed, speed
 
@@ -22,7 +23,8 @@ def predict_splits(cfg, model, frame, device) -> dict:
     them back, in the split's order, each image exactly once; the other ranks get {}.
     """
     batch_size = distributed.per_rank_batch_size(cfg.evaluation_batch_size)
-    dls = build_dataloaders(phase_frame(frame, filter_normal=False), cfg.data, batch_size, device,
+    findings = model_findings(cfg)
+    dls = build_dataloaders(phase_frame(frame, filter_normal=False, findings=findings), cfg.data, batch_size, device,
                             distributed.unwrap(model).input_stats)
     model = speed.prepare_for_inference(distributed.unwrap(model), cfg.model, device)
     out = {}
@@ -32,7 +34,7 @@ def predict_splits(cfg, model, frame, device) -> dict:
             continue
         mine = distributed.shard_rows(rows)
         with speed.inference_autocast(cfg.model, device):  # the precision training used
-            probs, targets = predict_rows(model, dls, mine, batch_size, cfg.model.num_classes)
+            probs, targets = predict_rows(model, dls, mine, batch_size, len(findings))
         gathered = distributed.gather_predictions(probs, targets, mine["image_index"].tolist(),
                                                   rows["image_index"].tolist())
         if gathered is not None:  # None on the ranks other than 0

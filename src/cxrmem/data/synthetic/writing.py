@@ -38,7 +38,8 @@ from PIL import Image
 
 from ...utils.errors import UserError
 from ...utils.io import atomic_path
-from ..chestxray14 import (BBOX_ALIASES, BBOX_FILE, BBOX_HEADER, BOX_FRAME, CSV_NAME, count_boxes, list_text,
+from ..summary import count_boxes
+from ..chestxray14 import (BBOX_ALIASES, BBOX_FILE, BBOX_HEADER, BOX_FRAME, CSV_NAME, list_text,
                            read_bboxes)
 from ..findings import FINDINGS
 from ..split import TEST_LIST, TRAIN_VAL_LIST
