@@ -2,6 +2,7 @@
 
     cxrmem train --config configs/experiments/demo_synthetic.yaml
     cxrmem evaluate --config X.yaml [--model_path P]     # train --evaluate
+    cxrmem evaluate --run RUN --dataset chexpert --data_dir DIR   # external validation
     cxrmem check-data --config X.yaml                    # train --check-data
     cxrmem sweep configs/sweeps/demo_ablation.yaml --dry-run
 
@@ -18,6 +19,7 @@ from typing import Callable, NamedTuple, Sequence
 from .data.cache import main as cache_main
 from .data.synthetic.__main__ import main as synthetic_main
 from .experiment import legacy_main, train_main
+from .external import main as external_main
 from .inference.export import main as export_main
 from .inference.predict import main as predict_main
 from .models.weights import main as weights_main
@@ -32,18 +34,26 @@ class Subcommand(NamedTuple):
 
 
 def with_flag(main, flag: str):
-    """``main`` with ``flag`` appended to its arguments (``evaluate`` is ``train --evaluate``)."""
+    """``main`` with ``flag`` appended to its arguments (``check-data`` is ``train --check-data``)."""
     return lambda argv: main([*argv, flag])
+
+
+def evaluate_main(argv) -> int:
+    """``evaluate --run RUN --dataset D --data_dir DIR``: external validation; otherwise ``train --evaluate``."""
+    if any(a == "--run" or a.startswith("--run=") for a in argv):
+        return external_main(argv)
+    return train_main([*argv, "--evaluate"])
 
 
 SUBCOMMANDS = {
     "train": Subcommand(train_main, "train and evaluate one experiment file (train.py)"),
     "train-legacy": Subcommand(legacy_main, "run an experiment by name (train_fastai.py --experiment NAME)"),
-    "evaluate": Subcommand(with_flag(train_main, "--evaluate"), "evaluate a run's checkpoint (train --evaluate)"),
+    "evaluate": Subcommand(evaluate_main, "evaluate a run's checkpoint (train --evaluate), or with --run a finished "
+                           "run on another data set (--dataset, --data_dir)"),
     "check-data": Subcommand(with_flag(train_main, "--check-data"),
                              "read and check the data set as training would (train --check-data)"),
     "cache": Subcommand(cache_main, "pre-resize a data set's images (cxrmem-cache)"),
-    "synthetic": Subcommand(synthetic_main, "write a synthetic ChestX-ray14 (cxrmem-synthetic)"),
+    "synthetic": Subcommand(synthetic_main, "write a synthetic ChestX-ray14, or another data set with --dataset (cxrmem-synthetic)"),
     "compare": Subcommand(compare_main, "compare finished runs, with paired tests (cxrmem-compare)"),
     "sweep": Subcommand(sweep_main, "train variants x seeds, then summarise (cxrmem-sweep)"),
     "predict": Subcommand(predict_main, "predict new images, with Grad-CAM heatmaps (cxrmem-predict)"),

@@ -16,6 +16,7 @@ from .config import dump_yaml, load_config
 from .config.reference import legacy_experiments
 from .data.summary import format_summary, summarize
 from .data.prepare import prepare_data
+from .external import check_external_folders, evaluate_on
 from .inference.explain import pointing_game_of_run
 from .models.backbones import check_backbone
 from . import report
@@ -142,6 +143,7 @@ def run_pipeline(cfg, args) -> int:
                 io.write_text(RunFolder(cfg).config_file, dump_yaml(cfg))
                 io.write_text(cfg.run_dir / "model_path.txt", f"{path.resolve()}\n")
     else:
+        check_external_folders(cfg)
         distributed.on_main(lambda: start_run_folder(folder, args))
         model = phases.train(cfg, data.frame, device, resume=args.resume).model
     counts = data.frame["split"].value_counts()
@@ -153,6 +155,9 @@ def run_pipeline(cfg, args) -> int:
         report.write_results(cfg, predictions, data.frame)
         report.add_localisation(cfg.run_dir, pointing_game_of_run(cfg, model, data.frame))  # when boxes exist
         report.plot_run(cfg.run_dir)
+    for target in cfg.evaluation.external:  # every rank predicts its share, as for the run's own test
+        evaluate_on(cfg, model, target, device, train_frame=data.frame)
+    if distributed.is_main_process():
         tracking.finish(cfg)  # final AUCs and files to the MLflow run, if any
     if not args.evaluate:
         phases.finish_run(cfg)  # only now: until the results exist, --resume can still produce them

@@ -50,6 +50,11 @@ def opt(default, doc: str, *, lo=None, hi=None, lo_open=False, hi_open=False, ch
     return field(default=default, metadata=meta)
 
 
+def section_list(cls, doc: str):
+    """A list of sections of ``cls`` (each item a mapping checked as a section is); empty by default."""
+    return field(default_factory=list, metadata=dict(doc=doc, items=cls))
+
+
 def section(cls, doc: str, optional: bool = False):
     """A nested section; ``optional`` sections may be absent (null) in the file."""
     meta = dict(doc=doc, section=cls, optional=optional)
@@ -190,6 +195,13 @@ class Phase2Config:
 
 
 @dataclass
+class ExternalConfig:
+    dataset: str = opt("chestxray14", "the data set at data_dir", choices=DATASET_NAMES)
+    data_dir: str = opt("", "its folder, as its publisher ships it", kind="path")
+    split: str = opt("test", "which of its splits is evaluated", choices=("test", "valid", "train", "all"))
+
+
+@dataclass
 class EvaluationConfig:
     bootstrap_resamples: int = opt(1000, "bootstrap resamples for the 95% intervals (0: none)", lo=0)
     bootstrap_unit: str = opt("patient", "what a bootstrap resample draws: patient (all images of each drawn "
@@ -199,6 +211,9 @@ class EvaluationConfig:
                                "sensitivity:X or specificity:X (0 < X <= 1: the highest threshold reaching that "
                                "sensitivity, the lowest reaching that specificity)")
     save_predictions: bool = opt(True, "write <experiment_name>_predictions.pt")
+    external: list = section_list(ExternalConfig, "external validation at the end of training: a list of {dataset, "
+                                  "data_dir, split}, each evaluated as cxrmem evaluate --run does, into "
+                                  "<run>/external/<dataset>/")
 
     def __post_init__(self):
 
@@ -383,9 +398,16 @@ def _build(cls, raw: Any, prefix: str, source: str, origins: dict[str, str] | No
         if name not in raw:
             continue
         sub = f.metadata.get("section")
+        items = f.metadata.get("items")
         if sub is not None:
             values[name] = None if raw[name] is None and f.metadata["optional"] else \
                 _build(sub, raw[name], f"{prefix}{name}.", source, origins)
+        elif items is not None:
+            value = [] if raw[name] is None else raw[name]
+            if not isinstance(value, list):
+                key = f"{prefix}{name}"
+                raise UserError(f"{key} in {_origin(key, source, origins)}: expected a list of mappings, got {value!r}")
+            values[name] = [_build(items, item, f"{prefix}{name}[{i}].", source, origins) for i, item in enumerate(value)]
         else:
             key = f"{prefix}{name}"
             values[name] = _coerce(key, f, raw[name], _origin(key, source, origins))
@@ -623,3 +645,5 @@ def iter_schema(cls=Config, prefix: str = ""):
             allowed = f"{allowed} or null" if allowed else "null"
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         yield f"{prefix}{f.name}", default, m["doc"], allowed
+        if m.get("items") is not None:
+            yield from iter_schema(m["items"], f"{prefix}{f.name}[].")

@@ -15,6 +15,7 @@ import pandas as pd
 
 from ..utils.errors import UserError
 from . import synthetic
+from .synthetic.sites import generate_site, holds_site
 from .cache import ensure_cache
 from .registry import get_dataset, model_findings
 from .images import find_damaged_images
@@ -42,6 +43,12 @@ def ensure_synthetic(data_cfg) -> None:
     """
     s = data_cfg.synthetic
     if s is None:
+        return
+    if data_cfg.dataset != "chestxray14":
+        if not holds_site(data_cfg.data_dir, data_cfg.dataset, s.n_patients, s.size, s.seed):
+            print(f"generating a synthetic {data_cfg.dataset} in {data_cfg.data_dir} (data.synthetic: {s.n_patients} "
+                  f"patients, {s.size} px): drawn images, not radiographs", flush=True)
+            generate_site(data_cfg.dataset, data_cfg.data_dir, s.n_patients, s.size, s.seed)
         return
     if synthetic.wants_generating(data_cfg.data_dir):
         print(f"generating a synthetic ChestX-ray14 in {data_cfg.data_dir} (data.synthetic: {s.n_patients} patients, "

@@ -254,6 +254,16 @@ def metadata_rows(metadata: Optional[pd.DataFrame], image_names: Sequence[str]) 
     return by_name.reindex([str(name) for name in image_names]).reset_index(drop=True)
 
 
+def patients_of(metadata: Optional[pd.DataFrame], image_names: Sequence[str]) -> list:
+    """The patient of every image: the data set frame's ``patient_id`` where it names the image, else the
+    ChestX-ray14 rule (the name before its first '_')."""
+    fallback = patient_ids(image_names)
+    if metadata is None or not {"image_index", "patient_id"} <= set(metadata.columns):
+        return list(fallback)
+    known = metadata.drop_duplicates("image_index").set_index("image_index")["patient_id"]
+    return [known.get(str(name), default) for name, default in zip(image_names, fallback)]
+
+
 def write_results(cfg, predictions: dict, metadata: Optional[pd.DataFrame] = None) -> dict:
     """metrics.json, operating_points.json, report.md, <experiment>_predictions.pt and the terminal
     report. Returns the metrics.
@@ -261,7 +271,8 @@ def write_results(cfg, predictions: dict, metadata: Optional[pd.DataFrame] = Non
     ``predictions`` is {split: (probs [N, C], targets [N, C], image names)}, splits in report order;
     ``metadata`` the data set's frame (``image_index`` and the subgroup columns), or None.
     Operating points are chosen on the validation split by ``evaluation.operating_point``; the
-    bootstrap draws ``evaluation.bootstrap_unit`` (patients from the image names).
+    bootstrap draws ``evaluation.bootstrap_unit`` (patients from the data set frame's ``patient_id``, else
+    from the image names).
     """
     evaluation = cfg.evaluation
     findings = model_findings(cfg)
@@ -271,7 +282,7 @@ def write_results(cfg, predictions: dict, metadata: Optional[pd.DataFrame] = Non
     else:
         write_operating_points(cfg.run_dir, point)
     metrics = {split: evaluate_split(probs, targets, findings, evaluation.bootstrap_resamples, cfg.data.seed,
-                                     resampler=make_resampler(evaluation.bootstrap_unit, patient_ids(names)),
+                                     resampler=make_resampler(evaluation.bootstrap_unit, patients_of(metadata, names)),
                                      operating_point=point, metadata=metadata_rows(metadata, names))
                for split, (probs, targets, names) in predictions.items()}
     write_metrics(cfg.run_dir, metrics)

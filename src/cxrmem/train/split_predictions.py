@@ -24,8 +24,11 @@ def predict_splits(cfg, model, frame, device) -> dict:
     """
     batch_size = distributed.per_rank_batch_size(cfg.evaluation_batch_size)
     findings = model_findings(cfg)
-    dls = build_dataloaders(phase_frame(frame, filter_normal=False, findings=findings), cfg.data, batch_size, device,
-                            distributed.unwrap(model).input_stats)
+    pipeline_rows = phase_frame(frame, filter_normal=False, findings=findings)
+    if pipeline_rows.empty:  # test images only (an external data set): the pipeline is built on them
+        pipeline_rows = phase_frame(frame.assign(split="train"), filter_normal=False, findings=findings)
+    dls = build_dataloaders(pipeline_rows, cfg.data, batch_size, device, distributed.unwrap(model).input_stats,
+                            findings)
     model = speed.prepare_for_inference(distributed.unwrap(model), cfg.model, device)
     out = {}
     for split in EVAL_SPLITS:
