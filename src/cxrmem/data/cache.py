@@ -184,7 +184,8 @@ def run_jobs(jobs: list[Job], workers: int):
         yield from map(cache_one, jobs)
         return
     chunk = max(1, min(64, len(jobs) // (workers * 16)))
-    with multiprocessing.get_context().Pool(workers) as pool:
+    # forkserver, not fork: a fork of a process whose threads (torch's, a progress bar's) hold a lock can hang
+    with multiprocessing.get_context("forkserver").Pool(workers) as pool:
         yield from pool.imap_unordered(cache_one, jobs, chunksize=chunk)
 
 

@@ -134,7 +134,8 @@ def _render_all(jobs: list[tuple], workers: int) -> dict[int, dict[str, Box]]:
         results = map(_render_job, jobs)
         return {i: boxes for i, boxes in results if boxes}
     chunk = max(1, min(64, len(jobs) // (workers * 8)))
-    with multiprocessing.get_context().Pool(workers) as pool:
+    # forkserver, not fork: a fork of a process whose threads (torch's, a progress bar's) hold a lock can hang
+    with multiprocessing.get_context("forkserver").Pool(workers) as pool:
         return {i: boxes for i, boxes in pool.imap_unordered(_render_job, jobs, chunksize=chunk) if boxes}
 
 
