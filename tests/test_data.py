@@ -303,7 +303,8 @@ def test_a_real_data_set_is_not_called_synthetic_and_generation_announces_itself
     from types import SimpleNamespace
 
     target = tmp_path / "mistyped"
-    ensure_synthetic(SimpleNamespace(data_dir=target, synthetic=SimpleNamespace(n_patients=3, size=32, seed=0)))
+    ensure_synthetic(SimpleNamespace(data_dir=target, dataset="chestxray14",
+                                     synthetic=SimpleNamespace(n_patients=3, size=32, seed=0)))
     out = capsys.readouterr().out
     assert out.startswith(f"generating a synthetic ChestX-ray14 in {target}") and out.count("\n") == 1
     assert (target / "synthetic.json").is_file()

@@ -303,3 +303,42 @@ def test_evaluation_external_runs_at_the_end_of_training(tiny_data, sites, tmp_p
     status, _, err = run_cli(train_main, ["--config", missing, "--data_dir", tiny_data, "--output_dir",
                                           tmp_path / "run2"], capsys)
     assert status == 2 and "evaluation.external" in err and not (tmp_path / "run2" / "models").exists()
+
+
+# --------------------------------------------------------------------------- a union of data sets
+
+
+@pytest.mark.slow
+def test_a_union_of_two_data_sets_trains_both_phases_and_reports_each(sites, tmp_path, capsys):
+    members = [{"dataset": "chexpert", "data_dir": str(sites / "chexpert")},
+               {"dataset": "padchest", "data_dir": str(sites / "padchest")}]
+    config = tiny_config(tmp_path / "union.yaml", data={"datasets": members, "valid_pct": 0.25},
+                         evaluation={"bootstrap_resamples": 5})
+    status, out, err = run_cli(train_main, ["--config", config, "--output_dir", tmp_path / "check", "--check-data"],
+                               capsys)
+    assert status == 0, err
+    summary = json.loads((tmp_path / "check" / "data_summary.json").read_text())
+    union = [f for f in label_space() if f in set(dataset_findings("chexpert")) | set(dataset_findings("padchest"))]
+    assert summary["findings"] == union and set(summary["datasets"]) == {"chexpert", "padchest"}
+    for name in ("chexpert", "padchest"):
+        alone = load(sites, name, findings=union, views="frontal", valid_pct=0.25)
+        member = summary["datasets"][name]
+        assert member["test"]["n_images"] == int((alone.frame["split"] == "test").sum())
+        assert member["test"]["labels"] == alone.labels["test"]
+    assert summary["test"]["n_images"] == sum(summary["datasets"][n]["test"]["n_images"] for n in ("chexpert", "padchest"))
+
+    run_dir = tmp_path / "run"
+    status, out, err = run_cli(train_main, ["--config", config, "--output_dir", run_dir], capsys)
+    assert status == 0, err
+    assert (run_dir / "history_phase1.csv").is_file() and (run_dir / "history_phase2.csv").is_file()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["test"]["by_dataset"]) == {"chexpert", "padchest"}
+    # a finding only PadChest grades (Nodule) has no figure on CheXpert's images, and one there on PadChest's
+    payload = load_predictions(next(run_dir.glob("*_predictions.pt")))
+    labels = list(payload["labels"])
+    targets = np.asarray(payload["targets"])
+    chexpert_rows = np.array([str(n).startswith("CheXpert") for n in payload["image_index"]])
+    assert np.isnan(targets[chexpert_rows, labels.index("Nodule")]).all()
+    assert metrics["test"]["by_dataset"]["chexpert"]["per_class"]["Nodule"] is None
+    assert metrics["test"]["by_dataset"]["chexpert"]["n_labelled"]["Nodule"] == 0
+    assert "padchest: mean AUC" in out

@@ -16,6 +16,7 @@ from .config import dump_yaml, load_config
 from .config.reference import legacy_experiments
 from .data.summary import format_summary, summarize
 from .data.prepare import prepare_data
+from .data.registry import training_datasets
 from .external import check_external_folders, evaluate_on
 from .inference.explain import pointing_game_of_run
 from .models.backbones import check_backbone
@@ -118,7 +119,12 @@ def run_pipeline(cfg, args) -> int:
     data = distributed.on_main(lambda: prepare_data(cfg, decode=args.check_data))
     if args.check_data:
         summary = summarize(data.frame, data.split_source, len(data.missing), data.boxes, data.synthetic,
-                            data.findings, data.labels, cfg.data.dataset)
+                            data.findings, data.labels, " + ".join(training_datasets(cfg)))
+        if data.members:  # a union: each member's own summary too
+            summary["datasets"] = {name: summarize(m.frame, m.split_source, len(m.missing), m.boxes, data.synthetic,
+                                                   data.findings, m.labels, name) for name, m in data.members.items()}
+            for member in summary["datasets"].values():
+                print(format_summary(member) + "\n")
         print(format_summary(summary))
         if distributed.is_main_process():
             io.write_json(cfg.run_dir / "data_summary.json", summary)

@@ -27,16 +27,17 @@ import argparse
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import pandas as pd
 
 from . import report
 from .config import DATASET_NAMES, ExternalConfig
 from .data.findings import dataset_findings
-from .data.registry import get_dataset, model_findings
+from .data.registry import get_dataset, model_findings, training_datasets
 from .data.summary import SYNTHETIC_NOTE
 from .data.synthetic import is_synthetic
+from .data.union import load_union
 from .evaluation.auc import make_resampler
 from .runs.folder import (REPORT_FILE, RunFolder, predictions_path, read_operating_points, save_predictions,
                           write_metrics)
@@ -56,35 +57,42 @@ def external_dir(run_dir, dataset: str, split: str = "test") -> Path:
     return Path(run_dir) / EXTERNAL_DIR / (dataset if split == "test" else f"{dataset}-{split}")
 
 
-def shares_images(trained_on: str, dataset: str) -> bool:
-    return trained_on == dataset or any({trained_on, dataset} == pair for pair in SHARE_IMAGES)
+def shares_images(trained_on: Sequence[str], dataset: str) -> Optional[str]:
+    """The training data set that holds (or may hold) ``dataset``'s images, or None."""
+    for name in trained_on:
+        if name == dataset or any({name, dataset} == pair for pair in SHARE_IMAGES):
+            return name
+    return None
 
 
 def training_images(cfg, train_frame: Optional[pd.DataFrame]) -> set:
     """The image names of the run's train and valid splits (from ``train_frame``, else read again)."""
     if train_frame is None:
-        if not Path(cfg.data.data_dir).is_dir():
+        folders = [m.data_dir for m in cfg.data.datasets] or [cfg.data.data_dir]
+        absent = [f for f in folders if not Path(f).is_dir()]
+        if absent:
             raise UserError(f"cannot check that the images are disjoint from the run's training split: its data_dir "
-                            f"{cfg.data.data_dir} is not there; restore it (or evaluate on a data set of other images)")
+                            f"{absent[0]} is not there; restore it (or evaluate on a data set of other images)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            train_frame = get_dataset(cfg.data.dataset).load(Path(cfg.data.data_dir), cfg.data,
-                                                             model_findings(cfg)).frame
+            train_frame = load_union(cfg.data, model_findings(cfg)).frame if cfg.data.datasets else \
+                get_dataset(cfg.data.dataset).load(Path(cfg.data.data_dir), cfg.data, model_findings(cfg)).frame
     return set(train_frame.loc[train_frame["split"].isin(["train", "valid"]), "image_index"])
 
 
 def check_disjoint(cfg, target: ExternalConfig, rows: pd.DataFrame, train_frame) -> Optional[dict]:
     """None when ``target`` cannot hold the training images; else the check's record, or a UserError
     when some of ``rows`` were trained or validated on."""
-    if not shares_images(cfg.data.dataset, target.dataset):
+    owner = shares_images(training_datasets(cfg), target.dataset)
+    if owner is None:
         return None
     seen = training_images(cfg, train_frame)
     overlap = rows["image_index"].isin(seen)
     if overlap.any():
         raise UserError(f"{int(overlap.sum())} of the {len(rows)} images of {target.dataset}'s {target.split} split are "
-                        f"in this run's train or valid split ({target.dataset} and {cfg.data.dataset} share images): "
+                        f"in this run's train or valid split ({target.dataset} and {owner} share images): "
                         f"that is no external test; choose a split disjoint from training (e.g. --split test)")
-    return {"shares_images_with": cfg.data.dataset, "disjoint_from_training": True, "checked_images": int(len(rows))}
+    return {"shares_images_with": owner, "disjoint_from_training": True, "checked_images": int(len(rows))}
 
 
 def predictions_on(cfg, model, rows: pd.DataFrame, device) -> tuple:
@@ -101,7 +109,8 @@ def evaluate_on(cfg, model, target: ExternalConfig, device, train_frame: Optiona
     if not shared:
         raise UserError(f"{target.dataset} grades none of the run's findings ({', '.join(findings)}); there is "
                         f"nothing to evaluate (docs/datasets.md lists each data set's findings)")
-    data_cfg = replace(cfg.data, dataset=target.dataset, data_dir=str(target.data_dir), synthetic=None, cache=None)
+    data_cfg = replace(cfg.data, dataset=target.dataset, data_dir=str(target.data_dir), synthetic=None, cache=None,
+                       datasets=[])
     if not Path(target.data_dir).is_dir():
         raise UserError(f"external data_dir {target.data_dir} does not exist; point it at the {target.dataset} folder")
     loaded = get_dataset(target.dataset).load(Path(target.data_dir), data_cfg, findings)
@@ -140,7 +149,7 @@ def evaluate_on(cfg, model, target: ExternalConfig, device, train_frame: Optiona
                      [target.split] * len(names))
     io.write_json(out / EXTERNAL_FILE, {
         "dataset": target.dataset, "data_dir": str(target.data_dir), "split": target.split,
-        "trained_on": cfg.data.dataset, "findings": shared,
+        "trained_on": " + ".join(training_datasets(cfg)), "findings": shared,
         "not_graded_by_dataset": [f for f in findings if f not in graded],
         "not_predicted_by_model": [f for f in graded if f not in findings],
         "n_images": int(len(names)), "split_source": loaded.split_source, "image_overlap": overlap,

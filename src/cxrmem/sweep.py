@@ -453,7 +453,8 @@ def sweep_summary(sweep: Sweep, runs: list[Run]) -> Optional[dict]:
     first_run, first = finished[0], tests[(finished[0].variant, finished[0].seed)]
     for run in finished:
         test = tests[(run.variant, run.seed)]
-        if test.names != first.names or test.labels != first.labels or not np.array_equal(test.targets, first.targets):
+        if test.names != first.names or test.labels != first.labels or \
+                not np.array_equal(test.targets, first.targets, equal_nan=True):
             raise UserError(f"{run.run_dir} was tested on other images or labels than {first_run.run_dir}; every run "
                             f"of a sweep needs the same data.data_dir, data.seed and data.valid_pct")
     variants = {}

@@ -126,6 +126,12 @@ class CacheConfig:
 
 
 @dataclass
+class UnionMember:
+    dataset: str = opt("chestxray14", "the data set at data_dir", choices=DATASET_NAMES)
+    data_dir: str = opt("", "its folder, as its publisher ships it", kind="path")
+
+
+@dataclass
 class DataConfig:
     dataset: str = opt("chestxray14", "the data set at data_dir, as its publisher ships it (docs/datasets.md)",
                        choices=DATASET_NAMES)
@@ -140,6 +146,9 @@ class DataConfig:
                              choices=("chexpert", "negbio"))
     radiologists: str = opt("any", "VinDr-CXR: a finding is positive when any radiologist marks it, or a majority",
                             choices=("any", "majority"))
+    datasets: list = section_list(UnionMember, "train on the union of several data sets: a list of {dataset, "
+                                  "data_dir} (dataset and data_dir above are then unused); each is split on its own, "
+                                  "the model predicts the union of their findings, a finding one lacks is missing there")
     image_size: int = opt(224, "side of the network input in pixels", lo=16)
     seed: int = opt(42, "seed of the splits (validation patients, derived test); of training too while seed is null")
     valid_pct: float = opt(0.1, "fraction of train_val patients held out for validation; 0: train on every "
@@ -416,6 +425,12 @@ def _build(cls, raw: Any, prefix: str, source: str, origins: dict[str, str] | No
 
 def _check_relations(cfg: Config) -> None:
     """Constraints that span several keys."""
+    members = [(m.dataset, m.data_dir) for m in cfg.data.datasets]
+    if len(set(members)) < len(members):
+        raise UserError("data.datasets: a data set is listed twice with the same data_dir; list each once")
+    if cfg.data.datasets and (cfg.data.cache is not None or cfg.data.synthetic is not None):
+        raise UserError("data.datasets: a union reads each data set as it is; set data.cache and data.synthetic to "
+                        "null (generate synthetic members with cxrmem synthetic --dataset)")
     if cfg.memory.use_memory and cfg.memory.top_k > cfg.memory.bank_size:
         raise UserError(f"memory.top_k: {cfg.memory.top_k} is larger than memory.bank_size "
                         f"({cfg.memory.bank_size}); lower top_k or raise bank_size")

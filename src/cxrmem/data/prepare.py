@@ -8,7 +8,7 @@ and split the metadata, then check every image file so that none fails mid-epoch
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +18,7 @@ from . import synthetic
 from .synthetic.sites import generate_site, holds_site
 from .cache import ensure_cache
 from .registry import get_dataset, model_findings
+from .union import load_union
 from .images import find_damaged_images
 
 DAMAGED_LIST = "damaged_images.txt"
@@ -33,6 +34,7 @@ class PreparedData:
     labels: dict                 # {split: {label: {positive, negative, uncertain, missing}}}, as the file gives them
     boxes: pd.DataFrame          # [image_index, finding, x, y, w, h] (empty without)
     findings: list[str]          # the model's findings, the frame's label columns
+    members: dict = field(default_factory=dict)  # a union's members (data.datasets): {name: Loaded}
 
 
 def ensure_synthetic(data_cfg) -> None:
@@ -89,6 +91,14 @@ def drop_damaged(frame: pd.DataFrame, run_dir: Path, policy: str, decode: bool =
 def prepare_data(cfg, decode: bool = False) -> PreparedData:
     """The run's data frame, every image checked (``decode``: decoded in full too, as --check-data does)."""
     data = cfg.data
+    findings = model_findings(cfg)
+    if data.datasets:
+        loaded = load_union(data, findings)
+        frame = drop_damaged(loaded.frame, cfg.run_dir, data.missing_images, decode)
+        first = Path(data.datasets[0].data_dir)
+        return PreparedData(frame, loaded.split_source, loaded.missing, first,
+                            all(synthetic.is_synthetic(m.data_dir) for m in data.datasets), loaded.labels,
+                            loaded.boxes, findings, loaded.members)
     ensure_synthetic(data)
     if not Path(data.data_dir).is_dir():
         raise UserError(f"data_dir {data.data_dir} does not exist; set data.data_dir or pass --data_dir "
@@ -98,7 +108,6 @@ def prepare_data(cfg, decode: bool = False) -> PreparedData:
         raise UserError(f"data.cache: the pre-resized cache is built for ChestX-ray14's layout only; set data.cache "
                         f"to null for {data.dataset}")
     image_dir = resolve_image_dir(data)
-    findings = model_findings(cfg)
     loaded = dataset.load(image_dir, data, findings)
     frame = drop_damaged(loaded.frame, cfg.run_dir, data.missing_images, decode)
     return PreparedData(frame, loaded.split_source, loaded.missing, image_dir, synthetic.is_synthetic(data.data_dir),

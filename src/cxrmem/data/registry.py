@@ -25,10 +25,15 @@ def get_dataset(name: str) -> DataSet:
     return DATASETS[name]
 
 
+def training_datasets(cfg) -> list[str]:
+    """The data sets a run trains on: ``data.datasets``' members, else ``data.dataset``."""
+    return [m.dataset for m in cfg.data.datasets] or [cfg.data.dataset]
+
+
 def model_findings(cfg) -> list[str]:
-    """The findings the model predicts, in output order: ``model.findings``, else the training data set's
-    own (ChestX-ray14's 14 by default). A UserError for a name outside the label space, or a
-    ``model.num_classes`` that disagrees."""
+    """The findings the model predicts, in output order: ``model.findings``, else those the training data
+    sets grade, in label-space order (ChestX-ray14's 14 by default). A UserError for a name outside the
+    label space, or a ``model.num_classes`` that disagrees."""
     chosen = cfg.model.findings
     space = label_space()
     for name in chosen or ():
@@ -37,9 +42,11 @@ def model_findings(cfg) -> list[str]:
             hint = f"did you mean {guess!r}? " if guess else ""
             raise UserError(f"model.findings: {name!r} is no finding of the label space; {hint}see docs/datasets.md "
                             f"for the findings of every data set")
-    findings = findings_of(cfg.data.dataset, chosen)
+    names = training_datasets(cfg)
+    graded = {f for name in names for f in findings_of(name)}
+    findings = list(chosen) if chosen else [f for f in space if f in graded]
     if cfg.model.num_classes is not None and cfg.model.num_classes != len(findings):
+        source = "model.findings" if chosen else " + ".join(names)
         raise UserError(f"model.num_classes is {cfg.model.num_classes} but the model predicts {len(findings)} findings "
-                        f"({cfg.data.dataset if not chosen else 'model.findings'}); set num_classes to "
-                        f"{len(findings)} or null")
+                        f"({source}); set num_classes to {len(findings)} or null")
     return findings

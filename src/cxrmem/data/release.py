@@ -186,6 +186,7 @@ class Loaded(NamedTuple):
     missing: list  # images listed but not on disk (dropped under missing_images: drop)
     labels: dict  # {split: count_labels(...)} before view filter, mapping and policy
     boxes: pd.DataFrame
+    members: dict = {}  # a union's members: {name: Loaded} (data.datasets)
 
 
 def attach_existing(images: pd.DataFrame, data_dir: Path, policy: str) -> tuple[pd.Series, list]:

@@ -183,6 +183,9 @@ def format_report(split_name: str, result: dict) -> str:
     lines += ["", mean_line]
     if few:
         lines += [FEW_NOTE]
+    for name, member in result.get("by_dataset", {}).items():
+        lines.append(f"  {name}: mean AUC {with_interval(member['mean_auc'], member['mean_auc_ci95'], AUC_DECIMALS)} "
+                     f"({member['n_images']} images)")
     if "at_threshold" in result:
         lines += ["", *clinical_lines(result)]
     return "\n".join(lines)
@@ -264,6 +267,29 @@ def patients_of(metadata: Optional[pd.DataFrame], image_names: Sequence[str]) ->
     return [known.get(str(name), default) for name, default in zip(image_names, fallback)]
 
 
+BY_DATASET_KEYS = ("mean_auc", "mean_auc_ci95", "per_class", "ci95", "n_images", "n_labelled")
+
+
+def add_by_dataset(metrics: dict, predictions: dict, metadata: Optional[pd.DataFrame], findings: Sequence[str],
+                   evaluation, seed: int, point: Optional[dict]) -> None:
+    """A union's run (``metadata`` with a ``dataset`` column naming several): each split's result gets
+    ``by_dataset`` {member: its AUCs with intervals on that member's images}."""
+    if metadata is None or "dataset" not in metadata or metadata["dataset"].nunique() < 2:
+        return
+    member_of = metadata.drop_duplicates("image_index").set_index("image_index")["dataset"]
+    for split, (probs, targets, names) in predictions.items():
+        member = member_of.reindex([str(n) for n in names]).to_numpy()
+        metrics[split]["by_dataset"] = {}
+        for name in pd.unique(member):
+            rows = member == name
+            chosen = [n for n, keep in zip(names, rows) if keep]
+            result = evaluate_split(np.asarray(probs)[rows], np.asarray(targets)[rows], findings,
+                                    evaluation.bootstrap_resamples, seed,
+                                    resampler=make_resampler(evaluation.bootstrap_unit, patients_of(metadata, chosen)),
+                                    operating_point=point)
+            metrics[split]["by_dataset"][str(name)] = {key: result[key] for key in BY_DATASET_KEYS}
+
+
 def write_results(cfg, predictions: dict, metadata: Optional[pd.DataFrame] = None) -> dict:
     """metrics.json, operating_points.json, report.md, <experiment>_predictions.pt and the terminal
     report. Returns the metrics.
@@ -285,8 +311,10 @@ def write_results(cfg, predictions: dict, metadata: Optional[pd.DataFrame] = Non
                                      resampler=make_resampler(evaluation.bootstrap_unit, patients_of(metadata, names)),
                                      operating_point=point, metadata=metadata_rows(metadata, names))
                for split, (probs, targets, names) in predictions.items()}
+    add_by_dataset(metrics, predictions, metadata, findings, evaluation, cfg.data.seed, point)
     write_metrics(cfg.run_dir, metrics)
-    synthetic = is_synthetic(cfg.data.data_dir)
+    synthetic = is_synthetic(cfg.data.data_dir) or bool(cfg.data.datasets) and \
+        all(is_synthetic(m.data_dir) for m in cfg.data.datasets)
     io.write_text(Path(cfg.run_dir) / REPORT_FILE, format_markdown_report(metrics, cfg.experiment_name, synthetic))
     if evaluation.save_predictions:
         splits = list(predictions)
@@ -358,6 +386,12 @@ def split_markdown(split: str, result: dict) -> List[str]:
                                 [[name, str(entry["n_images"]), format_auc(entry["mean_auc"]),
                                   *(format_auc(entry["per_class"][f]) for f in findings)]
                                  for name, entry in groups])
+    members = result.get("by_dataset", {})
+    if members:
+        lines += ["", "### AUC by data set", ""]
+        lines += markdown_table(["data set", "images", "mean AUC", *findings],
+                                [[name, str(m["n_images"]), with_interval(m["mean_auc"], m["mean_auc_ci95"], 4),
+                                  *(format_auc(m["per_class"][f]) for f in findings)] for name, m in members.items()])
     return lines
 
 

@@ -309,7 +309,7 @@ def check_same_images(reference: Evaluated, other: Evaluated, split: str) -> Non
         raise UserError(f"{other.run_dir} was evaluated on other {split} images than the reference "
                         f"{reference.run_dir} ({missing} missing, {extra} extra); compare runs evaluated on the "
                         f"same data and split")
-    if other.labels != reference.labels or not np.array_equal(other.targets, reference.targets):
+    if other.labels != reference.labels or not np.array_equal(other.targets, reference.targets, equal_nan=True):
         raise UserError(f"{other.run_dir} has other labels or targets than the reference {reference.run_dir} on the "
                         f"same {split} images; compare runs of the same data set")
 

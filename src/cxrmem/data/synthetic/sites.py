@@ -112,14 +112,19 @@ def finding_values(plan: DatasetPlan, rng: np.random.Generator) -> dict[str, np.
 
 
 def site_labels(dataset: str, plan: DatasetPlan, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Bool per image for every label of ``dataset`` as its file names it; "no finding" labels are the
-    absence of every other."""
+    """Bool per image for every label of ``dataset`` as its file names it: the first label meaning a drawn
+    finding is that finding, the others (PadChest's "apical pleural thickening" after "pleural
+    thickening") rare and random; "no finding" labels are the absence of every other."""
     values = finding_values(plan, rng)
-    out = {}
+    out, drawn = {}, set()
     for label, finding in label_map(dataset).items():
         if finding is None:
             continue
-        out[label] = values[finding] if finding in values else rng.random(plan.n_images) < RANDOM_LABEL_RATE
+        if finding in values and finding not in drawn:  # the first label of a finding carries it; others stay rare
+            out[label] = values[finding]
+            drawn.add(finding)
+        else:
+            out[label] = rng.random(plan.n_images) < RANDOM_LABEL_RATE
     anything = np.any(list(out.values()), axis=0) if out else np.zeros(plan.n_images, bool)
     for label, finding in label_map(dataset).items():
         if finding is None:
