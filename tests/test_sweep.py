@@ -27,6 +27,7 @@ from cxrmem.sweep import ALPHA, gpu_groups, grid_variants, load_sweep, main, pla
 from cxrmem.evaluation.auc import mean_auc, per_class_auc
 from cxrmem.report.compare import main as compare_main
 from cxrmem.train.phases import resume_path
+from cxrmem.runs.folder import save_predictions
 
 from helpers import ROOT, run_cli, tiny_config, write_fake_run
 
@@ -602,3 +603,43 @@ def test_the_summary_chart_keeps_sd_bars_below_auc_one(tmp_path, monkeypatch):
             for collection in container.errorbar.lines[2] for segment in collection.get_segments()]
     assert tops and max(tops) <= 1.0
     assert axes.get_ylim()[0] == 0.0
+
+
+def test_summary_gives_each_external_set_its_section(tmp_path, tiny_data, capsys, monkeypatch):
+    """Every run evaluated on an external set (3 shared findings, one of them missing for a third of the
+    images): the summary scores it as scikit-learn does on the labelled images, and compares the variants."""
+    sweep, runs, scores, targets, names = fake_sweep_results(tmp_path, tiny_data, monkeypatch)
+    rng = np.random.default_rng(9)
+    shared = ["Atelectasis", "Effusion", "Pneumothorax"]
+    ext_names = [f"site_{i:03d}.png" for i in range(90)]
+    ext_targets = (rng.random((90, 3)) < 0.4).astype(float)
+    ext_targets[::3, 2] = np.nan  # Pneumothorax not graded for every third image
+    ext_scores = {}
+    for run in runs:
+        signal = 0.2 if run.variant == "nomem" else 2.0
+        probs = 1 / (1 + np.exp(-(signal * (np.nan_to_num(ext_targets) - 0.5) + rng.normal(0, 1, (90, 3)))))
+        if run.variant == "same":
+            probs = ext_scores[("nomem", run.seed)]
+        ext_scores[(run.variant, run.seed)] = probs
+        folder = run.run_dir / "external" / "padchest"
+        folder.mkdir(parents=True)
+        save_predictions(folder / f"{run.config.experiment_name}_predictions.pt", probs, ext_targets, shared,
+                         ext_names, ["test"] * 90)
+        (folder / "external.json").write_text(json.dumps({"dataset": "padchest", "split": "test"}))
+    status, out, err = run_cli(main, [sweep.path, "--output_dir", tmp_path / "out", "--summary"], capsys)
+    assert status == 0, err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    external = summary["external"]["padchest"]
+    assert external["labels"] == shared and external["test_images"] == 90
+
+    def sk_mean(probs):
+        known = [np.isfinite(ext_targets[:, c]) for c in range(3)]
+        return np.mean([roc_auc_score(ext_targets[k, c], probs[k, c]) for c, k in enumerate(known)])
+
+    for variant, v in external["variants"].items():
+        means = [sk_mean(ext_scores[(variant, s)]) for s in (0, 1, 2)]
+        assert v["mean_auc"]["mean"] == pytest.approx(np.mean(means), abs=1e-12)
+    assert external["variants"]["fifo"]["significant"]["mean_auc"]
+    assert not external["variants"]["same"]["significant"]["mean_auc"]
+    markdown = (tmp_path / "out" / "summary.md").read_text()
+    assert "## Train x test" in markdown and "## External: padchest (test split, 90 images)" in markdown

@@ -33,6 +33,7 @@ half of the seeds compared.
 from __future__ import annotations
 
 import argparse
+import json
 import itertools
 import os
 import re
@@ -55,6 +56,7 @@ from .data.prepare import ensure_synthetic, resolve_image_dir
 from .evaluation.auc import mean_auc, per_class_auc
 from .evaluation.paired import mean_sd
 from .experiment import train_main
+from .external import EXTERNAL_DIR, EXTERNAL_FILE
 from .models.backbones import check_backbone
 from .report import AUC_DECIMALS, format_auc, format_number, format_p, markdown_table, plot_auc_bars
 from .report.compare import Evaluated, bootstrap_settings, compare_pair, load_evaluated
@@ -441,22 +443,19 @@ def _mean_sd(values) -> dict:
     return {"mean": result.mean, "sd": result.sd}
 
 
-def sweep_summary(sweep: Sweep, runs: list[Run]) -> Optional[dict]:
-    """The summary.json contract (None when no run has finished). Each variant is compared with the
-    reference run of the same seed as the compare command does (:func:`cxrmem.report.compare.compare_pair`,
-    with the reference run's bootstrap settings), so both give the same figures."""
-    finished = [run for run in runs if run_state(run) == "done"]
-    if not finished:
-        return None
-    tests = {(run.variant, run.seed): load_evaluated(run.run_dir, TEST_SPLIT) for run in finished}
-    run_dirs = {(run.variant, run.seed): run.run_dir for run in finished}
-    first_run, first = finished[0], tests[(finished[0].variant, finished[0].seed)]
-    for run in finished:
-        test = tests[(run.variant, run.seed)]
+def same_test(tests: dict, run_dirs: dict, where: str) -> Evaluated:
+    """The first run's test predictions; UserError when another run was tested on other images or labels."""
+    (first_key, first), *_ = tests.items()
+    for key, test in tests.items():
         if test.names != first.names or test.labels != first.labels or \
                 not np.array_equal(test.targets, first.targets, equal_nan=True):
-            raise UserError(f"{run.run_dir} was tested on other images or labels than {first_run.run_dir}; every run "
-                            f"of a sweep needs the same data.data_dir, data.seed and data.valid_pct")
+            raise UserError(f"{run_dirs[key]} was tested on other images or labels than {run_dirs[first_key]}{where}; "
+                            f"every run of a sweep needs the same data.data_dir, data.seed and data.valid_pct")
+    return first
+
+
+def compare_variants(sweep: Sweep, tests: dict, run_dirs: dict, labels: list[str]) -> dict:
+    """{variant: its AUCs over seeds and its paired comparison with the reference run of each seed}."""
     variants = {}
     order = [sweep.reference] + [v for v in sweep.variants if v != sweep.reference]
     for variant, settings in ((v, sweep.variants[v]) for v in order):
@@ -469,7 +468,7 @@ def sweep_summary(sweep: Sweep, runs: list[Run]) -> Optional[dict]:
             "settings": settings,
             "seeds": seeds,
             "mean_auc": _mean_sd(mean_auc(aucs[s]) for s in seeds),
-            "per_class": {label: _mean_sd(aucs[s][label] for s in seeds) for label in first.labels},
+            "per_class": {label: _mean_sd(aucs[s][label] for s in seeds) for label in labels},
             "per_seed": {str(s): {"mean_auc": mean_auc(aucs[s]), "per_class": aucs[s]} for s in seeds},
             "vs_reference": {str(s): vs[s] for s in compared},
             "delta_mean_auc": _mean_sd(vs[s]["delta_mean_auc"] for s in compared),
@@ -478,16 +477,47 @@ def sweep_summary(sweep: Sweep, runs: list[Run]) -> Optional[dict]:
                                          for s in compared]),
                 "per_class": {label: significant([(vs[s]["per_class"][label]["delta_auc"],
                                                    vs[s]["per_class"][label]["p_holm"]) for s in compared])
-                              for label in first.labels},
+                              for label in labels},
             },
         }
+    return variants
+
+
+def external_sets(runs: list[Run]) -> list[str]:
+    """The external evaluations (folders of <run>/external/ with their external.json) every run has."""
+    present = [{p.name for p in (run.run_dir / EXTERNAL_DIR).glob("*") if (p / EXTERNAL_FILE).is_file()}
+               for run in runs]
+    return sorted(set.intersection(*present)) if present else []
+
+
+def sweep_summary(sweep: Sweep, runs: list[Run]) -> Optional[dict]:
+    """The summary.json contract (None when no run has finished). Each variant is compared with the
+    reference run of the same seed as the compare command does (:func:`cxrmem.report.compare.compare_pair`,
+    with the reference run's bootstrap settings), so both give the same figures; ``external`` holds the
+    same comparison on every external data set all the runs were evaluated on."""
+    finished = [run for run in runs if run_state(run) == "done"]
+    if not finished:
+        return None
+    run_dirs = {(run.variant, run.seed): run.run_dir for run in finished}
+    tests = {(run.variant, run.seed): load_evaluated(run.run_dir, TEST_SPLIT) for run in finished}
+    first = same_test(tests, run_dirs, "")
+    external = {}
+    for name in external_sets(finished):
+        info = json.loads((finished[0].run_dir / EXTERNAL_DIR / name / EXTERNAL_FILE).read_text())
+        ext = {(run.variant, run.seed): load_evaluated(run.run_dir / EXTERNAL_DIR / name, info["split"])
+               for run in finished}
+        ext_first = same_test(ext, run_dirs, f" on {name}")
+        external[name] = {"dataset": info["dataset"], "split": info["split"], "labels": ext_first.labels,
+                          "test_images": len(ext_first.names),
+                          "variants": compare_variants(sweep, ext, run_dirs, ext_first.labels)}
     return {
         "sweep": sweep.name, "base": sweep.base, "split": TEST_SPLIT, "reference": sweep.reference,
         "seeds": sweep.seeds, "labels": first.labels,
         "test_images": len(first.names), "test_patients": len(set(patient_ids(first.names))),
         "alpha": ALPHA, "significance_rule": SIGNIFICANCE_RULE,
         "missing": [run.name for run in runs if (run.variant, run.seed) not in tests],
-        "variants": variants,
+        "variants": compare_variants(sweep, tests, run_dirs, first.labels),
+        "external": external,
     }
 
 
@@ -495,6 +525,23 @@ def mean_sd_text(stats: dict, signed: bool = False) -> str:
     """{mean, sd} as "0.7012 ± 0.0100" (the mean alone without an SD), 'n/a' without a mean."""
     text = format_number(stats["mean"], AUC_DECIMALS, signed)
     return text if stats["mean"] is None or stats["sd"] is None else f"{text} ± {format_auc(stats['sd'])}"
+
+
+def mean_auc_table(variants: dict, ref: str) -> list[str]:
+    rows = []
+    for name, v in variants.items():
+        star = " *" if v["significant"]["mean_auc"] else ""
+        delta = "reference" if name == ref else mean_sd_text(v["delta_mean_auc"], signed=True) + star
+        ps = ", ".join(f"{s}: {format_p(c['p_bootstrap'])}" for s, c in v["vs_reference"].items())
+        rows.append([name, str(len(v["seeds"])), mean_sd_text(v["mean_auc"]), delta, ps])
+    return markdown_table(["variant", "seeds", "mean AUC (mean ± SD)", f"Δ vs {ref} (mean ± SD)",
+                           "paired bootstrap p per seed"], rows, left=5)
+
+
+def per_finding_table(variants: dict, labels: list[str]) -> list[str]:
+    rows = [[label, *(mean_sd_text(v["per_class"][label]) + (" *" if v["significant"]["per_class"][label] else "")
+                      for v in variants.values())] for label in labels]
+    return markdown_table(["finding", *variants], rows, left=len(variants) + 1)
 
 
 def summary_markdown(summary: dict) -> str:
@@ -505,19 +552,20 @@ def summary_markdown(summary: dict) -> str:
              f"({summary['test_patients']} patients).", ""]
     if summary["missing"]:
         lines += [f"Not finished (left out): {', '.join(summary['missing'])}.", ""]
-    rows = []
-    for name, v in variants.items():
-        star = " *" if v["significant"]["mean_auc"] else ""
-        delta = "reference" if name == ref else mean_sd_text(v["delta_mean_auc"], signed=True) + star
-        ps = ", ".join(f"{s}: {format_p(c['p_bootstrap'])}" for s, c in v["vs_reference"].items())
-        rows.append([name, str(len(v["seeds"])), mean_sd_text(v["mean_auc"]), delta, ps])
-    lines += ["## Mean AUC", "",
-              *markdown_table(["variant", "seeds", "mean AUC (mean ± SD)", f"Δ vs {ref} (mean ± SD)",
-                               "paired bootstrap p per seed"], rows, left=5)]
-    rows = [[label, *(mean_sd_text(v["per_class"][label]) + (" *" if v["significant"]["per_class"][label] else "")
-                      for v in variants.values())] for label in summary["labels"]]
-    lines += ["", "## AUC per finding (mean ± SD over seeds)", "",
-              *markdown_table(["finding", *variants], rows, left=len(variants) + 1)]
+    lines += ["## Mean AUC", "", *mean_auc_table(variants, ref)]
+    lines += ["", "## AUC per finding (mean ± SD over seeds)", "", *per_finding_table(variants, summary["labels"])]
+    external = summary.get("external", {})
+    if external:
+        header = ["variant", f"{summary['split']} (own data)", *(f"{name} ({e['test_images']} images)"
+                                                                 for name, e in external.items())]
+        rows = [[name, mean_sd_text(v["mean_auc"]), *(mean_sd_text(e["variants"][name]["mean_auc"])
+                                                      for e in external.values())] for name, v in variants.items()]
+        lines += ["", "## Train x test: mean AUC on each test set (mean ± SD over seeds)", "",
+                  *markdown_table(header, rows, left=len(header)),
+                  "", "External sets are scored on the findings they share with the model (external.json of each run)."]
+        for name, e in external.items():
+            lines += ["", f"## External: {name} ({e['split']} split, {e['test_images']} images)", "",
+                      *mean_auc_table(e["variants"], ref), "", *per_finding_table(e["variants"], e["labels"])]
     lines += ["", f"`*`: different from {ref}: {summary['significance_rule']}. "
               "Per-seed differences, DeLong p-values, Holm-adjusted p-values and bootstrap intervals are in "
               "summary.json.", ""]
