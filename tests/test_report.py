@@ -308,7 +308,7 @@ def fake_config(run_dir, save_predictions=True, unit="patient", rule="youden"):
     """The settings write_results reads, and nothing else."""
     return SimpleNamespace(run_dir=run_dir, experiment_name="exp",
                            model=SimpleNamespace(findings=None, num_classes=None),
-                           data=SimpleNamespace(seed=4, data_dir=run_dir / "no_data", dataset="chestxray14"),
+                           data=SimpleNamespace(seed=4, data_dir=run_dir / "no_data", dataset="chestxray14", datasets=[]),
                            evaluation=SimpleNamespace(bootstrap_resamples=30, save_predictions=save_predictions,
                                                       bootstrap_unit=unit, operating_point=rule))
 
