@@ -342,3 +342,49 @@ def test_a_union_of_two_data_sets_trains_both_phases_and_reports_each(sites, tmp
     assert metrics["test"]["by_dataset"]["chexpert"]["per_class"]["Nodule"] is None
     assert metrics["test"]["by_dataset"]["chexpert"]["n_labelled"]["Nodule"] == 0
     assert "padchest: mean AUC" in out
+
+
+def test_the_label_mapping_table_of_the_docs_is_label_map_csv():
+    from cxrmem.data.findings import load_label_map
+    text = (Path(__file__).resolve().parents[1] / "docs" / "datasets.md").read_text()
+    table = text.split("## The label mapping table", 1)[1]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and not line.startswith("| data set")]
+    documented = [(r[0].strip("| "), r[1], r[2]) for r in rows]
+    assert documented == [(m.dataset, m.label, m.finding or "(none)") for m in load_label_map()]
+
+
+def test_vindr_kaggle_layout_any_and_majority_of_the_radiologists(sites, tmp_path):
+    """Kaggle's train.csv: one row per box or per "No finding" reading. Three images read by three
+    radiologists each; a finding is positive when any (or more than half) of them mark it."""
+    import shutil
+    folder = tmp_path / "vinbigdata"
+    (folder / "train").mkdir(parents=True)
+    dicoms = sorted((sites / "vindr_cxr" / "train").glob("*.dicom"))[:3]
+    ids = [p.stem for p in dicoms]
+    for p in dicoms:
+        shutil.copy(p, folder / "train" / p.name)
+    rows = [  # image, class, rad
+        (ids[0], "Cardiomegaly", "R1"), (ids[0], "Cardiomegaly", "R2"), (ids[0], "No finding", "R3"),
+        (ids[1], "Nodule/Mass", "R1"), (ids[1], "Nodule/Mass", "R1"), (ids[1], "No finding", "R2"),
+        (ids[1], "No finding", "R3"), (ids[2], "No finding", "R4"), (ids[2], "No finding", "R5"),
+        (ids[2], "Pleural effusion", "R6"),
+    ]
+    lines = ["image_id,class_name,class_id,rad_id,x_min,y_min,x_max,y_max"]
+    for image, name, rad in rows:
+        box = ",,," if name == "No finding" else "2,3,10,12"
+        lines.append(f"{image},{name},0,{rad},{box}")
+    (folder / "train.csv").write_text("\n".join(lines) + "\n")
+    findings = dataset_findings("vindr_cxr")
+    for rule, expected in (("any", {ids[0]: {"Cardiomegaly"}, ids[1]: {"Nodule or Mass"}, ids[2]: {"Effusion"}}),
+                           ("majority", {ids[0]: {"Cardiomegaly"}, ids[1]: set(), ids[2]: set()})):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = get_dataset("vindr_cxr").load(folder, data_cfg(radiologists=rule, valid_pct=0.0), findings)
+        assert loaded.split_source == "derived"
+        frame = loaded.frame.set_index("image_index")
+        for image, positive in expected.items():
+            assert {f for f in findings if frame.loc[image, f] == 1} == positive, (rule, image)
+        # labels only PhysioNet's release has (Edema, Emphysema, ...) are missing, the Kaggle classes negative
+        assert frame[["Edema", "Emphysema"]].isna().all().all()
+        assert (frame.loc[ids[2], ["Cardiomegaly", "Atelectasis"]] == 0).all()
+    assert len(loaded.boxes) == 5 and set(loaded.boxes["finding"]) == {"Cardiomegaly", "Nodule or Mass", "Effusion"}
