@@ -34,7 +34,7 @@ from .drawing import draw_image
 from .plan import DatasetPlan, plan_dataset
 from .writing import MARKER_NAME, generate, write_text_atomic
 
-SITE_VERSION = 1
+SITE_VERSION = 2  # bump when a look or a writer changes: sets of an older version are redrawn
 LATERAL_SHARE = 0.25  # share of the CheXpert, MIMIC and PadChest images drawn as laterals
 UNCERTAIN_SHARE = 0.08  # share of the CheXpert / MIMIC label cells of train images written as -1.0
 BLANK_SHARE = 0.5  # share of their negative cells written blank ("not mentioned")
@@ -55,9 +55,11 @@ DERIVED = {
 
 @dataclass(frozen=True)
 class SiteLook:
-    """How a site's detector and processing change the drawn pixels p in [0, 1]:
-    v = clip(contrast * p ** gamma + offset + noise * N(0, 1)), then a ``border`` px dark frame
-    and a bright ``marker`` square in the top right corner."""
+    """How a site's detector, positioning and processing change the drawn pixels p in [0, 1]: the chest
+    scaled by ``zoom`` about the centre (below 1: smaller, dark around; above 1: cropped), ``blur`` (the
+    image shrunk by that factor and enlarged back), then v = clip(contrast * p ** gamma + offset + noise
+    * N(0, 1)), a ``border`` px dark frame and a bright ``marker`` square in the top right corner (sizes
+    in pixels of a 256 px image)."""
 
     gamma: float
     contrast: float
@@ -65,13 +67,26 @@ class SiteLook:
     noise: float
     border: int
     marker: int
+    blur: float = 1.0
+    zoom: float = 1.0
 
     def apply(self, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        p = pixels.astype(np.float32) / 255.0
+        size = pixels.shape[0]
+        image = Image.fromarray(pixels)
+        if self.zoom != 1.0:
+            side = max(1, round(size * self.zoom))
+            scaled = image.resize((side, side), Image.BILINEAR)
+            canvas = Image.new("L", (size, size), 0)
+            offset = (size - side) // 2
+            canvas.paste(scaled, (offset, offset))  # a negative offset crops
+            image = canvas
+        if self.blur > 1.0:
+            small = max(2, round(size / self.blur))
+            image = image.resize((small, small), Image.BILINEAR).resize((size, size), Image.BILINEAR)
+        p = np.asarray(image, dtype=np.float32) / 255.0
         v = self.contrast * p ** np.float32(self.gamma) + self.offset
         v = v + self.noise * rng.standard_normal(p.shape, dtype=np.float32)
         v = np.clip(v, 0.0, 1.0)
-        size = p.shape[0]
         b = max(0, round(self.border * size / 256))
         if b:
             v[:b], v[-b:], v[:, :b], v[:, -b:] = 0.0, 0.0, 0.0, 0.0
@@ -81,10 +96,10 @@ class SiteLook:
 
 
 LOOKS = {
-    "chexpert": SiteLook(gamma=0.8, contrast=1.05, offset=0.02, noise=0.03, border=0, marker=10),
-    "mimic_cxr": SiteLook(gamma=1.25, contrast=0.9, offset=0.05, noise=0.05, border=6, marker=0),
-    "padchest": SiteLook(gamma=1.1, contrast=0.8, offset=0.12, noise=0.02, border=12, marker=6),
-    "vindr_cxr": SiteLook(gamma=0.7, contrast=1.0, offset=-0.03, noise=0.06, border=3, marker=14),
+    "chexpert": SiteLook(gamma=0.6, contrast=1.15, offset=-0.05, noise=0.05, border=0, marker=10, blur=2.0),
+    "mimic_cxr": SiteLook(gamma=1.5, contrast=0.8, offset=0.1, noise=0.07, border=8, marker=0, zoom=0.85),
+    "padchest": SiteLook(gamma=1.2, contrast=0.65, offset=0.2, noise=0.03, border=16, marker=6, blur=3.0, zoom=0.9),
+    "vindr_cxr": SiteLook(gamma=0.75, contrast=1.1, offset=-0.05, noise=0.09, border=4, marker=14, zoom=1.12),
     "nih_google": None,  # ChestX-ray14's own images
 }
 
