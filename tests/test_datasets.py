@@ -388,3 +388,19 @@ def test_vindr_kaggle_layout_any_and_majority_of_the_radiologists(sites, tmp_pat
         assert frame[["Edema", "Emphysema"]].isna().all().all()
         assert (frame.loc[ids[2], ["Cardiomegaly", "Atelectasis"]] == 0).all()
     assert len(loaded.boxes) == 5 and set(loaded.boxes["finding"]) == {"Cardiomegaly", "Nodule or Mass", "Effusion"}
+
+
+def test_vindr_boxes_come_in_the_common_1024_px_frame(sites):
+    """The reader rescales each box by its image's stored size (the DICOM header), read here with pydicom."""
+    import pydicom
+    loaded = load(sites, "vindr_cxr")
+    raw = pd.read_csv(sites / "vindr_cxr" / "annotations" / "annotations_train.csv")
+    raw = pd.concat([raw, pd.read_csv(sites / "vindr_cxr" / "annotations" / "annotations_test.csv")])
+    assert len(loaded.boxes) == len(raw) > 0
+    first = raw.iloc[0]
+    folder = "train" if (sites / "vindr_cxr" / "train" / f"{first['image_id']}.dicom").is_file() else "test"
+    header = pydicom.dcmread(sites / "vindr_cxr" / folder / f"{first['image_id']}.dicom", stop_before_pixels=True)
+    box = loaded.boxes.iloc[0]
+    assert box["x"] == pytest.approx(first["x_min"] * 1024 / header.Columns)
+    assert box["h"] == pytest.approx((first["y_max"] - first["y_min"]) * 1024 / header.Rows)
+    assert set(loaded.boxes["finding"]) <= set(dataset_findings("vindr_cxr"))

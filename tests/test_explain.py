@@ -242,10 +242,16 @@ def test_evaluate_writes_localisation_into_metrics(tiny_data, tmp_path, capsys):
     assert "Pointing game (test" in out and "Mean AUC Score" in out
 
 
+def run_config(data_dir, image_size):
+    """The keys of a run's config the pointing game reads."""
+    return SimpleNamespace(data=SimpleNamespace(data_dir=data_dir, image_size=image_size, dataset="chestxray14",
+                                                datasets=[]),
+                           model=SimpleNamespace(findings=None, num_classes=None), evaluation_batch_size=8)
+
+
 def test_without_grad_cam_a_run_warns_and_skips_the_pointing_game(net, tiny_data, monkeypatch):
     frame, _, _ = load_frame(tiny_data, valid_pct=0.25, seed=0)
-    cfg = SimpleNamespace(data=SimpleNamespace(data_dir=tiny_data, image_size=128),
-                          evaluation_batch_size=8)
+    cfg = run_config(tiny_data, 128)
     monkeypatch.setitem(sys.modules, "pytorch_grad_cam", None)
     with pytest.warns(UserWarning, match="pointing game skipped.*cxrmem\\[explain\\]"):
         assert explain.pointing_game_of_run(cfg, net, frame) == {}
@@ -259,8 +265,7 @@ def test_a_map_too_coarse_for_the_boxes_skips_the_game_and_says_why(net, tiny_da
     for size in (64, 96, 128, 160):  # cells of 512, 341, 256, 205 px
         cell = 1024 / (size // 32)
         assert (explain.too_coarse(net, size, boxes) is not None) == (cell > 2 * side), size
-    cfg = SimpleNamespace(data=SimpleNamespace(data_dir=tiny_data, image_size=64),
-                          evaluation_batch_size=8)
+    cfg = run_config(tiny_data, 64)
     assert explain.pointing_game_of_run(cfg, net, frame) == {}
     out = capsys.readouterr().out
     assert "pointing game skipped: the Grad-CAM map is 2 x 2 cells at 64 px" in out and "data.image_size" in out

@@ -159,7 +159,7 @@ def run_pipeline(cfg, args) -> int:
         print(f"evaluating: AUCs with {cfg.evaluation.bootstrap_resamples} bootstrap resamples "
               f"(by {cfg.evaluation.bootstrap_unit})")
         report.write_results(cfg, predictions, data.frame)
-        report.add_localisation(cfg.run_dir, pointing_game_of_run(cfg, model, data.frame))  # when boxes exist
+        report.add_localisation(cfg.run_dir, pointing_game_of_run(cfg, model, data.frame, data.boxes))  # when boxes exist
         report.plot_run(cfg.run_dir)
     for target in cfg.evaluation.external:  # every rank predicts its share, as for the run's own test
         evaluate_on(cfg, model, target, device, train_frame=data.frame)

@@ -27,7 +27,7 @@ from ..evaluation.subgroups import Subgroup
 from ..utils.errors import UserError, closest, describe_error
 from .findings import FINDINGS, NO_FINDING
 from .images import IMAGE_SUFFIXES
-from .release import DataSet, Loaded, count_labels, view_filter
+from .release import BOX_FRAME, DataSet, Loaded, count_labels, view_filter  # noqa: F401 (BOX_FRAME: the box files' frame)
 from .split import SPLITS, TEST_LIST, TRAIN_VAL_LIST, OfficialLists, assign_splits, phase_frame
 
 CSV_NAME = "Data_Entry_2017.csv"  # the 2017 file; the 2020 revision is also accepted under its own name
@@ -40,7 +40,6 @@ BBOX_FILE = "BBox_List_2017.csv"
 BBOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"  # the split header cell: x, y, w, h in 4 columns
 BBOX_COLUMNS = ("Image Index", "Finding Label", "Bbox [x", "y", "w", "h]")
 BBOX_ALIASES = {"Infiltrate": "Infiltration"}  # the box file's label -> the finding
-BOX_FRAME = 1024  # box coordinates are pixels of ChestX-ray14's 1024 x 1024 originals
 
 
 # --------------------------------------------------------------------------- metadata
@@ -308,7 +307,7 @@ class ChestXray14(DataSet):
         absent = [f for f in findings if f not in FINDINGS]
         if absent:  # findings ChestX-ray14 does not grade: missing
             frame = frame.assign(**{f: np.nan for f in absent})
-        return Loaded(frame, source, missing, counts, read_bboxes(data_dir))
+        return Loaded(frame, source, missing, counts, read_bboxes(data_cfg.data_dir))  # the original folder: a cache has no box file
 
 
 DATASET = ChestXray14("chestxray14", "ChestX-ray14 (NIH Clinical Center)",

@@ -38,6 +38,7 @@ from .findings import dataset_findings, label_map
 from .split import OfficialLists, assign_splits
 
 UNCERTAIN = -1.0
+BOX_FRAME = 1024  # every data set's boxes are given in this square frame (ChestX-ray14's originals)
 SMOOTH_RANGE = (0.55, 0.85)  # uncertain -> U(0.55, 0.85) under data.uncertain: smooth (Pham et al. 2021)
 FRONTAL_VIEWS = ("PA", "AP")
 IMAGE_COLUMNS = ("image_index", "patient_id", "patient_age", "patient_gender", "view_position", "frontal", "path",
@@ -54,7 +55,9 @@ class Release:
     ``view_position`` (the file's view name, upper case), ``frontal`` (bool), ``path`` (absolute),
     ``official`` ("train_val", "test", or "" where the release has no official split).
     ``labels``: the same index, one float column per label as the file names it (1, 0, -1, NaN).
-    ``boxes``: [image_index, finding, x, y, w, h] in pixels of the stored image (empty without).
+    ``boxes``: [image_index, finding, x, y, w, h] in the :data:`BOX_FRAME` px frame (x right, y down from
+    the top left corner of the image scaled to BOX_FRAME x BOX_FRAME, as ChestX-ray14's 1024 px
+    originals are), findings of the label space (empty without).
     """
 
     images: pd.DataFrame

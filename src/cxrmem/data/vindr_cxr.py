@@ -12,7 +12,9 @@ any``, as torchxrayvision reads it) or when more than half of them do (``majorit
 otherwise. DICOM images (some MONOCHROME1, inverted on reading). Every image is a frontal (PA)
 view; images are anonymised without a patient id, so each image is its own patient. Split:
 PhysioNet's test images are the test split; the Kaggle release has test labels only on
-Kaggle's server, so its split is derived. Boxes are in pixels of the stored image.
+Kaggle's server, so its split is derived. Boxes are in pixels of the stored image; they are
+rescaled to the 1024 px frame of every data set's boxes by each image's stored size (its DICOM
+header), so that they feed the pointing game as ChestX-ray14's do.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import numpy as np
 import pandas as pd
 
 from .findings import label_map
-from .release import DataSet, Release, empty_boxes, read_csv
+from .images import stored_size
+from .release import BOX_FRAME, DataSet, Release, empty_boxes, read_csv
 from ..utils.errors import UserError
 
 NAME = "vindr_cxr"
@@ -59,6 +62,24 @@ def box_frame(raw: pd.DataFrame) -> pd.DataFrame:
                          "h": coords["y_max"] - coords["y_min"]}).reset_index(drop=True)
 
 
+def to_box_frame(boxes: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
+    """Boxes in stored pixels -> the BOX_FRAME px frame, by each boxed image's stored size; boxes of an
+    image that is not on disk are dropped (the image is, too)."""
+    if boxes.empty:
+        return boxes
+    paths = dict(zip(images["image_index"], images["path"]))
+    sizes = {}
+    for image in boxes["image_index"].unique():
+        path = paths.get(image)
+        if path is not None and Path(path).is_file():
+            sizes[image] = stored_size(path)
+    boxes = boxes[boxes["image_index"].isin(sizes)].reset_index(drop=True)
+    width = boxes["image_index"].map(lambda i: sizes[i][0]).astype(float)
+    height = boxes["image_index"].map(lambda i: sizes[i][1]).astype(float)
+    return boxes.assign(x=boxes["x"] * BOX_FRAME / width, w=boxes["w"] * BOX_FRAME / width,
+                        y=boxes["y"] * BOX_FRAME / height, h=boxes["h"] * BOX_FRAME / height)
+
+
 def images_frame(data_dir: Path, ids: pd.Index, official: str) -> pd.DataFrame:
     folder = data_dir / IMAGE_FOLDERS[official]
     return pd.DataFrame({"image_index": ids, "patient_id": ids, "patient_age": "", "patient_gender": "",
@@ -83,8 +104,9 @@ def read_physionet(data_dir: Path, rule: str) -> Release:
         box_path = data_dir / ANNOTATIONS / PHYSIONET_BOXES[official]
         if box_path.is_file():
             boxes.append(box_frame(read_csv(box_path, BOX_COLUMNS, ", ".join(BOX_COLUMNS))))
-    return Release(pd.concat(images, ignore_index=True), pd.concat(labels, ignore_index=True),
-                   pd.concat(boxes, ignore_index=True) if boxes else empty_boxes())
+    images = pd.concat(images, ignore_index=True)
+    boxes = to_box_frame(pd.concat(boxes, ignore_index=True), images) if boxes else empty_boxes()
+    return Release(images, pd.concat(labels, ignore_index=True), boxes)
 
 
 def read_kaggle(data_dir: Path, rule: str) -> Release:
@@ -101,9 +123,9 @@ def read_kaggle(data_dir: Path, rule: str) -> Release:
     per_image = combine(readings, present, rule)
     labels = per_image.reset_index(drop=True).reindex(columns=list(LABELS))  # labels of PhysioNet's only: missing
     labels[[c for c in KAGGLE_CLASSES if c not in present]] = 0.0  # a class of the release nobody marked: negative
-    boxes = box_frame(raw) if set(BOX_COLUMNS) <= set(raw.columns) else empty_boxes()
-    return Release(images_frame(data_dir, per_image.index, "train_val").assign(official=""), labels, boxes,
-                   no_split_reason="the Kaggle release of VinDr-CXR has no test labels")
+    images = images_frame(data_dir, per_image.index, "train_val").assign(official="")
+    boxes = to_box_frame(box_frame(raw), images) if set(BOX_COLUMNS) <= set(raw.columns) else empty_boxes()
+    return Release(images, labels, boxes, no_split_reason="the Kaggle release of VinDr-CXR has no test labels")
 
 
 def read(data_dir: Path, data_cfg=None) -> Release:

@@ -52,6 +52,7 @@ from ..data.chestxray14 import BOX_FRAME, read_bboxes
 from ..data.summary import boxes_in_split
 from ..data.findings import FINDINGS
 from ..data.loaders import read_xray
+from ..data.registry import model_findings
 from ..evaluation.localisation import pointing_game
 from ..utils.errors import UserError
 from ..utils.io import atomic_path
@@ -248,22 +249,25 @@ def save_overlay(image: np.ndarray, heatmap: np.ndarray, path, caption: str = ""
 # --------------------------------------------------------------------------- the pointing game of a run
 
 
-def grad_cam_pointing_game(model, frame, boxes, image_size: int, batch_size: int = 32) -> dict:
-    """{finding: {n_boxes, hit_rate, chance_rate}} over ``boxes`` (frame of
-    :func:`cxrmem.data.chestxray14.read_bboxes`) on the images of ``frame`` (with ``path``).
+def grad_cam_pointing_game(model, frame, boxes, image_size: int, batch_size: int = 32,
+                           findings: Sequence[str] = FINDINGS) -> dict:
+    """{finding: {n_boxes, hit_rate, chance_rate}} over ``boxes`` ([image_index, finding, x, y, w, h],
+    as a data set's reader gives them) on the images of ``frame`` (with ``path``), for the boxes of
+    the model's ``findings`` (its outputs, in order).
 
     Heatmaps are computed on the whole image squished to ``image_size``; boxes are in the
-    1024 px frame of ChestX-ray14's originals. Chunks of ``batch_size`` boxes are played
+    1024 px frame of every data set's boxes. Chunks of ``batch_size`` boxes are played
     one after the other and pooled (rates weighted by their box counts).
     """
-
+    findings = list(findings)
     paths = dict(zip(frame["image_index"], frame["path"]))
-    boxes = boxes_in_split(boxes, frame).reset_index(drop=True)
+    boxes = boxes_in_split(boxes, frame)
+    boxes = boxes[boxes["finding"].isin(findings)].reset_index(drop=True)
     hits, chance, counts = {}, {}, {}
     for start in range(0, len(boxes), batch_size):
         chunk = boxes.iloc[start:start + batch_size]
         images = prepare_images([paths[name] for name in chunk["image_index"]], image_size, model.input_stats)
-        classes = [FINDINGS.index(f) for f in chunk["finding"]]
+        classes = [findings.index(f) for f in chunk["finding"]]
         maps = grad_cam_pairs(model, images, classes, batch_size)
         result = pointing_game(maps, chunk[list("xywh")].to_numpy(), list(chunk["finding"]), (BOX_FRAME, BOX_FRAME))
         for finding, r in result.items():
@@ -271,17 +275,20 @@ def grad_cam_pointing_game(model, frame, boxes, image_size: int, batch_size: int
             hits[finding] = hits.get(finding, 0.0) + r["hit_rate"] * r["n_boxes"]
             chance[finding] = chance.get(finding, 0.0) + r["chance_rate"] * r["n_boxes"]
     return {f: {"n_boxes": counts[f], "hit_rate": hits[f] / counts[f], "chance_rate": chance[f] / counts[f]}
-            for f in FINDINGS if f in counts}
+            for f in findings if f in counts}
 
 
-def pointing_game_of_run(cfg, model, frame) -> dict:
-    """{split: pointing game} for the valid and test images with boxes in ``cfg.data.data_dir``'s
-    BBox_List_2017.csv; {} without such boxes. Whatever a user can fix (a malformed box file, no
+def pointing_game_of_run(cfg, model, frame, boxes=None) -> dict:
+    """{split: pointing game} for the valid and test images with boxes of the model's findings:
+    ``boxes`` as the data set's reader gave them (default: ``cfg.data.data_dir``'s BBox_List_2017.csv);
+    {} without such boxes. Whatever a user can fix (a malformed box file, no
     grad-cam package, a backbone without a feature map) is a warning and {}: it comes after
     training, which it must not fail (``--check-data`` reports a malformed box file as an error)."""
 
     try:
-        boxes = read_bboxes(cfg.data.data_dir)
+        findings = model_findings(cfg)
+        boxes = read_bboxes(cfg.data.data_dir) if boxes is None else boxes
+        boxes = boxes[boxes["finding"].isin(findings)]
         splits = {split: frame[frame["split"] == split] for split in ("valid", "test")}
         played = {split: boxes_in_split(boxes, rows) for split, rows in splits.items()}
         splits = {split: rows for split, rows in splits.items() if not played[split].empty}
@@ -294,7 +301,7 @@ def pointing_game_of_run(cfg, model, frame) -> dict:
             return {}
         print(f"pointing game: Grad-CAM on the {len(in_play)} boxes of the {' and '.join(splits)} images")
         batch_size = cfg.evaluation_batch_size
-        return {split: grad_cam_pointing_game(model, rows, boxes, cfg.data.image_size, batch_size)
+        return {split: grad_cam_pointing_game(model, rows, boxes, cfg.data.image_size, batch_size, findings)
                 for split, rows in splits.items()}
     except UserError as error:
         warnings.warn(f"pointing game skipped: {error}", stacklevel=2)

@@ -34,7 +34,7 @@ from .drawing import draw_image
 from .plan import DatasetPlan, plan_dataset
 from .writing import MARKER_NAME, generate, write_text_atomic
 
-SITE_VERSION = 2  # bump when a look or a writer changes: sets of an older version are redrawn
+SITE_VERSION = 3  # bump when a look or a writer changes: sets of an older version are redrawn
 LATERAL_SHARE = 0.25  # share of the CheXpert, MIMIC and PadChest images drawn as laterals
 UNCERTAIN_SHARE = 0.08  # share of the CheXpert / MIMIC label cells of train images written as -1.0
 BLANK_SHARE = 0.5  # share of their negative cells written blank ("not mentioned")
@@ -69,6 +69,13 @@ class SiteLook:
     marker: int
     blur: float = 1.0
     zoom: float = 1.0
+
+    def place(self, box: tuple, size: int) -> tuple:
+        """Where a drawn box (x, y, w, h in pixels) lies after :meth:`apply`'s zoom."""
+        side = max(1, round(size * self.zoom))
+        offset = (size - side) // 2
+        x, y, w, h = box
+        return (x * side / size + offset, y * side / size + offset, w * side / size, h * side / size)
 
     def apply(self, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         size = pixels.shape[0]
@@ -293,7 +300,8 @@ def write_vindr(out: Path, plan: DatasetPlan, size: int, seed: int, rng: np.rand
             no_finding = names.index("No finding")
             seen[no_finding] = not seen[[k for k in range(len(names)) if k != no_finding]].any()
             rows[part].append([image_id, *([reader] if reader else []), *[int(v) for v in seen]])
-            for finding, (x, y, w, h) in drawing.boxes.items():
+            for finding, drawn in drawing.boxes.items():
+                x, y, w, h = (round(v, 2) for v in LOOKS["vindr_cxr"].place(drawn, size))
                 label = {"Effusion": "Pleural effusion", "Nodule": "Nodule/Mass", "Mass": "Nodule/Mass"}.get(finding, finding)
                 if label in names and seen[names.index(label)]:
                     boxes[part].append([image_id, reader or "", label, x, y, x + w, y + h])
