@@ -96,6 +96,12 @@ def file_counts(sites: Path, dataset: str) -> dict:
             per_image = raw.drop(columns=[c for c in ("rad_id",) if c in raw]).groupby("image_id").max()
             out[part] = {l: count(per_image[l].astype(float)) for l in label_map("vindr_cxr")}
         return out
+    if dataset == "nih_google":
+        raw = pd.read_csv(folder / "google2019_nih-chest-xray-labels.csv", dtype=str, keep_default_na=False)
+        values = raw[list(label_map("nih_google"))].replace({"YES": 1.0, "NO": 0.0, "": np.nan}).astype(float)
+        test = raw["Set Id"].eq("test").to_numpy()
+        return {"train_val": {l: count(values.loc[~test, l]) for l in values},
+                "test": {l: count(values.loc[test, l]) for l in values}}
     raise ValueError(dataset)
 
 
@@ -119,7 +125,7 @@ def test_the_registry_holds_the_schema_names_and_every_label_is_mapped_to_the_la
     assert label_map("vindr_cxr")["Nodule/Mass"] == label_map("nih_google")["Nodule or mass"] == "Nodule or Mass"
 
 
-@pytest.mark.parametrize("dataset", SITES)
+@pytest.mark.parametrize("dataset", [*SITES, "nih_google"])
 def test_check_data_counts_the_label_file_as_pandas_does(dataset, sites, tmp_path, capsys):
     config = tiny_config(tmp_path / "site.yaml", data={"dataset": dataset, "views": "all"})
     status, out, err = run_cli(train_main, ["--config", config, "--data_dir", sites / dataset, "--output_dir",
