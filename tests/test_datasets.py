@@ -410,3 +410,19 @@ def test_vindr_boxes_come_in_the_common_1024_px_frame(sites):
     assert box["x"] == pytest.approx(first["x_min"] * 1024 / header.Columns)
     assert box["h"] == pytest.approx((first["y_max"] - first["y_min"]) * 1024 / header.Rows)
     assert set(loaded.boxes["finding"]) <= set(dataset_findings("vindr_cxr"))
+
+
+def test_mimic_reads_the_negbio_labels_when_asked(sites, tmp_path):
+    import shutil
+    folder = tmp_path / "mimic"
+    shutil.copytree(sites / "mimic_cxr", folder)
+    chexpert_file = folder / "mimic-cxr-2.0.0-chexpert.csv.gz"
+    negbio = pd.read_csv(chexpert_file, dtype=str, keep_default_na=False)
+    negbio["Edema"] = "1.0"  # the other labeller's file: a different reading of every study
+    negbio.to_csv(folder / "mimic-cxr-2.0.0-negbio.csv.gz", index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = data_cfg(mimic_labeler="negbio")
+        frame = get_dataset("mimic_cxr").load(folder, cfg, dataset_findings("mimic_cxr")).frame
+        default = get_dataset("mimic_cxr").load(folder, data_cfg(), dataset_findings("mimic_cxr")).frame
+    assert (frame["Edema"] == 1).all() and not (default["Edema"] == 1).all()
