@@ -27,8 +27,8 @@ from ..evaluation.subgroups import Subgroup
 from ..utils.errors import UserError, closest, describe_error
 from .findings import FINDINGS, NO_FINDING
 from .images import IMAGE_SUFFIXES
-from .release import BOX_FRAME, DataSet, Loaded, count_labels, view_filter  # noqa: F401 (BOX_FRAME: the box files' frame)
-from .split import SPLITS, TEST_LIST, TRAIN_VAL_LIST, OfficialLists, assign_splits, phase_frame
+from .release import DataSet, Loaded, count_labels, view_filter
+from .split import SPLITS, TEST_LIST, TRAIN_VAL_LIST, OfficialLists, assign_splits
 
 CSV_NAME = "Data_Entry_2017.csv"  # the 2017 file; the 2020 revision is also accepted under its own name
 METADATA_FILES = (CSV_NAME, "Data_Entry_2017_v2020.csv")
@@ -137,7 +137,7 @@ def read_bboxes(data_dir) -> pd.DataFrame:
 
     The file's header cell ``Bbox [x,y,w,h]`` is split by its commas into the columns
     ``Bbox [x``, ``y``, ``w``, ``h]`` (three empty columns follow); coordinates are pixels
-    of the :data:`BOX_FRAME` px originals, x right and y down from the top left corner.
+    of the 1024 px originals (:data:`cxrmem.data.release.BOX_FRAME`), x right and y down from the top left corner.
     "Infiltrate" is the finding Infiltration. No file: an empty frame. A file without
     those columns, with a non-numeric or negative-sized box, or an unknown finding: UserError.
     """

@@ -48,7 +48,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor, nn
 
-from ..data.chestxray14 import BOX_FRAME, read_bboxes
+from ..data.chestxray14 import read_bboxes
+from ..data.release import BOX_FRAME
 from ..data.summary import boxes_in_split
 from ..data.findings import FINDINGS
 from ..data.loaders import read_xray

@@ -38,8 +38,9 @@ from PIL import Image
 
 from ...utils.errors import UserError
 from ...utils.io import atomic_path
+from ..release import BOX_FRAME
 from ..summary import count_boxes
-from ..chestxray14 import (BBOX_ALIASES, BBOX_FILE, BBOX_HEADER, BOX_FRAME, CSV_NAME, list_text,
+from ..chestxray14 import (BBOX_ALIASES, BBOX_FILE, BBOX_HEADER, CSV_NAME, list_text,
                            read_bboxes)
 from ..findings import FINDINGS
 from ..split import TEST_LIST, TRAIN_VAL_LIST
