@@ -265,3 +265,18 @@ def test_dropout_default_is_the_reference_value():
     from cxrmem.config import ModelConfig
 
     assert ModelConfig().dropout_rate == 0.3 and from_dict({}).model.dropout_rate == 0.3
+
+
+def test_a_saved_config_without_keys_added_later_is_the_same_experiment():
+    """config.yaml of a run started before model.findings, data.dataset, ... existed: their defaults fill in."""
+    import yaml
+    from cxrmem.config import dump_yaml, from_dict, same_experiment
+    cfg = from_dict({"experiment_name": "x", "model": {"num_classes": 14}})
+    saved = yaml.safe_load(dump_yaml(cfg))
+    for section, key in (("model", "findings"), ("data", "dataset"), ("data", "views"), ("data", "uncertain"),
+                         ("data", "datasets"), ("evaluation", "external")):
+        del saved[section][key]
+    assert same_experiment(yaml.safe_dump(saved), cfg)
+    saved["data"]["valid_pct"] = 0.3
+    assert not same_experiment(yaml.safe_dump(saved), cfg)
+    assert not same_experiment("data: {bogus_key: 1}\n", cfg)

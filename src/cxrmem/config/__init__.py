@@ -471,10 +471,12 @@ def dump_yaml(cfg: Config) -> str:
 def same_experiment(saved_yaml: str, cfg: Config) -> bool:
     """Whether a run folder's config.yaml (its text) describes ``cfg``'s experiment: every key equal
     except ``output_dir``, which says where the folder was, not what was trained (a copied or moved
-    run folder is the same run)."""
+    run folder is the same run). A key the saved file lacks takes its default, so a run started
+    before a version that added keys (with defaults that change nothing) is still the same run."""
     try:
         saved = yaml.load(saved_yaml, Loader=StrictLoader)  # noqa: S506 - a SafeLoader
-    except (yaml.YAMLError, RepeatedKey, AliasRefused):
+        saved = to_dict(from_dict(saved)) if isinstance(saved, dict) else saved
+    except (yaml.YAMLError, RepeatedKey, AliasRefused, UserError):
         return False
     current = yaml.safe_load(dump_yaml(cfg))  # the form config.yaml has
     return isinstance(saved, dict) and {k: v for k, v in saved.items() if k != "output_dir"} == \
