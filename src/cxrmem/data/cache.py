@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import multiprocessing
 import os
 import shutil
 import sys
@@ -55,6 +54,7 @@ from PIL import Image
 from ..utils import io
 from ..utils.commands import RERUN_TO_RESUME, add_shared_options, guarded
 from ..utils.errors import UserError, describe_error
+from ..utils.processes import process_pool
 from .chestxray14 import METADATA_FILES, find_metadata_csv, image_folders
 from .images import IMAGE_SUFFIXES, READ_ERRORS, find_damaged_images, read_shrunk
 from .split import TEST_LIST, TRAIN_VAL_LIST
@@ -184,8 +184,7 @@ def run_jobs(jobs: list[Job], workers: int):
         yield from map(cache_one, jobs)
         return
     chunk = max(1, min(64, len(jobs) // (workers * 16)))
-    # forkserver, not fork: a fork of a process whose threads (torch's, a progress bar's) hold a lock can hang
-    with multiprocessing.get_context("forkserver").Pool(workers) as pool:
+    with process_pool(workers, __name__) as pool:  # forked from a server: safe from a threaded process
         yield from pool.imap_unordered(cache_one, jobs, chunksize=chunk)
 
 

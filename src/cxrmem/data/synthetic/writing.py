@@ -28,7 +28,6 @@ changes a single byte.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from PIL import Image
 
 from ...utils.errors import UserError
 from ...utils.io import atomic_path
+from ...utils.processes import process_pool
 from ..release import BOX_FRAME
 from ..summary import count_boxes
 from ..chestxray14 import (BBOX_ALIASES, BBOX_FILE, BBOX_HEADER, CSV_NAME, list_text,
@@ -135,8 +135,7 @@ def _render_all(jobs: list[tuple], workers: int) -> dict[int, dict[str, Box]]:
         results = map(_render_job, jobs)
         return {i: boxes for i, boxes in results if boxes}
     chunk = max(1, min(64, len(jobs) // (workers * 8)))
-    # forkserver, not fork: a fork of a process whose threads (torch's, a progress bar's) hold a lock can hang
-    with multiprocessing.get_context("forkserver").Pool(workers) as pool:
+    with process_pool(workers, __name__) as pool:  # forked from a server: safe from a threaded process
         return {i: boxes for i, boxes in pool.imap_unordered(_render_job, jobs, chunksize=chunk) if boxes}
 
 
