@@ -95,12 +95,6 @@ def check_disjoint(cfg, target: ExternalConfig, rows: pd.DataFrame, train_frame)
     return {"shares_images_with": owner, "disjoint_from_training": True, "checked_images": int(len(rows))}
 
 
-def predictions_on(cfg, model, rows: pd.DataFrame, device) -> tuple:
-    """(probs, targets, image names) of ``rows`` in their order, as the run's own test was predicted."""
-    predictions = predict_splits(cfg, model, rows.assign(split="test"), device)
-    return predictions["test"]
-
-
 def evaluate_on(cfg, model, target: ExternalConfig, device, train_frame: Optional[pd.DataFrame] = None) -> dict:
     """Evaluate ``model`` of the run ``cfg`` on ``target``; write and return its metrics ({split: figures})."""
     findings = model_findings(cfg)
@@ -123,12 +117,15 @@ def evaluate_on(cfg, model, target: ExternalConfig, device, train_frame: Optiona
     out = external_dir(cfg.run_dir, target.dataset, target.split)
     # the run's network and findings, read from the external data set
     ext_cfg = replace(cfg, data=data_cfg, model=replace(cfg.model, findings=list(findings)), output_dir=str(out))
-    print(f"external: {target.dataset} {target.split} split, {len(rows)} images, findings {', '.join(shared)}"
-          + (f" (images of {overlap['shares_images_with']}: disjoint from the run's training split, checked)"
-             if overlap else ""))
-    probs, targets, names = predictions_on(ext_cfg, model, rows.reset_index(drop=True), device)
+    if distributed.is_main_process():
+        print(f"external: {target.dataset} {target.split} split, {len(rows)} images, findings {', '.join(shared)}"
+              + (f" (images of {overlap['shares_images_with']}: disjoint from the run's training split, checked)"
+                 if overlap else ""))
+    # as the run's own test was predicted; under torchrun every rank predicts its share, rank 0 gets them all
+    predictions = predict_splits(ext_cfg, model, rows.reset_index(drop=True).assign(split="test"), device)
     if not distributed.is_main_process():
         return {}
+    probs, targets, names = predictions["test"]
     columns = [findings.index(f) for f in shared]
     probs, targets = probs[:, columns], targets[:, columns]
     thresholds = read_operating_points(cfg.run_dir) or {}
