@@ -19,11 +19,11 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from cxrmem.cli import main as cxrmem_main
-from cxrmem.config import DATASET_NAMES
+from cxrmem.config import DATASET_NAMES, UNCERTAIN_POLICIES as SCHEMA_POLICIES
 from cxrmem.data.findings import FINDINGS, dataset_findings, label_map, label_space
 from cxrmem.data.loaders import build_dataloaders
 from cxrmem.data.registry import DATASETS, get_dataset
-from cxrmem.data.release import SMOOTH_RANGE
+from cxrmem.data.release import SMOOTH_RANGE, UNCERTAIN_POLICIES
 from cxrmem.data.split import phase_frame
 from cxrmem.data.synthetic.sites import generate_site
 from cxrmem.experiment import train_main
@@ -117,6 +117,7 @@ def summary_counts(summary: dict, parts) -> dict:
 
 def test_the_registry_holds_the_schema_names_and_every_label_is_mapped_to_the_label_space():
     assert tuple(DATASETS) == DATASET_NAMES
+    assert tuple(UNCERTAIN_POLICIES) == SCHEMA_POLICIES
     space = set(label_space())
     for name in DATASET_NAMES:
         assert all(f is None or f in space for f in label_map(name).values())

@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 import pandas as pd
 
 from . import report
-from .config import DATASET_NAMES, ExternalConfig
+from .config import DATASET_NAMES, EXTERNAL_SPLITS, ExternalConfig
 from .data.findings import dataset_findings
 from .data.registry import get_dataset, model_findings, training_datasets
 from .data.summary import SYNTHETIC_NOTE
@@ -49,7 +49,6 @@ from .utils.errors import UserError
 
 EXTERNAL_DIR = "external"
 EXTERNAL_FILE = "external.json"
-SPLIT_CHOICES = ("test", "valid", "train", "all")
 SHARE_IMAGES = ({"chestxray14", "nih_google"},)  # data sets published on the same images
 
 
@@ -112,7 +111,7 @@ def evaluate_on(cfg, model, target: ExternalConfig, device, train_frame: Optiona
     rows = frame if target.split == "all" else frame[frame["split"] == target.split]
     if rows.empty:
         raise UserError(f"{target.dataset} at {target.data_dir} has no {target.split} images; choose another --split "
-                        f"({', '.join(SPLIT_CHOICES)})")
+                        f"({', '.join(EXTERNAL_SPLITS)})")
     overlap = check_disjoint(cfg, target, rows, train_frame)
     out = external_dir(cfg.run_dir, target.dataset, target.split)
     # the run's network and findings, read from the external data set
@@ -180,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", required=True, choices=DATASET_NAMES,
                         help="the data set at --data_dir")
     parser.add_argument("--data_dir", required=True, help="the data set's folder, as its publisher ships it")
-    parser.add_argument("--split", default="test", choices=SPLIT_CHOICES, help="which of its splits (default test)")
+    parser.add_argument("--split", default="test", choices=EXTERNAL_SPLITS, help="which of its splits (default test)")
     parser.add_argument("--model_path", help="checkpoint (default: the run's final one)")
     return add_shared_options(parser, "debug")
 

@@ -71,6 +71,7 @@ LOSSES = ("bce", "asl", "focal")
 # The data sets of cxrmem.data.registry, by name (a test holds the two equal).
 DATASET_NAMES = ("chestxray14", "chexpert", "mimic_cxr", "padchest", "vindr_cxr", "nih_google")
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones", "smooth")
+EXTERNAL_SPLITS = ("test", "valid", "train", "all")  # what an external evaluation scores of the other data set
 
 
 @dataclass
@@ -207,7 +208,7 @@ class Phase2Config:
 class ExternalConfig:
     dataset: str = opt("chestxray14", "the data set at data_dir", choices=DATASET_NAMES)
     data_dir: str = opt("", "its folder, as its publisher ships it", kind="path")
-    split: str = opt("test", "which of its splits is evaluated", choices=("test", "valid", "train", "all"))
+    split: str = opt("test", "which of its splits is evaluated", choices=EXTERNAL_SPLITS)
 
 
 @dataclass

@@ -164,22 +164,24 @@ def to_findings(labels: pd.DataFrame, dataset: str, findings: Sequence[str]) -> 
     return pd.DataFrame(columns, index=labels.index)
 
 
+# data.uncertain -> the values of n uncertain training labels (rng: seeded by data.seed)
+UNCERTAIN_POLICIES: dict[str, Callable[[int, np.random.Generator], np.ndarray]] = {
+    "ignore": lambda n, rng: np.full(n, np.nan),
+    "zeros": lambda n, rng: np.zeros(n),
+    "ones": lambda n, rng: np.ones(n),
+    "smooth": lambda n, rng: rng.uniform(*SMOOTH_RANGE, size=n),
+}
+
+
 def resolve_uncertain(values: pd.DataFrame, policy: str, training: pd.Series, seed: int) -> pd.DataFrame:
-    """Uncertain (-1) labels -> ``policy`` on the ``training`` rows, missing (NaN) on the others."""
+    """Uncertain (-1) labels -> ``policy`` on the ``training`` rows (row by row, finding by finding), missing
+    (NaN) on the others."""
     uncertain = values.to_numpy() == UNCERTAIN
     train_rows = training.to_numpy()[:, None]
     out = values.to_numpy(dtype=float, copy=True)
     out[uncertain & ~train_rows] = np.nan
     chosen = uncertain & train_rows
-    if policy == "ignore":
-        out[chosen] = np.nan
-    elif policy == "zeros":
-        out[chosen] = 0.0
-    elif policy == "ones":
-        out[chosen] = 1.0
-    else:  # smooth
-        draws = np.random.default_rng([seed, 7]).uniform(*SMOOTH_RANGE, size=out.shape)
-        out[chosen] = draws[chosen]
+    out[chosen] = UNCERTAIN_POLICIES[policy](int(chosen.sum()), np.random.default_rng([seed, 7]))
     return pd.DataFrame(out, index=values.index, columns=values.columns)
 
 
