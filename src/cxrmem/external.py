@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", required=True, choices=DATASET_NAMES,
                         help="the data set at --data_dir")
     parser.add_argument("--data_dir", required=True, help="the data set's folder, as its publisher ships it")
-    parser.add_argument("--split", default="test", choices=EXTERNAL_SPLITS, help="which of its splits (default test)")
+    parser.add_argument("--split", default=ExternalConfig().split, choices=EXTERNAL_SPLITS,
+                        help=f"which of its splits (default {ExternalConfig().split})")
     parser.add_argument("--model_path", help="checkpoint (default: the run's final one)")
     return add_shared_options(parser, "debug")
 
