@@ -427,3 +427,14 @@ def test_mimic_reads_the_negbio_labels_when_asked(sites, tmp_path):
         frame = get_dataset("mimic_cxr").load(folder, cfg, dataset_findings("mimic_cxr")).frame
         default = get_dataset("mimic_cxr").load(folder, data_cfg(), dataset_findings("mimic_cxr")).frame
     assert (frame["Edema"] == 1).all() and not (default["Edema"] == 1).all()
+
+
+def test_data_synthetic_generates_the_chosen_format_on_first_use(tmp_path, capsys):
+    config = tiny_config(tmp_path / "c.yaml", data={"dataset": "padchest", "synthetic": {"n_patients": 10, "size": 32}})
+    status, out, err = run_cli(train_main, ["--config", config, "--data_dir", tmp_path / "pc", "--output_dir",
+                                            tmp_path / "run", "--check-data"], capsys)
+    assert status == 0, err
+    assert "generating a synthetic padchest" in out and "SYNTHETIC" in out
+    assert list((tmp_path / "pc").glob("PADCHEST_*.csv"))
+    summary = json.loads((tmp_path / "run" / "data_summary.json").read_text())
+    assert summary["dataset"] == "padchest" and summary["synthetic"] is True
