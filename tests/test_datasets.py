@@ -438,3 +438,14 @@ def test_data_synthetic_generates_the_chosen_format_on_first_use(tmp_path, capsy
     assert list((tmp_path / "pc").glob("PADCHEST_*.csv"))
     summary = json.loads((tmp_path / "run" / "data_summary.json").read_text())
     assert summary["dataset"] == "padchest" and summary["synthetic"] is True
+
+
+@pytest.mark.parametrize("dataset, named", [("chexpert", "train.csv"), ("mimic_cxr", "mimic-cxr-2.0.0-chexpert.csv"),
+                                            ("padchest", "PADCHEST_"), ("vindr_cxr", "image_labels_train.csv"),
+                                            ("nih_google", "google2019_nih-chest-xray-labels.csv")])
+def test_a_folder_without_the_label_file_is_a_one_line_error(dataset, named, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    config = tiny_config(tmp_path / "c.yaml", data={"dataset": dataset})
+    status, _, err = run_cli(train_main, ["--config", config, "--data_dir", tmp_path / "empty", "--output_dir",
+                                          tmp_path / "run", "--check-data"], capsys)
+    assert status == 2 and err.startswith("error: ") and err.count("\n") == 1 and named in err
