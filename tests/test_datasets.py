@@ -449,3 +449,13 @@ def test_a_folder_without_the_label_file_is_a_one_line_error(dataset, named, tmp
     status, _, err = run_cli(train_main, ["--config", config, "--data_dir", tmp_path / "empty", "--output_dir",
                                           tmp_path / "run", "--check-data"], capsys)
     assert status == 2 and err.startswith("error: ") and err.count("\n") == 1 and named in err
+
+
+def test_a_model_finding_no_training_image_grades_is_warned_about(tiny_data, tmp_path, capsys):
+    config = tiny_config(tmp_path / "c.yaml", model={"findings": ["Effusion", "Fracture"]})
+    with pytest.warns(UserWarning, match="Fracture is labelled on no training image"):
+        status, _, err = run_cli(train_main, ["--config", config, "--data_dir", tiny_data, "--output_dir",
+                                              tmp_path / "run", "--check-data"], capsys)
+    assert status == 0, err
+    summary = json.loads((tmp_path / "run" / "data_summary.json").read_text())
+    assert summary["findings"] == ["Effusion", "Fracture"] and summary["test"]["positives"]["Fracture"] == 0

@@ -88,6 +88,15 @@ def drop_damaged(frame: pd.DataFrame, run_dir: Path, policy: str, decode: bool =
     return frame[~frame["path"].isin(bad)].reset_index(drop=True)
 
 
+def warn_ungraded(frame: pd.DataFrame, findings) -> None:
+    """A warning for every model finding that no training image is labelled for: it would train on nothing."""
+    rows = frame[frame["split"] == "train"]
+    ungraded = [f for f in findings if rows[f].isna().all()]
+    if ungraded:
+        warnings.warn(f"model.findings: {', '.join(ungraded)} is labelled on no training image of this data; "
+                      f"its output learns nothing (train on a data set that grades it, or leave it out)", stacklevel=3)
+
+
 def prepare_data(cfg, decode: bool = False) -> PreparedData:
     """The run's data frame, every image checked (``decode``: decoded in full too, as --check-data does)."""
     data = cfg.data
@@ -95,6 +104,7 @@ def prepare_data(cfg, decode: bool = False) -> PreparedData:
     if data.datasets:
         loaded = load_union(data, findings)
         frame = drop_damaged(loaded.frame, cfg.run_dir, data.missing_images, decode)
+        warn_ungraded(frame, findings)
         first = Path(data.datasets[0].data_dir)
         return PreparedData(frame, loaded.split_source, loaded.missing, first,
                             all(synthetic.is_synthetic(m.data_dir) for m in data.datasets), loaded.labels,
@@ -110,5 +120,6 @@ def prepare_data(cfg, decode: bool = False) -> PreparedData:
     image_dir = resolve_image_dir(data)
     loaded = dataset.load(image_dir, data, findings)
     frame = drop_damaged(loaded.frame, cfg.run_dir, data.missing_images, decode)
+    warn_ungraded(frame, findings)
     return PreparedData(frame, loaded.split_source, loaded.missing, image_dir, synthetic.is_synthetic(data.data_dir),
                         loaded.labels, loaded.boxes, findings)
