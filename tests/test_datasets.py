@@ -267,6 +267,8 @@ def test_external_evaluation_scores_the_shared_findings_as_sklearn_does(finished
         payload = load_predictions(next(folder.glob("*_predictions.pt")))
         probs, targets = np.asarray(payload["probs"]), np.asarray(payload["targets"])
         assert list(payload["labels"]) == shared
+        if dataset == "chexpert":  # the patient bootstrap of compare and sweep resamples these
+            assert all(p.startswith("patient") for p in payload["patient_id"]) and len(set(payload["patient_id"])) > 5
         for c, finding in enumerate(shared):
             rows = np.isfinite(targets[:, c])
             y = targets[rows, c]
@@ -345,6 +347,7 @@ def test_a_union_of_two_data_sets_trains_both_phases_and_reports_each(sites, tmp
     labels = list(payload["labels"])
     targets = np.asarray(payload["targets"])
     chexpert_rows = np.array([str(n).startswith("CheXpert") for n in payload["image_index"]])
+    assert all(str(p).startswith(("chexpert:", "padchest:")) for p in payload["patient_id"])
     assert np.isnan(targets[chexpert_rows, labels.index("Nodule")]).all()
     assert metrics["test"]["by_dataset"]["chexpert"]["per_class"]["Nodule"] is None
     assert metrics["test"]["by_dataset"]["chexpert"]["n_labelled"]["Nodule"] == 0

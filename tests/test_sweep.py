@@ -611,7 +611,8 @@ def test_summary_gives_each_external_set_its_section(tmp_path, tiny_data, capsys
     sweep, runs, scores, targets, names = fake_sweep_results(tmp_path, tiny_data, monkeypatch)
     rng = np.random.default_rng(9)
     shared = ["Atelectasis", "Effusion", "Pneumothorax"]
-    ext_names = [f"site_{i:03d}.png" for i in range(90)]
+    ext_names = [f"site_{i:03d}.png" for i in range(90)]  # no ChestX-ray14 name: the patients come from the file
+    ext_patients = [f"p{i // 3:02d}" for i in range(90)]
     ext_targets = (rng.random((90, 3)) < 0.4).astype(float)
     ext_targets[::3, 2] = np.nan  # Pneumothorax not graded for every third image
     ext_scores = {}
@@ -624,13 +625,24 @@ def test_summary_gives_each_external_set_its_section(tmp_path, tiny_data, capsys
         folder = run.run_dir / "external" / "padchest"
         folder.mkdir(parents=True)
         save_predictions(folder / f"{run.config.experiment_name}_predictions.pt", probs, ext_targets, shared,
-                         ext_names, ["test"] * 90)
+                         ext_names, ["test"] * 90, ext_patients)
         (folder / "external.json").write_text(json.dumps({"dataset": "padchest", "split": "test"}))
     status, out, err = run_cli(main, [sweep.path, "--output_dir", tmp_path / "out", "--summary"], capsys)
     assert status == 0, err
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     external = summary["external"]["padchest"]
-    assert external["labels"] == shared and external["test_images"] == 90
+    assert external["labels"] == shared and external["test_images"] == 90 and external["test_patients"] == 30
+    # the paired bootstrap resampled those 30 patients: the same p as resampling them directly
+    from cxrmem.evaluation.auc import PatientResampler
+    from cxrmem.evaluation.paired import paired_bootstrap
+    from cxrmem.report.compare import bootstrap_settings
+    reference_dir = next(run.run_dir for run in runs if (run.variant, run.seed) == ("nomem", 0))
+    settings = bootstrap_settings(reference_dir)
+    direct = paired_bootstrap(ext_targets, ext_scores[("nomem", 0)], ext_scores[("fifo", 0)], settings.resamples,
+                              settings.seed, resampler=PatientResampler.from_ids(ext_patients))
+    compared = external["variants"]["fifo"]["vs_reference"]["0"]
+    assert compared["p_bootstrap"] == pytest.approx(direct.p) and compared["delta_mean_auc_ci95"] == pytest.approx(direct.ci)
+    assert direct.ci[1] - direct.ci[0] > 0.01
 
     def sk_mean(probs):
         known = [np.isfinite(ext_targets[:, c]) for c in range(3)]

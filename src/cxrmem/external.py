@@ -142,7 +142,7 @@ def evaluate_on(cfg, model, target: ExternalConfig, device, train_frame: Optiona
     title = f"{cfg.experiment_name} on {target.dataset} ({target.split})"
     io.write_text(out / REPORT_FILE, report.format_markdown_report(metrics, title, synthetic))
     save_predictions(predictions_path(out, cfg.experiment_name), probs, targets, shared, list(names),
-                     [target.split] * len(names))
+                     [target.split] * len(names), patients)
     io.write_json(out / EXTERNAL_FILE, {
         "dataset": target.dataset, "data_dir": str(target.data_dir), "split": target.split,
         "trained_on": " + ".join(training_datasets(cfg)), "findings": shared,

@@ -51,7 +51,6 @@ import yaml
 
 # The experiment schema's own helpers, so that a sweep file is validated like an experiment file.
 from .config import Config, _build, _closest, flatten, load_config, opt, read_yaml
-from .data.chestxray14 import patient_ids
 from .data.prepare import ensure_synthetic, resolve_image_dir
 from .evaluation.auc import mean_auc, per_class_auc
 from .evaluation.paired import mean_sd
@@ -508,12 +507,12 @@ def sweep_summary(sweep: Sweep, runs: list[Run]) -> Optional[dict]:
                for run in finished}
         ext_first = same_test(ext, run_dirs, f" on {name}")
         external[name] = {"dataset": info["dataset"], "split": info["split"], "labels": ext_first.labels,
-                          "test_images": len(ext_first.names),
+                          "test_images": len(ext_first.names), "test_patients": len(set(ext_first.patients)),
                           "variants": compare_variants(sweep, ext, run_dirs, ext_first.labels)}
     return {
         "sweep": sweep.name, "base": sweep.base, "split": TEST_SPLIT, "reference": sweep.reference,
         "seeds": sweep.seeds, "labels": first.labels,
-        "test_images": len(first.names), "test_patients": len(set(patient_ids(first.names))),
+        "test_images": len(first.names), "test_patients": len(set(first.patients)),
         "alpha": ALPHA, "significance_rule": SIGNIFICANCE_RULE,
         "missing": [run.name for run in runs if (run.variant, run.seed) not in tests],
         "variants": compare_variants(sweep, tests, run_dirs, first.labels),

@@ -325,6 +325,7 @@ def write_results(cfg, predictions: dict, metadata: Optional[pd.DataFrame] = Non
             findings,
             [name for s in splits for name in predictions[s][2]],
             [s for s in splits for _ in predictions[s][2]],
+            [p for s in splits for p in patients_of(metadata, predictions[s][2])],
         )
     for split, result in metrics.items():
         print("\n" + format_report(split, result))

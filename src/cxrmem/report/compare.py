@@ -54,7 +54,6 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 import numpy as np
 
 from ..config import DataConfig, EvaluationConfig
-from ..data.chestxray14 import patient_ids
 from ..evaluation.auc import make_resampler
 from ..evaluation.paired import compare_scores
 from ..runs.folder import RunFileError, find_predictions, load_split, read_config, read_metrics
@@ -281,6 +280,7 @@ class Evaluated(NamedTuple):
     targets: np.ndarray   # [N, C]
     probs: np.ndarray     # [N, C]
     labels: List[str]
+    patients: List[str]   # the patient of every image, as the predictions file gives it
 
 
 class Bootstrap(NamedTuple):
@@ -298,7 +298,7 @@ def load_evaluated(run_dir: Path, split: str) -> Evaluated:
         raise UserError(f"{run_dir} has no predictions file (*_predictions.pt) to compare; evaluate it with "
                         f"evaluation.save_predictions: true")
     rows = load_split(source, split, "compare on a split the runs were evaluated on")
-    return Evaluated(Path(run_dir), rows.names, rows.targets, rows.probs, rows.labels)
+    return Evaluated(Path(run_dir), rows.names, rows.targets, rows.probs, rows.labels, rows.patients)
 
 
 def check_same_images(reference: Evaluated, other: Evaluated, split: str) -> None:
@@ -327,7 +327,7 @@ def bootstrap_settings(run_dir: Path) -> Bootstrap:
 def compare_pair(reference: Evaluated, other: Evaluated, bootstrap: Bootstrap) -> dict:
     """``other`` against ``reference`` (:func:`cxrmem.evaluation.paired.compare_scores`), resampled as the
     reference run's settings say."""
-    resampler = make_resampler(bootstrap.unit, patient_ids(reference.names))
+    resampler = make_resampler(bootstrap.unit, reference.patients)
     return compare_scores(reference.targets, reference.probs, other.probs, reference.labels, bootstrap.resamples,
                           bootstrap.seed, resampler=resampler)
 
@@ -349,7 +349,7 @@ def paired_comparison(runs: Sequence[RunResult], reference_dir: Path, split: str
         "split": split,
         "reference": {"run_dir": str(reference_dir), "name": names[reference_dir.resolve()]},
         "n_images": len(reference.names),
-        "n_patients": len(set(patient_ids(reference.names))),
+        "n_patients": len(set(reference.patients)),
         "bootstrap": {**bootstrap._asdict(), "level": 0.95},
         "runs": compared,
     }

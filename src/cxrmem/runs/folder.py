@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from ..config import AliasRefused, Config, RepeatedKey, StrictLoader, load_config, same_experiment
+from ..data.chestxray14 import patient_ids
 from ..data.registry import model_findings
 from ..models.net import build_model
 from ..train.phases import checkpoint_path, load_checkpoint, resume_path
@@ -145,11 +146,14 @@ def as_float_tensor(x) -> torch.Tensor:
 
 
 def save_predictions(path: Union[str, Path], probs, targets, labels: Sequence[str],
-                     image_index: Sequence[str], split: Union[str, Sequence[str]]) -> Path:
-    """Save {probs, targets, labels, image_index, split} with torch.save, atomically.
+                     image_index: Sequence[str], split: Union[str, Sequence[str]],
+                     patient_id: Optional[Sequence[str]] = None) -> Path:
+    """Save {probs, targets, labels, image_index, split[, patient_id]} with torch.save, atomically.
 
-    ``probs``/``targets`` become float32 [N, C] tensors; ``image_index`` and
-    ``split`` become lists of N strings (a single ``split`` name applies to all).
+    ``probs``/``targets`` become float32 [N, C] tensors (NaN: a missing label); ``image_index``,
+    ``split`` and ``patient_id`` become lists of N strings (a single ``split`` name applies to all).
+    ``patient_id`` is what the patient bootstrap of compare and sweep resamples; a file without it
+    (written before it existed) takes ChestX-ray14's rule, the image name before its first '_'.
     """
     probs_t, targets_t = as_float_tensor(probs), as_float_tensor(targets)
     labels = [str(label) for label in labels]
@@ -167,6 +171,10 @@ def save_predictions(path: Union[str, Path], probs, targets, labels: Sequence[st
         )
     payload = {"probs": probs_t, "targets": targets_t, "labels": labels,
                "image_index": image_index, "split": splits}
+    if patient_id is not None:
+        if len(patient_id) != n_images:
+            raise ValueError(f"{n_images} rows but {len(patient_id)} patient ids")
+        payload["patient_id"] = [str(p) for p in patient_id]
     io.torch_save(payload, path)
     return Path(path)
 
@@ -198,6 +206,7 @@ class SplitRows(NamedTuple):
     targets: np.ndarray  # [N, C] float64
     probs: np.ndarray    # [N, C] float64
     labels: List[str]
+    patients: List[str]  # the file's patient_id, else ChestX-ray14's rule on the names
 
 
 def load_split(path: Union[str, Path], split: str, why: str) -> SplitRows:
@@ -211,8 +220,11 @@ def load_split(path: Union[str, Path], split: str, why: str) -> SplitRows:
     order = np.argsort(names, kind="stable")
     rows = rows[order]
     as_array = lambda key: np.asarray(payload[key], dtype=np.float64)[rows]  # noqa: E731
-    return SplitRows([str(n) for n in names[order]], as_array("targets"), as_array("probs"),
-                     [str(label) for label in payload["labels"]])
+    names = [str(n) for n in names[order]]
+    patients = [str(p) for p in np.asarray(payload["patient_id"])[rows]] if "patient_id" in payload else \
+        [str(p) for p in patient_ids(names)]
+    return SplitRows(names, as_array("targets"), as_array("probs"), [str(label) for label in payload["labels"]],
+                     patients)
 
 
 RUN_LOCK = ".cxrmem.lock"
