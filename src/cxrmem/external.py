@@ -37,7 +37,7 @@ from .data.findings import dataset_findings
 from .data.registry import get_dataset, model_findings, training_datasets
 from .data.summary import SYNTHETIC_NOTE
 from .data.synthetic import is_synthetic
-from .data.union import load_union
+from .data.union import load_training_data
 from .evaluation.auc import make_resampler
 from .runs.folder import (REPORT_FILE, RunFolder, predictions_path, read_operating_points, save_predictions,
                           write_metrics)
@@ -74,8 +74,7 @@ def training_images(cfg, train_frame: Optional[pd.DataFrame]) -> set:
                             f"{absent[0]} is not there; restore it (or evaluate on a data set of other images)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            train_frame = load_union(cfg.data, model_findings(cfg)).frame if cfg.data.datasets else \
-                get_dataset(cfg.data.dataset).load(Path(cfg.data.data_dir), cfg.data, model_findings(cfg)).frame
+            train_frame = load_training_data(cfg.data, model_findings(cfg)).frame
     return set(train_frame.loc[train_frame["split"].isin(["train", "valid"]), "image_index"])
 
 
@@ -130,8 +129,7 @@ def evaluate_on(cfg, model, target: ExternalConfig, device, train_frame: Optiona
     thresholds = read_operating_points(cfg.run_dir) or {}
     point = {"rule": cfg.evaluation.operating_point, "split": report.THRESHOLD_SPLIT,
              "thresholds": {f: thresholds.get(f) for f in shared}} if thresholds else None
-    by_name = rows.drop_duplicates("image_index").set_index("image_index")
-    patients = by_name.loc[list(names), "patient_id"].tolist()
+    patients = report.patients_of(rows, names)
     metrics = {target.split: report.evaluate_split(
         probs, targets, shared, cfg.evaluation.bootstrap_resamples, cfg.data.seed,
         resampler=make_resampler(cfg.evaluation.bootstrap_unit, patients), operating_point=point,

@@ -127,7 +127,9 @@ class CacheConfig:
 
 
 @dataclass
-class UnionMember:
+class DataSetFolder:
+    """A data set and its folder: a member of data.datasets, and the base of an external test set."""
+
     dataset: str = opt("chestxray14", "the data set at data_dir", choices=DATASET_NAMES)
     data_dir: str = opt("", "its folder, as its publisher ships it", kind="path")
 
@@ -147,7 +149,7 @@ class DataConfig:
                              choices=("chexpert", "negbio"))
     radiologists: str = opt("any", "VinDr-CXR: a finding is positive when any radiologist marks it, or a majority",
                             choices=("any", "majority"))
-    datasets: list = section_list(UnionMember, "train on the union of several data sets: a list of {dataset, "
+    datasets: list = section_list(DataSetFolder, "train on the union of several data sets: a list of {dataset, "
                                   "data_dir} (dataset and data_dir above are then unused); each is split on its own, "
                                   "the model predicts the union of their findings, a finding one lacks is missing there")
     image_size: int = opt(224, "side of the network input in pixels", lo=16)
@@ -205,9 +207,7 @@ class Phase2Config:
 
 
 @dataclass
-class ExternalConfig:
-    dataset: str = opt("chestxray14", "the data set at data_dir", choices=DATASET_NAMES)
-    data_dir: str = opt("", "its folder, as its publisher ships it", kind="path")
+class ExternalConfig(DataSetFolder):
     split: str = opt("test", "which of its splits is evaluated", choices=EXTERNAL_SPLITS)
 
 

@@ -17,8 +17,8 @@ from ..utils.errors import UserError
 from . import synthetic
 from .synthetic.sites import generate_site, holds_site
 from .cache import ensure_cache
-from .registry import get_dataset, model_findings
-from .union import load_union
+from .registry import model_findings
+from .union import load_training_data
 from .images import find_damaged_images
 
 DAMAGED_LIST = "damaged_images.txt"
@@ -101,25 +101,21 @@ def prepare_data(cfg, decode: bool = False) -> PreparedData:
     """The run's data frame, every image checked (``decode``: decoded in full too, as --check-data does)."""
     data = cfg.data
     findings = model_findings(cfg)
-    if data.datasets:
-        loaded = load_union(data, findings)
-        frame = drop_damaged(loaded.frame, cfg.run_dir, data.missing_images, decode)
-        warn_ungraded(frame, findings)
-        first = Path(data.datasets[0].data_dir)
-        return PreparedData(frame, loaded.split_source, loaded.missing, first,
-                            all(synthetic.is_synthetic(m.data_dir) for m in data.datasets), loaded.labels,
-                            loaded.boxes, findings, loaded.members)
-    ensure_synthetic(data)
-    if not Path(data.data_dir).is_dir():
-        raise UserError(f"data_dir {data.data_dir} does not exist; set data.data_dir or pass --data_dir "
-                        f"(or add data.synthetic to generate a synthetic set there)")
-    dataset = get_dataset(data.dataset)
-    if data.cache is not None and data.dataset != "chestxray14":
-        raise UserError(f"data.cache: the pre-resized cache is built for ChestX-ray14's layout only; set data.cache "
-                        f"to null for {data.dataset}")
-    image_dir = resolve_image_dir(data)
-    loaded = dataset.load(image_dir, data, findings)
+    folders = [m.data_dir for m in data.datasets] or [data.data_dir]
+    if data.datasets:  # a union reads its members as they are (the schema refuses synthetic and cache)
+        image_dir = Path(folders[0])
+    else:
+        ensure_synthetic(data)
+        if not Path(data.data_dir).is_dir():
+            raise UserError(f"data_dir {data.data_dir} does not exist; set data.data_dir or pass --data_dir "
+                            f"(or add data.synthetic to generate a synthetic set there)")
+        if data.cache is not None and data.dataset != "chestxray14":
+            raise UserError(f"data.cache: the pre-resized cache is built for ChestX-ray14's layout only; set "
+                            f"data.cache to null for {data.dataset}")
+        image_dir = resolve_image_dir(data)
+    loaded = load_training_data(data, findings, image_dir)
     frame = drop_damaged(loaded.frame, cfg.run_dir, data.missing_images, decode)
     warn_ungraded(frame, findings)
-    return PreparedData(frame, loaded.split_source, loaded.missing, image_dir, synthetic.is_synthetic(data.data_dir),
-                        loaded.labels, loaded.boxes, findings)
+    return PreparedData(frame, loaded.split_source, loaded.missing, image_dir,
+                        all(synthetic.is_synthetic(f) for f in folders), loaded.labels, loaded.boxes, findings,
+                        loaded.members)

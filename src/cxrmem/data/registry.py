@@ -10,8 +10,8 @@ from typing import Dict
 
 from ..utils.errors import UserError, closest
 from . import chestxray14, chexpert, mimic_cxr, nih_google, padchest, vindr_cxr
-from .findings import label_space
-from .release import DataSet, findings_of
+from .findings import dataset_findings, label_space
+from .release import DataSet
 
 DATASETS: Dict[str, DataSet] = {m.DATASET.name: m.DATASET
                                 for m in (chestxray14, chexpert, mimic_cxr, padchest, vindr_cxr, nih_google)}
@@ -43,7 +43,7 @@ def model_findings(cfg) -> list[str]:
             raise UserError(f"model.findings: {name!r} is no finding of the label space; {hint}see docs/datasets.md "
                             f"for the findings of every data set")
     names = training_datasets(cfg)
-    graded = {f for name in names for f in findings_of(name)}
+    graded = {f for name in names for f in dataset_findings(name)}
     findings = list(chosen) if chosen else [f for f in space if f in graded]
     if cfg.model.num_classes is not None and cfg.model.num_classes != len(findings):
         source = "model.findings" if chosen else " + ".join(names)

@@ -34,8 +34,8 @@ import numpy as np
 import pandas as pd
 
 from ..utils.errors import UserError, describe_error
-from .findings import dataset_findings, label_map
-from .split import OfficialLists, assign_splits
+from .findings import label_map
+from .split import SPLITS, OfficialLists, assign_splits
 
 UNCERTAIN = -1.0
 BOX_FRAME = 1024  # every data set's boxes are given in this square frame (ChestX-ray14's originals)
@@ -223,8 +223,7 @@ def load_release(dataset: DataSet, data_dir: Path, data_cfg, findings: Sequence[
                                         lists, data_cfg.valid_pct, data_cfg.seed, reason)
     labels = labels.iloc[split_frame["_row"].to_numpy()].reset_index(drop=True)
     split_frame = split_frame.drop(columns="_row")
-    counts = {split: count_labels(labels[split_frame["split"].eq(split).to_numpy()])
-              for split in ("train", "valid", "test")}
+    counts = {split: count_labels(labels[split_frame["split"].eq(split).to_numpy()]) for split in SPLITS}
     if release.blank_is_negative:
         labels = labels.fillna(0.0)
     keep = view_filter(split_frame, data_cfg.views).to_numpy()
@@ -234,7 +233,3 @@ def load_release(dataset: DataSet, data_dir: Path, data_cfg, findings: Sequence[
     frame = pd.concat([split_frame, values], axis=1)
     return Loaded(frame, source, missing, counts, release.boxes)
 
-
-def findings_of(dataset: str, chosen: Optional[Sequence[str]] = None) -> list[str]:
-    """The model's findings: ``chosen`` (model.findings) or the data set's own, in label-space order."""
-    return list(chosen) if chosen else dataset_findings(dataset)

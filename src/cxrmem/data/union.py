@@ -19,11 +19,20 @@ import pandas as pd
 from ..utils.errors import UserError
 from .registry import get_dataset
 from .release import Loaded
+from .split import SPLITS
 
 
 def member_config(data_cfg, member):
     """The data section as the member alone would have it."""
     return replace(data_cfg, dataset=member.dataset, data_dir=member.data_dir, datasets=[])
+
+
+def load_training_data(data_cfg, findings: Sequence[str], data_dir=None) -> Loaded:
+    """What a run trains on: the union of ``data.datasets``, else ``data.dataset`` read at ``data_dir``
+    (default ``data.data_dir``; training passes its pre-resized cache)."""
+    if data_cfg.datasets:
+        return load_union(data_cfg, findings)
+    return get_dataset(data_cfg.dataset).load(Path(data_dir or data_cfg.data_dir), data_cfg, findings)
 
 
 def load_union(data_cfg, findings: Sequence[str]) -> Loaded:
@@ -45,7 +54,7 @@ def load_union(data_cfg, findings: Sequence[str]) -> Loaded:
         raise UserError(f"data.datasets: image {image} is in {' and '.join(owners)}; a union needs distinct images "
                         f"(ChestX-ray14 and nih_google are the same images: list one of them)")
     labels = {split: {f"{name}: {label}": counts for name, loaded in members.items()
-                      for label, counts in loaded.labels[split].items()} for split in ("train", "valid", "test")}
+                      for label, counts in loaded.labels[split].items()} for split in SPLITS}
     sources = {loaded.split_source for loaded in members.values()}
     source = sources.pop() if len(sources) == 1 else \
         ", ".join(f"{name} {loaded.split_source}" for name, loaded in members.items())

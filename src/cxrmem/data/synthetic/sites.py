@@ -124,9 +124,8 @@ def lateral(pixels: np.ndarray) -> np.ndarray:
     return out
 
 
-def finding_values(plan: DatasetPlan, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Bool per image for every finding of the label space: the 14 drawn ones, the derived ones, and
-    the undrawn ones at random."""
+def finding_values(plan: DatasetPlan) -> dict[str, np.ndarray]:
+    """Bool per image for the findings the painters draw: the 14, and those derived from them (:data:`DERIVED`)."""
     values = {f: plan.labels[:, k] for k, f in enumerate(FINDINGS)}
     for finding, parts in DERIVED.items():
         values[finding] = np.any([values[p] for p in parts], axis=0)
@@ -137,7 +136,7 @@ def site_labels(dataset: str, plan: DatasetPlan, rng: np.random.Generator) -> di
     """Bool per image for every label of ``dataset`` as its file names it: the first label meaning a drawn
     finding is that finding, the others (PadChest's "apical pleural thickening" after "pleural
     thickening") rare and random; "no finding" labels are the absence of every other."""
-    values = finding_values(plan, rng)
+    values = finding_values(plan)
     out, drawn = {}, set()
     for label, finding in label_map(dataset).items():
         if finding is None:
@@ -283,7 +282,7 @@ def write_dicom(path: Path, pixels: np.ndarray, inverted: bool) -> None:
 
 def write_vindr(out: Path, plan: DatasetPlan, size: int, seed: int, rng: np.random.Generator) -> None:
     labels = site_labels("vindr_cxr", plan, rng)
-    names = [label for label in vindr_cxr.LABELS]
+    names = list(vindr_cxr.LABELS)
     rows = {"train_val": [], "test": []}
     boxes = {"train_val": [], "test": []}
     inverted = rng.random(plan.n_images) < MONOCHROME1_SHARE
